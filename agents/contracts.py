@@ -1,0 +1,48 @@
+"""Output contracts of the example agents (planner → researcher → writer → reviewer)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from cairn.events.contracts import contract
+
+
+class _Contract(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+@contract("Plan", 1)
+class Plan(_Contract):
+    title: str = Field(min_length=1)
+    audience: str
+    questions: list[str] = Field(min_length=1, max_length=12)
+
+
+class Finding(_Contract):
+    question: str
+    answer: str = Field(min_length=1)
+    confidence: float = Field(ge=0, le=1)
+
+
+@contract("Research", 1)
+class Research(_Contract):
+    findings: list[Finding] = Field(min_length=1)
+
+
+class Section(_Contract):
+    heading: str
+    body: str = Field(min_length=1)
+
+
+@contract("Draft", 1)
+class Draft(_Contract):
+    title: str
+    sections: list[Section] = Field(min_length=1)
+    word_count: int = Field(ge=0)
+
+
+@contract("Review", 1)
+class Review(_Contract):
+    approved: bool
+    score: float = Field(ge=0, le=1)
+    comments: list[str] = Field(default_factory=list)

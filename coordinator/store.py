@@ -1,0 +1,165 @@
+"""The event store: one stream per run in the `eventsourcing` library's recorders.
+
+This is the only persistence module of the coordinator. SQLite (a file under the data
+directory) by default; PostgreSQL when the store URL is a `postgresql://` DSN.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+from eventsourcing.persistence import (
+    ApplicationRecorder,
+    InfrastructureFactory,
+    IntegrityError,
+    PersistenceError,
+    StoredEvent,
+    Tracking,
+    TrackingRecorder,
+)
+
+from cairn.events import Event, decode_event, encode_event, topic_of
+
+
+class StoreUnavailableError(RuntimeError):
+    """The event store cannot be opened; the message says which and what to do."""
+
+
+class ConcurrencyError(RuntimeError):
+    """Another writer appended to one of the runs first (optimistic concurrency)."""
+
+
+@dataclass(frozen=True)
+class LoggedEvent:
+    """An event with its position in the store's notification log."""
+
+    position: int
+    event: Event
+
+
+def store_env(url: str) -> dict[str, str]:
+    """Translate a store URL (a SQLite path or a PostgreSQL DSN) into eventsourcing settings."""
+    if url.startswith(("postgresql://", "postgres://")):
+        parsed = urlparse(url)
+        return {
+            "PERSISTENCE_MODULE": "eventsourcing.postgres",
+            "POSTGRES_DBNAME": parsed.path.lstrip("/") or "cairn",
+            "POSTGRES_HOST": parsed.hostname or "127.0.0.1",
+            "POSTGRES_PORT": str(parsed.port or 5432),
+            "POSTGRES_USER": unquote(parsed.username or "postgres"),
+            "POSTGRES_PASSWORD": unquote(parsed.password or ""),
+            "POSTGRES_CONNECT_TIMEOUT": "5",
+        }
+    path = url.removeprefix("sqlite:///").removeprefix("sqlite://")
+    return {
+        "PERSISTENCE_MODULE": "eventsourcing.sqlite",
+        "SQLITE_DBNAME": path,
+        "SQLITE_LOCK_TIMEOUT": "30",
+    }
+
+
+def describe(url: str) -> str:
+    if url.startswith(("postgresql://", "postgres://")):
+        parsed = urlparse(url)
+        return f"PostgreSQL at {parsed.hostname}:{parsed.port or 5432}/{parsed.path.lstrip('/')}"
+    return f"SQLite file {url.removeprefix('sqlite:///')}"
+
+
+def _factory(url: str) -> InfrastructureFactory[Any]:
+    env = store_env(url)
+    if env["PERSISTENCE_MODULE"] == "eventsourcing.postgres":
+        try:
+            import psycopg  # noqa: F401
+        except ImportError:
+            raise StoreUnavailableError(
+                "PostgreSQL support is not installed: pip install 'cairn[postgres]'"
+            ) from None
+    else:
+        Path(env["SQLITE_DBNAME"]).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return InfrastructureFactory.construct(env)
+    except (PersistenceError, OSError, sqlite3.Error) as exc:
+        raise StoreUnavailableError(
+            f"cannot open the event store ({describe(url)}): {exc}. "
+            "Check the path or DSN in CAIRN_STORE and that the database server is running."
+        ) from exc
+
+
+class EventStore:
+    """Append and read run streams; read the notification log; keep named positions."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._factory = _factory(url)
+        try:
+            self._recorder: ApplicationRecorder = self._factory.application_recorder()
+            self._tracking: TrackingRecorder = self._factory.tracking_recorder()
+        except (PersistenceError, OSError, sqlite3.Error) as exc:
+            raise StoreUnavailableError(
+                f"cannot open the event store ({describe(url)}): {exc}. "
+                "Check the path or DSN in CAIRN_STORE and that the database server is running."
+            ) from exc
+
+    def close(self) -> None:
+        self._factory.close()
+
+    def append(self, events: Sequence[Event]) -> list[int]:
+        """Store events of any number of runs in one transaction; return their log positions."""
+        if not events:
+            return []
+        stored = [
+            StoredEvent(
+                originator_id=e.run_id,
+                originator_version=e.seq,
+                topic=topic_of(e),
+                state=encode_event(e),
+            )
+            for e in events
+        ]
+        try:
+            ids = self._recorder.insert_events(stored)
+        except IntegrityError as exc:
+            raise ConcurrencyError(str(exc)) from exc
+        return list(ids or [])
+
+    def load(self, run_id: uuid.UUID, after: int = 0) -> list[Event]:
+        """A run's events in order (those after position `after` in the run's stream)."""
+        rows = self._recorder.select_events(run_id, gt=after or None)
+        return [
+            decode_event(r.topic, r.state, _as_uuid(r.originator_id), r.originator_version)
+            for r in rows
+        ]
+
+    def read_log(self, after: int, limit: int = 1000) -> list[LoggedEvent]:
+        """Events of all runs in commit order, starting after log position `after`."""
+        rows = self._recorder.select_notifications(
+            start=after, limit=limit, inclusive_of_start=False
+        )
+        return [
+            LoggedEvent(
+                n.id,
+                decode_event(n.topic, n.state, _as_uuid(n.originator_id), n.originator_version),
+            )
+            for n in rows
+        ]
+
+    def last_position(self) -> int:
+        return self._recorder.max_notification_id() or 0
+
+    def position(self, name: str) -> int:
+        """A named tracked position (e.g. how far the outbox relay has published)."""
+        return self._tracking.max_tracking_id(name) or 0
+
+    def save_position(self, name: str, position: int) -> None:
+        if position > self.position(name):
+            self._tracking.insert_tracking(Tracking(name, position))
+
+
+def _as_uuid(value: uuid.UUID | str) -> uuid.UUID:
+    return value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))

@@ -1,0 +1,72 @@
+"""Subjects, streams and consumers: the NATS half of the wire contract."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+SUBJECT_PREFIX = "cairn"
+
+TASKS_STREAM = "CAIRN_TASKS"
+RESULTS_STREAM = "CAIRN_RESULTS"
+DLQ_STREAM = "CAIRN_DLQ"
+
+COORDINATOR_CONSUMER = "cairn-coordinator"
+
+CMD_START = "cairn.cmd.start"
+CMD_CANCEL = "cairn.cmd.cancel"
+CMD_PING = "cairn.cmd.ping"
+
+# Largest message cairn accepts on any subject; larger payloads go to the DLQ.
+MAX_PAYLOAD_BYTES = 1024 * 1024
+# Window in which JetStream drops a repeated Nats-Msg-Id: the outbox relay's replay after a
+# crash must fall inside it.
+DUPLICATE_WINDOW_S = 600.0
+
+
+def task_subject(capability: str) -> str:
+    return f"cairn.task.{capability}"
+
+
+def result_subject(run_id: uuid.UUID) -> str:
+    return f"cairn.result.{run_id}"
+
+
+def event_subject(run_id: uuid.UUID, event_type: str) -> str:
+    return f"cairn.event.{run_id}.{event_type}"
+
+
+def dlq_subject(source: str) -> str:
+    return f"cairn.dlq.{source}"
+
+
+def agent_consumer(capability: str) -> str:
+    """The durable consumer all replicas of one capability share."""
+    return f"cairn-agent-{capability}"
+
+
+def stream_configs() -> list[dict[str, Any]]:
+    """Stream settings, identical wherever they are declared (coordinator and agents)."""
+    return [
+        {
+            "name": TASKS_STREAM,
+            "subjects": ["cairn.task.>"],
+            "retention": "workqueue",
+            "duplicate_window": DUPLICATE_WINDOW_S,
+            "max_msg_size": MAX_PAYLOAD_BYTES * 2,
+        },
+        {
+            "name": RESULTS_STREAM,
+            "subjects": ["cairn.result.>"],
+            "retention": "workqueue",
+            "duplicate_window": DUPLICATE_WINDOW_S,
+            "max_msg_size": MAX_PAYLOAD_BYTES * 2,
+        },
+        {
+            "name": DLQ_STREAM,
+            "subjects": ["cairn.dlq.>"],
+            "retention": "limits",
+            "max_age": 7 * 24 * 3600.0,
+            "duplicate_window": 120.0,
+        },
+    ]

@@ -1,0 +1,106 @@
+"""Messages that cross NATS. Kept apart from stored events: the wire may change shape without
+rewriting history, and the translation happens in one place (`coordinator/outbox.py`).
+
+Every message carries `v`, the protocol version; a receiver rejects versions it does not know.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import Field
+
+from .base import Frozen
+from .run import Intent, Lineage, Usage
+from .workflow import WorkflowSpec
+
+PROTOCOL_VERSION = 1
+
+
+class TaskEnvelope(Frozen):
+    """A unit of work for an agent, published on `cairn.task.<capability>`."""
+
+    v: Literal[1] = 1
+    task_id: str
+    run_id: uuid.UUID
+    step: str
+    attempt: int
+    capability: str
+    input: dict[str, Any]
+    intent: Intent
+    lineage: list[Lineage] = Field(default_factory=list)
+    contract: str | None = None
+    # Validation errors of the previous attempt's output, so the agent can repair it.
+    repair: list[str] = Field(default_factory=list)
+    timeout_s: float
+
+
+class TaskError(Frozen):
+    message: str
+    retryable: bool = True
+
+
+class TaskResult(Frozen):
+    """What an agent publishes on `cairn.result.<run_id>` when it is done with a task."""
+
+    v: Literal[1] = 1
+    task_id: str
+    run_id: uuid.UUID
+    step: str
+    attempt: int
+    agent_id: str
+    output: dict[str, Any] | None = None
+    error: TaskError | None = None
+    usage: list[Usage] = Field(default_factory=list)
+    started_at: datetime
+    finished_at: datetime
+
+
+class StartRun(Frozen):
+    """Command on `cairn.cmd.start`: begin a run of a workflow (by name, or given inline)."""
+
+    v: Literal[1] = 1
+    run_id: uuid.UUID | None = None  # give one to make the command idempotent
+    workflow: str | WorkflowSpec
+    input: dict[str, Any] = Field(default_factory=dict)
+    intent: Intent | None = None
+    requested_by: str = "client:cli"
+
+
+class CancelRun(Frozen):
+    """Command on `cairn.cmd.cancel`."""
+
+    v: Literal[1] = 1
+    run_id: uuid.UUID
+    requested_by: str = "client:cli"
+    reason: str = ""
+
+
+class CommandReply(Frozen):
+    """The answer to every command: ok with the run's id, or one clear error."""
+
+    ok: bool
+    run_id: uuid.UUID | None = None
+    status: str | None = None
+    error: str | None = None
+
+
+class DeadLetter(Frozen):
+    """A message cairn could not process, republished on `cairn.dlq.<source>`."""
+
+    subject: str
+    reason: str
+    payload: str  # the original bytes, decoded as UTF-8 with replacement
+    received_at: datetime
+    service: str
+
+
+class EventNotice(Frozen):
+    """The live feed on `cairn.event.<run_id>.<EventType>`: a committed event and its log position."""
+
+    position: int
+    event_id: uuid.UUID
+    type: str
+    event: dict[str, Any]

@@ -1,0 +1,85 @@
+"""Workflow definitions as recorded data.
+
+A run records the whole definition it was started with (in RunStarted), so its history can be
+replayed and audited without the YAML file it came from.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+from pydantic import Field, field_validator, model_validator
+
+from .base import Frozen
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"
+
+
+class RetryPolicy(Frozen):
+    """How often a step may be tried, counting the first attempt."""
+
+    max_attempts: int = Field(default=3, ge=1, le=100)
+
+
+class StepSpec(Frozen):
+    """One declared step: which capability does it, with what input, under which contract."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    capability: str = Field(pattern=NAME_PATTERN)
+    # Input mapping: literal values, or references such as "$input.topic",
+    # "$steps.plan.output.outline", "$intent.goal" resolved when the step is dispatched.
+    input: dict[str, Any] = Field(default_factory=dict)
+    needs: list[str] | None = None  # default: the step declared before this one
+    contract: str | None = None  # output contract "Name@version"
+    retry: RetryPolicy = RetryPolicy()
+    timeout_s: float = Field(default=120.0, gt=0)
+    cost_estimate_usd: Decimal | None = None
+
+
+class WorkflowSpec(Frozen):
+    """A named, versioned list of steps."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    version: int = Field(default=1, ge=1)
+    description: str = ""
+    steps: list[StepSpec] = Field(min_length=1)
+    # What the run returns; a reference like the step inputs. Default: the last step's output.
+    output: Any = None
+
+    @field_validator("steps")
+    @classmethod
+    def _unique_names(cls, steps: list[StepSpec]) -> list[StepSpec]:
+        seen: set[str] = set()
+        for step in steps:
+            if step.name in seen:
+                raise ValueError(f"step name {step.name!r} is used twice")
+            seen.add(step.name)
+        return steps
+
+    @model_validator(mode="after")
+    def _needs_exist(self) -> WorkflowSpec:
+        names = [s.name for s in self.steps]
+        for step in self.steps:
+            for need in step.needs or []:
+                if need not in names:
+                    raise ValueError(f"step {step.name!r} needs unknown step {need!r}")
+                if names.index(need) >= names.index(step.name):
+                    raise ValueError(
+                        f"step {step.name!r} needs {need!r}, which is declared after it"
+                    )
+        return self
+
+    def step(self, name: str) -> StepSpec:
+        for s in self.steps:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def needs_of(self, name: str) -> list[str]:
+        names = [s.name for s in self.steps]
+        step = self.step(name)
+        if step.needs is not None:
+            return list(step.needs)
+        index = names.index(name)
+        return [names[index - 1]] if index > 0 else []
