@@ -41,7 +41,7 @@ async def connect(url: str | None, name: str, *, reconnect: bool = True) -> Clie
         log.warning("NATS error: %s", exc)
 
     async def on_disconnected() -> None:
-        log.info("disconnected from NATS at %s", url)
+        log.debug("disconnected from NATS at %s", url)
 
     async def on_reconnected() -> None:
         log.info("reconnected to NATS at %s", url)

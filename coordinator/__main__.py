@@ -1,0 +1,34 @@
+"""`python -m cairn.coordinator`: run the coordinator service until SIGTERM or Ctrl-C."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+from .nats_client import NatsUnavailableError, connect
+from .service import create_app
+from .settings import Settings
+from .store import EventStore, StoreUnavailableError
+
+
+async def _preflight(settings: Settings) -> None:
+    """Fail with one clear sentence when NATS or the store cannot be reached."""
+    nc = await connect(settings.resolved_nats_url(), "cairn-preflight", reconnect=False)
+    await nc.close()
+    EventStore(settings.store).close()
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    settings = Settings.from_env()
+    try:
+        asyncio.run(_preflight(settings))
+    except (NatsUnavailableError, StoreUnavailableError) as exc:
+        print(f"cairn coordinator: {exc}", file=sys.stderr)
+        sys.exit(2)
+    asyncio.run(create_app(settings).run())
+
+
+if __name__ == "__main__":
+    main()

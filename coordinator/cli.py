@@ -1,0 +1,520 @@
+"""The `cairn` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+import uuid
+from collections.abc import Coroutine
+from decimal import Decimal
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import typer
+from pydantic import BaseModel
+from rich.console import Console
+from rich.table import Table
+
+from cairn.events import WorkflowSpec
+
+from .client import CairnClient, CoordinatorUnavailableError
+from .demo import (
+    DEMO_TOPIC,
+    DEMO_WORKFLOW,
+    DemoError,
+    demo_intent,
+    run_and_follow,
+    start_services,
+    wait_for_services,
+)
+from .embedded import EmbeddedServerError
+from .nats_client import NatsUnavailableError
+from .settings import Settings
+from .store import StoreUnavailableError
+from .workflow import WorkflowError, load_workflow_file
+
+app = typer.Typer(
+    help="cairn: an event-sourced coordinator for AI agents that run as separate services.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+projections_app = typer.Typer(help="Follow, rebuild and inspect the projections' views.")
+app.add_typer(projections_app, name="projections")
+
+console = Console()
+err_console = Console(stderr=True)
+T = TypeVar("T")
+
+HomeOpt = Annotated[
+    Path | None,
+    typer.Option("--home", help="Data directory (default $CAIRN_HOME or .cairn).", show_default=False),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for tools.")]
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine, turning known infrastructure problems into one clear sentence."""
+    try:
+        return asyncio.run(coro)
+    except (
+        NatsUnavailableError,
+        CoordinatorUnavailableError,
+        StoreUnavailableError,
+        EmbeddedServerError,
+        DemoError,
+        WorkflowError,
+    ) as exc:
+        fail(str(exc))
+
+
+def print_json(data: Any) -> None:
+    def default(value: Any) -> Any:
+        if isinstance(value, BaseModel):
+            return value.model_dump(mode="json")
+        if isinstance(value, Decimal | uuid.UUID | Path):
+            return str(value)
+        if hasattr(value, "isoformat"):
+            return value.isoformat()
+        raise TypeError(f"cannot encode {type(value).__name__}")
+
+    sys.stdout.write(json.dumps(data, default=default, indent=2) + "\n")
+
+
+def settings_for(home: Path | None) -> Settings:
+    return Settings.from_env(home)
+
+
+def _views(settings: Settings) -> Any:
+    from cairn.projections import Views, ViewsMissingError
+
+    try:
+        return Views(settings.views)
+    except ViewsMissingError as exc:
+        fail(str(exc))
+
+
+# -- running things ---------------------------------------------------------------------------
+
+
+@app.command()
+def demo(
+    home: HomeOpt = None,
+    topic: Annotated[str, typer.Option(help="What the example report is about.")] = DEMO_TOPIC,
+    as_json: JsonOpt = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the run.")] = 60.0,
+) -> None:
+    """Start NATS, the coordinator, projections and four agents as processes; run the example."""
+    settings = settings_for(home)
+    result = run_async(_demo(settings, topic, as_json, timeout))
+    if as_json:
+        print_json(result)
+        return
+    if result["status"] != "completed":
+        fail(f"the run ended {result['status']}: {result.get('error')}", code=1)
+
+
+async def _demo(settings: Settings, topic: str, as_json: bool, timeout: float) -> dict[str, Any]:
+    show = None if as_json else console
+    sup = await start_services(settings)
+    try:
+        if show:
+            show.print(
+                f"[bold]cairn demo[/] · NATS {sup.settings.resolved_nats_url()} · "
+                f"data in {settings.home}"
+            )
+            show.print(
+                "started as separate processes: "
+                + ", ".join(f"{n} (pid {p.pid})" for n, p in sup.processes.items())
+            )
+        client = await CairnClient.connect(sup.settings.resolved_nats_url(), "cairn-demo")
+        try:
+            await wait_for_services(sup, client, timeout=30)
+            result = await run_and_follow(
+                client,
+                DEMO_WORKFLOW,
+                {"topic": topic, "audience": "curious readers"},
+                demo_intent(topic),
+                show,
+                timeout,
+                sup,
+            )
+        finally:
+            await client.close()
+        from cairn.projections import wait_for_views
+
+        await asyncio.to_thread(wait_for_views, settings.views, result.progress.position, 15.0)
+        summary = _summary(settings, result.run_id)
+        summary["seconds"] = round(result.seconds, 3)
+        summary["processes"] = {n: p.pid for n, p in sup.processes.items()}
+        if show:
+            _print_summary(show, summary, result.progress.output)
+        return summary
+    finally:
+        sup.stop_all()
+
+
+def _summary(settings: Settings, run_id: uuid.UUID) -> dict[str, Any]:
+    views = _views(settings)
+    run = views.run(str(run_id))
+    costs = views.costs(by="model", run_id=str(run_id))
+    short = str(run_id)[:8]
+    return {
+        "run_id": str(run_id),
+        "status": run.status,
+        "error": run.error,
+        "output": run.output,
+        "cost_usd": str(run.cost_usd),
+        "costs_by_model": [c.model_dump(mode="json") for c in costs],
+        "next": [
+            f"cairn show {short}",
+            f"cairn costs --by agent --run {short}",
+            f"cairn audit --run {short}",
+            "cairn runs",
+        ],
+    }
+
+
+def _print_summary(show: Console, summary: dict[str, Any], output: Any) -> None:
+    show.print()
+    if summary["status"] == "completed" and isinstance(output, dict):
+        report = output.get("report", {})
+        review = output.get("review", {})
+        show.print(f"[bold]{report.get('title', 'Report')}[/]")
+        for section in report.get("sections", []):
+            show.print(f"  [bold]{section.get('heading')}[/]")
+            show.print(f"    {section.get('body')}", highlight=False)
+        verdict = "approved" if review.get("approved") else "not approved"
+        show.print(f"review: {verdict}, score {review.get('score')}")
+    else:
+        show.print(f"[red]run {summary['status']}[/]: {summary.get('error')}")
+    costs = ", ".join(
+        f"{c['key']}: {c['input_tokens']}+{c['output_tokens']} tokens, ${c['amount_usd']}"
+        for c in summary["costs_by_model"]
+    )
+    show.print(f"cost: [bold]${summary['cost_usd']}[/] ({costs})")
+    show.print("look further:")
+    for command in summary["next"]:
+        show.print(f"  {command}")
+
+
+@app.command()
+def up(home: HomeOpt = None) -> None:
+    """Start everything but a run (NATS, coordinator, projections, agents) until Ctrl-C."""
+    settings = settings_for(home)
+    run_async(_up(settings))
+
+
+async def _up(settings: Settings) -> None:
+    sup = await start_services(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        client = await CairnClient.connect(sup.settings.resolved_nats_url(), "cairn-up")
+        try:
+            await wait_for_services(sup, client, timeout=30)
+        finally:
+            await client.close()
+        console.print(f"cairn is up · NATS {sup.settings.resolved_nats_url()}")
+        console.print(f"data in {settings.home}, logs in {settings.home / 'logs'}")
+        for name, proc in sup.processes.items():
+            console.print(f"  {name}: pid {proc.pid}")
+        console.print("start a run:  cairn run research-report --input '{\"topic\": \"tides\"}' --wait")
+        console.print("Ctrl-C stops everything.")
+        while not stop.is_set():
+            dead = sup.exited()
+            if dead:
+                name, code = next(iter(dead.items()))
+                fail(f"the {name} process exited with code {code}:\n{sup.log_tail(name)}")
+            try:
+                await asyncio.wait_for(stop.wait(), 0.5)
+            except TimeoutError:
+                pass
+    finally:
+        sup.stop_all()
+        console.print("stopped.")
+
+
+@app.command("run")
+def run_workflow(
+    workflow: Annotated[str, typer.Argument(help="A workflow name, or a path to a YAML file.")],
+    input: Annotated[str, typer.Option("--input", help="The run input as a JSON object.")] = "{}",
+    wait: Annotated[bool, typer.Option("--wait", help="Follow the run until it ends.")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait with --wait.")] = 300.0,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Start a run of a workflow."""
+    try:
+        data = json.loads(input)
+    except json.JSONDecodeError as exc:
+        fail(f"--input is not valid JSON: {exc}")
+    if not isinstance(data, dict):
+        fail("--input must be a JSON object, e.g. '{\"topic\": \"tides\"}'")
+    spec: str | WorkflowSpec = workflow
+    if workflow.endswith((".yaml", ".yml")) or Path(workflow).is_file():
+        try:
+            spec = load_workflow_file(Path(workflow))
+        except WorkflowError as exc:
+            fail(str(exc))
+    settings = settings_for(home)
+    outcome = run_async(_run(settings, spec, data, wait, timeout, as_json))
+    if as_json:
+        print_json(outcome)
+    if outcome.get("status") in ("failed", "cancelled"):
+        raise typer.Exit(1)
+
+
+async def _run(
+    settings: Settings,
+    spec: str | WorkflowSpec,
+    data: dict[str, Any],
+    wait: bool,
+    timeout: float,
+    as_json: bool,
+) -> dict[str, Any]:
+    async with await CairnClient.connect(settings.resolved_nats_url()) as client:
+        if not wait:
+            reply = await client.start_run(spec, data)
+            if not reply.ok:
+                raise DemoError(f"the coordinator refused the run: {reply.error}")
+            if not as_json:
+                console.print(f"started run {reply.run_id}")
+            return {"run_id": str(reply.run_id), "status": reply.status}
+        result = await run_and_follow(
+            client, spec if isinstance(spec, str) else spec, data, None,
+            None if as_json else console, timeout,
+        )  # fmt: skip
+        progress = result.progress
+        if not as_json:
+            console.print(f"run {result.run_id} {progress.status} in {result.seconds:.2f}s")
+            if progress.error:
+                console.print(f"[red]{progress.error}[/]")
+        return {
+            "run_id": str(result.run_id),
+            "status": progress.status,
+            "output": progress.output,
+            "error": progress.error,
+            "cost_usd": str(progress.cost),
+            "position": progress.position,
+        }
+
+
+@app.command()
+def cancel(
+    run: Annotated[str, typer.Argument(help="The run's id.")],
+    reason: Annotated[str, typer.Option(help="Why, for the record.")] = "",
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Cancel a run."""
+    try:
+        run_id = uuid.UUID(run)
+    except ValueError:
+        fail(f"{run!r} is not a run id (a UUID)")
+    settings = settings_for(home)
+
+    async def go() -> dict[str, Any]:
+        async with await CairnClient.connect(settings.resolved_nats_url()) as client:
+            reply = await client.cancel_run(run_id, reason)
+            return reply.model_dump(mode="json")
+
+    reply = run_async(go())
+    if as_json:
+        print_json(reply)
+    elif reply["ok"]:
+        console.print(f"run {run_id} cancelled")
+    if not reply["ok"]:
+        fail(reply["error"], code=1)
+
+
+@app.command()
+def coordinator(home: HomeOpt = None) -> None:
+    """Run the coordinator service in the foreground."""
+    _exec_module("cairn.coordinator", home)
+
+
+@app.command()
+def agent(
+    name: Annotated[str, typer.Argument(help="planner, researcher, writer or reviewer.")],
+    home: HomeOpt = None,
+) -> None:
+    """Run one example agent in the foreground."""
+    from .processes import EXAMPLE_AGENTS
+
+    if name not in EXAMPLE_AGENTS:
+        fail(f"unknown agent {name!r}: choose one of {', '.join(EXAMPLE_AGENTS)}")
+    _exec_module(f"cairn.agents.{name}", home)
+
+
+def _exec_module(module: str, home: Path | None) -> None:
+    import os
+
+    env = {**os.environ, **settings_for(home).env()}
+    os.execve(sys.executable, [sys.executable, "-m", module], env)  # noqa: S606
+
+
+# -- reading the views ------------------------------------------------------------------------
+
+
+@app.command()
+def runs(
+    status: Annotated[str | None, typer.Option(help="Only runs with this status.")] = None,
+    limit: Annotated[int, typer.Option(help="How many, newest first.")] = 20,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List runs: status, current step, cost."""
+    rows = _views(settings_for(home)).runs(status=status, limit=limit)
+    if as_json:
+        print_json([r.model_dump(mode="json") for r in rows])
+        return
+    table = Table(title="runs")
+    for col in ("run", "workflow", "status", "step", "steps", "cost (USD)", "started"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(
+            str(r.run_id)[:8],
+            r.workflow,
+            r.status,
+            r.current_step or "",
+            f"{r.steps_done}/{r.steps_total}",
+            str(r.cost_usd),
+            r.started_at.strftime("%Y-%m-%d %H:%M:%S"),
+        )
+    console.print(table)
+
+
+@app.command()
+def show(
+    run: Annotated[str, typer.Argument(help="A run id or a unique prefix of one.")],
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """A run's state, steps and timeline."""
+    from cairn.projections import RunNotFoundError
+
+    views = _views(settings_for(home))
+    try:
+        row = views.run(run)
+    except RunNotFoundError as exc:
+        fail(str(exc))
+    steps = views.steps(str(row.run_id))
+    timeline = views.timeline(str(row.run_id))
+    if as_json:
+        print_json(
+            {
+                "run": row.model_dump(mode="json"),
+                "steps": [s.model_dump(mode="json") for s in steps],
+                "timeline": [t.model_dump(mode="json") for t in timeline],
+            }
+        )
+        return
+    console.print(f"[bold]run {row.run_id}[/] · {row.workflow} · [bold]{row.status}[/]")
+    console.print(f"goal: {row.goal}")
+    console.print(f"cost: ${row.cost_usd} · attempts: {row.attempts}")
+    if row.error:
+        console.print(f"[red]error:[/] {row.error}")
+    table = Table(title="steps")
+    for col in ("step", "capability", "status", "try", "agent", "tokens in/out", "cost (USD)"):
+        table.add_column(col)
+    for s in steps:
+        table.add_row(
+            s.step, s.capability, s.status, str(s.attempt), s.agent_id or "",
+            f"{s.input_tokens}/{s.output_tokens}", str(s.cost_usd),
+        )  # fmt: skip
+    console.print(table)
+    table = Table(title="timeline")
+    for col in ("seq", "time", "actor", "action", "detail"):
+        table.add_column(col)
+    for t in timeline:
+        table.add_row(str(t.seq), t.at.strftime("%H:%M:%S.%f")[:-3], t.actor, t.action, t.detail)
+    console.print(table)
+
+
+@app.command()
+def costs(
+    by: Annotated[str, typer.Option(help="Group by run, agent or model.")] = "run",
+    run: Annotated[str | None, typer.Option(help="Only this run (id or prefix).")] = None,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Cost totals from the recorded charges."""
+    if by not in ("run", "agent", "model"):
+        fail("--by must be run, agent or model")
+    views = _views(settings_for(home))
+    run_id = str(views.run(run).run_id) if run else None
+    rows = views.costs(by=by, run_id=run_id)
+    total = sum((r.amount_usd for r in rows), Decimal(0))
+    if as_json:
+        print_json({"by": by, "rows": [r.model_dump(mode="json") for r in rows], "total": total})
+        return
+    table = Table(title=f"costs by {by}")
+    for col in (by, "charges", "input tokens", "output tokens", "USD"):
+        table.add_column(col)
+    for r in rows:
+        key = r.key[:8] if by == "run" else r.key
+        table.add_row(
+            key, str(r.charges), f"{r.input_tokens:,}", f"{r.output_tokens:,}", str(r.amount_usd)
+        )
+    table.caption = f"total ${total}"
+    console.print(table)
+
+
+@app.command()
+def audit(
+    run: Annotated[str | None, typer.Option(help="Only this run (id or prefix).")] = None,
+    limit: Annotated[int, typer.Option(help="How many rows, newest last.")] = 200,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Who decided what, when and why."""
+    views = _views(settings_for(home))
+    run_id = str(views.run(run).run_id) if run else None
+    rows = views.audit(run_id=run_id, limit=limit)
+    if as_json:
+        print_json([r.model_dump(mode="json") for r in rows])
+        return
+    table = Table(title="audit")
+    for col in ("time", "run", "actor", "action", "reason"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(
+            r.at.strftime("%Y-%m-%d %H:%M:%S"), str(r.run_id)[:8], r.actor, r.action, r.reason
+        )
+    console.print(table)
+
+
+@projections_app.command("rebuild")
+def projections_rebuild(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """Drop the views and rebuild them from the event log."""
+    from cairn.projections import rebuild
+
+    settings = settings_for(home)
+    try:
+        count = rebuild(settings)
+    except StoreUnavailableError as exc:
+        fail(str(exc))
+    if as_json:
+        print_json({"events": count, "views": settings.views})
+    else:
+        console.print(f"rebuilt the views from {count} events into {settings.views}")
+
+
+@projections_app.command("run")
+def projections_run(home: HomeOpt = None) -> None:
+    """Run the projection runner in the foreground."""
+    _exec_module("cairn.projections", home)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,385 @@
+"""What happens next: `decide(state, fact, policy) -> [events]`. Pure: the time and every input
+come from the fact, so running this code over a recorded history reproduces its decisions.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from cairn.events import (
+    ContractViolated,
+    CostCharged,
+    Event,
+    Frozen,
+    Intent,
+    Lineage,
+    ResultIgnored,
+    RunCancelled,
+    RunCompleted,
+    RunFailed,
+    RunStarted,
+    TaskCompleted,
+    TaskDispatched,
+    TaskFailed,
+    TaskResult,
+    WorkflowSpec,
+    content_hash,
+)
+
+from .pricing import PriceTable
+from .state import RunState, evolve
+from .workflow import ReferenceError_, referenced_steps, resolve
+
+COORDINATOR = "coordinator"
+
+
+class StartRunFact(Frozen):
+    run_id: uuid.UUID
+    workflow: WorkflowSpec
+    input: dict[str, Any]
+    intent: Intent
+    requested_by: str
+    at: datetime
+
+
+class ResultFact(Frozen):
+    result: TaskResult
+    at: datetime
+
+
+class CancelFact(Frozen):
+    run_id: uuid.UUID
+    requested_by: str
+    reason: str = ""
+    at: datetime
+
+
+Fact = StartRunFact | ResultFact | CancelFact
+
+
+class Rejected(ValueError):
+    """The fact does not belong to this run (an unknown task, a run that already exists...).
+
+    Nothing is recorded in the run; the caller answers or dead-letters it with this reason.
+    """
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The coordinator's rules that decisions consult: prices and output contracts."""
+
+    prices: PriceTable
+    contract: Callable[[str], type[BaseModel]]
+
+
+def task_id(run_id: uuid.UUID, step: str, attempt: int) -> str:
+    return f"{run_id}:{step}:{attempt}"
+
+
+class _Decision:
+    """Builds a list of events, evolving a private copy of the state as it goes."""
+
+    def __init__(self, state: RunState | None, run_id: uuid.UUID, at: datetime) -> None:
+        self.state = state
+        self.run_id = run_id
+        self.at = at
+        self.events: list[Event] = []
+
+    @property
+    def next_seq(self) -> int:
+        return (self.state.version if self.state else 0) + 1
+
+    def emit(self, cls: type[Event], **fields: Any) -> None:
+        event = cls(run_id=self.run_id, seq=self.next_seq, at=self.at, **fields)
+        self.state = evolve(self.state, event)
+        self.events.append(event)
+
+    @property
+    def run(self) -> RunState:
+        assert self.state is not None
+        return self.state
+
+
+def decide(state: RunState | None, fact: Fact, policy: Policy) -> list[Event]:
+    """The events that follow from `fact` given the run's `state`."""
+    if isinstance(fact, StartRunFact):
+        return _start(state, fact)
+    if state is None:
+        raise Rejected("unknown run")
+    if isinstance(fact, ResultFact):
+        return _result(state, fact, policy)
+    return _cancel(state, fact)
+
+
+def _start(state: RunState | None, fact: StartRunFact) -> list[Event]:
+    if state is not None:
+        raise Rejected(f"run {fact.run_id} already exists ({state.status})")
+    d = _Decision(None, fact.run_id, fact.at)
+    d.emit(
+        RunStarted,
+        actor=fact.requested_by,
+        reason=f"start {fact.workflow.name} v{fact.workflow.version}",
+        workflow=fact.workflow,
+        input=fact.input,
+        intent=fact.intent,
+    )
+    _advance(d)
+    return d.events
+
+
+def _cancel(state: RunState, fact: CancelFact) -> list[Event]:
+    if state.terminal:
+        raise Rejected(f"run {state.run_id} is already {state.status}")
+    d = _Decision(state, state.run_id, fact.at)
+    d.emit(RunCancelled, actor=fact.requested_by, reason=fact.reason or "cancelled on request")
+    return d.events
+
+
+def _result(state: RunState, fact: ResultFact, policy: Policy) -> list[Event]:
+    result = fact.result
+    step = state.steps.get(result.step)
+    if step is None or result.attempt < 1 or result.attempt > step.attempt:
+        raise Rejected(f"task {result.task_id} was never dispatched in run {state.run_id}")
+    if result.task_id != task_id(state.run_id, result.step, result.attempt):
+        raise Rejected(f"task id {result.task_id} does not match its step and attempt")
+    agent = f"agent:{result.agent_id}"
+    d = _Decision(state, state.run_id, fact.at)
+    if state.terminal:
+        d.emit(
+            ResultIgnored,
+            actor=COORDINATOR,
+            reason=f"run is already {state.status}",
+            task_id=result.task_id,
+            agent_id=result.agent_id,
+        )
+        return d.events
+    if step.status != "dispatched" or step.task_id != result.task_id:
+        why = (
+            "duplicate result: the attempt was already completed"
+            if step.status == "completed" and step.task_id == result.task_id
+            else f"result for attempt {result.attempt}, but the current attempt is {step.attempt}"
+            if step.task_id != result.task_id
+            else f"step is {step.status}"
+        )
+        d.emit(
+            ResultIgnored,
+            actor=COORDINATOR,
+            reason=why,
+            task_id=result.task_id,
+            agent_id=result.agent_id,
+        )
+        return d.events
+
+    spec = state.workflow.step(result.step)
+    # Usage is charged whatever the outcome: the tokens were spent.
+    for usage in result.usage:
+        amount = policy.prices.charge(usage)
+        d.emit(
+            CostCharged,
+            actor=COORDINATOR,
+            reason=(
+                f"priced with table {policy.prices.version}"
+                if amount is not None
+                else f"model {usage.model} is not in price table {policy.prices.version}"
+            ),
+            task_id=result.task_id,
+            step=result.step,
+            capability=spec.capability,
+            agent_id=result.agent_id,
+            model=usage.model,
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
+            price_table=policy.prices.version,
+            amount_usd=amount if amount is not None else 0,
+        )
+
+    duration_ms = (result.finished_at - result.started_at).total_seconds() * 1000
+    if result.error is not None or result.output is None:
+        error = result.error.message if result.error else "result has neither output nor error"
+        retryable = result.error.retryable if result.error else False
+        d.emit(
+            TaskFailed,
+            actor=agent,
+            reason=error,
+            task_id=result.task_id,
+            step=result.step,
+            attempt=result.attempt,
+            agent_id=result.agent_id,
+            error=error,
+            retryable=retryable,
+        )
+        _retry_or_fail(d, result.step, error, retryable=retryable, repair=[])
+        return d.events
+
+    if spec.contract:
+        model = policy.contract(spec.contract)
+        try:
+            model.model_validate(result.output)
+        except ValidationError as exc:
+            errors = [
+                f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}"
+                for e in exc.errors()
+            ]
+            d.emit(
+                ContractViolated,
+                actor=COORDINATOR,
+                reason=f"output does not meet contract {spec.contract}",
+                task_id=result.task_id,
+                step=result.step,
+                attempt=result.attempt,
+                agent_id=result.agent_id,
+                contract=spec.contract,
+                errors=errors,
+            )
+            _retry_or_fail(
+                d,
+                result.step,
+                f"output broke contract {spec.contract}: {'; '.join(errors)}",
+                retryable=True,
+                repair=errors,
+            )
+            return d.events
+
+    d.emit(
+        TaskCompleted,
+        actor=agent,
+        reason=f"output meets contract {spec.contract}" if spec.contract else "output received",
+        task_id=result.task_id,
+        step=result.step,
+        attempt=result.attempt,
+        agent_id=result.agent_id,
+        output=result.output,
+        output_hash=content_hash(result.output),
+        usage=result.usage,
+        duration_ms=duration_ms,
+    )
+    _advance(d)
+    return d.events
+
+
+def _retry_or_fail(
+    d: _Decision, step_name: str, error: str, *, retryable: bool, repair: list[str]
+) -> None:
+    run = d.run
+    spec = run.workflow.step(step_name)
+    attempt = run.step(step_name).attempt
+    if retryable and attempt < spec.retry.max_attempts:
+        reason = (
+            f"retry {attempt + 1}/{spec.retry.max_attempts} with the contract errors to repair"
+            if repair
+            else f"retry {attempt + 1}/{spec.retry.max_attempts} after: {error}"
+        )
+        _dispatch(d, step_name, attempt + 1, reason, repair)
+        return
+    why = (
+        f"step {step_name} failed after {attempt} attempt(s)"
+        if retryable
+        else f"step {step_name} failed with a non-retryable error"
+    )
+    d.emit(RunFailed, actor=COORDINATOR, reason=why, step=step_name, error=error)
+
+
+def _advance(d: _Decision) -> None:
+    """Dispatch every step whose dependencies are met; complete the run when all are done."""
+    run = d.run
+    completed = {name for name, s in run.steps.items() if s.status == "completed"}
+    for spec in run.workflow.steps:
+        if run.steps[spec.name].status != "pending":
+            continue
+        deps = _dependencies(run.workflow, spec.name)
+        if deps <= completed:
+            reason = (
+                f"after {', '.join(sorted(deps))} completed" if deps else "no dependencies"
+            )
+            _dispatch(d, spec.name, 1, reason, [])
+            if d.run.terminal:
+                return
+    run = d.run
+    if all(s.status == "completed" for s in run.steps.values()):
+        context = _context(run)
+        template = run.workflow.output
+        if template is None:
+            template = f"$steps.{run.workflow.steps[-1].name}.output"
+        try:
+            output = resolve(template, context)
+        except ReferenceError_ as exc:
+            d.emit(RunFailed, actor=COORDINATOR, reason="run output mapping failed", error=str(exc))
+            return
+        d.emit(RunCompleted, actor=COORDINATOR, reason="all steps completed", output=output)
+
+
+def _dispatch(d: _Decision, step_name: str, attempt: int, reason: str, repair: list[str]) -> None:
+    run = d.run
+    spec = run.workflow.step(step_name)
+    context = _context(run)
+    try:
+        task_input = resolve(spec.input, context)
+    except ReferenceError_ as exc:
+        d.emit(
+            RunFailed,
+            actor=COORDINATOR,
+            reason=f"cannot build the input of step {step_name}",
+            step=step_name,
+            error=str(exc),
+        )
+        return
+    lineage = [
+        Lineage(
+            step=name,
+            attempt=run.steps[name].attempt,
+            agent_id=run.steps[name].agent_id or "",
+            output_hash=run.steps[name].output_hash or "",
+        )
+        for name in [s.name for s in run.workflow.steps]
+        if run.steps[name].status == "completed"
+        and name in _ancestors(run.workflow, step_name)
+    ]
+    d.emit(
+        TaskDispatched,
+        actor=COORDINATOR,
+        reason=reason,
+        task_id=task_id(run.run_id, step_name, attempt),
+        step=step_name,
+        attempt=attempt,
+        capability=spec.capability,
+        input=task_input,
+        intent=run.intent,
+        lineage=lineage,
+        contract=spec.contract,
+        repair=repair,
+        timeout_s=spec.timeout_s,
+    )
+
+
+def _dependencies(workflow: WorkflowSpec, step_name: str) -> set[str]:
+    return set(workflow.needs_of(step_name)) | referenced_steps(workflow.step(step_name).input)
+
+
+def _ancestors(workflow: WorkflowSpec, step_name: str) -> set[str]:
+    """Every step whose output the step was built from, directly or through another step."""
+    found: set[str] = set()
+    todo = list(_dependencies(workflow, step_name))
+    while todo:
+        name = todo.pop()
+        if name not in found:
+            found.add(name)
+            todo.extend(_dependencies(workflow, name))
+    return found
+
+
+def _context(run: RunState) -> dict[str, Any]:
+    return {
+        "input": run.input,
+        "intent": run.intent.model_dump(mode="json"),
+        "steps": {
+            name: {"output": s.output, "agent_id": s.agent_id}
+            for name, s in run.steps.items()
+            if s.status == "completed"
+        },
+    }

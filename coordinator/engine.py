@@ -1,0 +1,235 @@
+"""The coordinator's hot path: facts in, decisions committed, messages out.
+
+Results are handled in batches (whatever has arrived): each is decided against its run's state
+in memory, all new events are saved in one transaction, then the outbox publishes what they call
+for (acks awaited together), then the results are acked. That order is the durability contract:
+commit → publish → ack. One writer per run: the lock serialises batches and commands, and the
+store's optimistic concurrency catches any other writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from nats.aio.msg import Msg
+from pydantic import ValidationError
+
+from cairn.events import (
+    MAX_PAYLOAD_BYTES,
+    CancelRun,
+    CommandReply,
+    Event,
+    Intent,
+    StartRun,
+    TaskDispatched,
+    TaskResult,
+    WorkflowSpec,
+)
+
+from .deadletters import DeadLetters, validation_reason
+from .decisions import CancelFact, Policy, Rejected, ResultFact, StartRunFact, decide
+from .outbox import Outbox
+from .state import RunState, evolve, fold
+from .store import ConcurrencyError, EventStore, LoggedEvent
+from .workflow import WorkflowCatalog, WorkflowError, check_workflow
+
+log = logging.getLogger("cairn.coordinator")
+
+
+@dataclass
+class Stats:
+    results: int = 0
+    batches: int = 0
+    events: int = 0
+    dead_letters: int = 0
+    conflicts: int = 0
+    by_type: dict[str, int] = field(default_factory=dict)
+
+
+class Coordinator:
+    """Owns the state of active runs and turns facts into committed, published decisions."""
+
+    def __init__(
+        self,
+        store: EventStore,
+        policy: Policy,
+        catalog: WorkflowCatalog,
+        outbox: Outbox,
+        dead_letters: DeadLetters,
+    ) -> None:
+        self.store = store
+        self.policy = policy
+        self.catalog = catalog
+        self.outbox = outbox
+        self.dead_letters = dead_letters
+        self.runs: dict[uuid.UUID, RunState] = {}
+        self.stats = Stats()
+        self._lock = asyncio.Lock()
+
+    # -- recovery ---------------------------------------------------------------------------
+
+    def recover(self) -> int:
+        """Rebuild the state of every unfinished run from the log."""
+        states: dict[uuid.UUID, RunState] = {}
+        position = 0
+        while batch := self.store.read_log(position, limit=5000):
+            for item in batch:
+                run_id = item.event.run_id
+                states[run_id] = evolve(states.get(run_id), item.event)
+            position = batch[-1].position
+        self.runs = {run_id: s for run_id, s in states.items() if not s.terminal}
+        return len(self.runs)
+
+    def is_current(self, event: TaskDispatched) -> bool:
+        state = self.runs.get(event.run_id)
+        if state is None or state.terminal:
+            return False
+        step = state.steps.get(event.step)
+        return step is not None and step.status == "dispatched" and step.task_id == event.task_id
+
+    async def catch_up(self) -> int:
+        async with self._lock:
+            return await self.outbox.catch_up(self.is_current)
+
+    # -- commands ---------------------------------------------------------------------------
+
+    async def start_run(self, command: StartRun, at: datetime | None = None) -> CommandReply:
+        try:
+            if isinstance(command.workflow, WorkflowSpec):
+                spec = command.workflow
+                check_workflow(spec, f"workflow {spec.name!r}")
+            else:
+                spec = self.catalog.get(command.workflow)
+        except WorkflowError as exc:
+            return CommandReply(ok=False, error=str(exc))
+        run_id = command.run_id or uuid.uuid4()
+        intent = command.intent or Intent(
+            goal=str(command.input.get("goal") or spec.description or spec.name)
+        )
+        fact = StartRunFact(
+            run_id=run_id,
+            workflow=spec,
+            input=command.input,
+            intent=intent,
+            requested_by=command.requested_by,
+            at=at or datetime.now(UTC),
+        )
+        async with self._lock:
+            existing = self._state(run_id)
+            if existing is not None:  # the same command again: answer, change nothing
+                return CommandReply(ok=True, run_id=run_id, status=existing.status)
+            events = decide(None, fact, self.policy)
+            state = fold(list(events))
+            assert state is not None
+            await self._commit_and_publish({run_id: state}, events)
+        return CommandReply(ok=True, run_id=run_id, status=state.status)
+
+    async def cancel_run(self, command: CancelRun, at: datetime | None = None) -> CommandReply:
+        fact = CancelFact(
+            run_id=command.run_id,
+            requested_by=command.requested_by,
+            reason=command.reason,
+            at=at or datetime.now(UTC),
+        )
+        async with self._lock:
+            state = self._state(command.run_id)
+            if state is None:
+                return CommandReply(ok=False, error=f"unknown run {command.run_id}")
+            try:
+                events = decide(state, fact, self.policy)
+            except Rejected as exc:
+                return CommandReply(ok=False, run_id=command.run_id, error=str(exc))
+            for event in events:
+                state = evolve(state, event)
+            await self._commit_and_publish({command.run_id: state}, events)
+        return CommandReply(ok=True, run_id=command.run_id, status=state.status)
+
+    # -- results (the hot path) -------------------------------------------------------------
+
+    async def handle_results(self, msgs: Sequence[Msg]) -> None:
+        """Decide, commit, publish and ack one batch of result messages."""
+        at = datetime.now(UTC)
+        async with self._lock:
+            tentative: dict[uuid.UUID, RunState] = {}
+            events: list[Event] = []
+            for msg in msgs:
+                result = await self._parse_result(msg)
+                if result is None:
+                    continue
+                state = tentative.get(result.run_id) or self._state(result.run_id)
+                if state is None:
+                    await self._dead_letter(msg, f"result for unknown run {result.run_id}")
+                    continue
+                try:
+                    new = decide(state, ResultFact(result=result, at=at), self.policy)
+                except Rejected as exc:
+                    await self._dead_letter(msg, str(exc))
+                    continue
+                for event in new:
+                    state = evolve(state, event)
+                tentative[result.run_id] = state
+                events.extend(new)
+            try:
+                await self._commit_and_publish(tentative, events)
+            except ConcurrencyError as exc:
+                # Another writer got to one of these runs first: forget what we believed,
+                # and let the results come back to be decided against the stored truth.
+                self.stats.conflicts += 1
+                log.warning("concurrent append, reloading %d run(s): %s", len(tentative), exc)
+                for run_id in tentative:
+                    self.runs.pop(run_id, None)
+                for msg in msgs:
+                    await msg.nak(delay=0.05)
+                return
+        self.stats.results += len(msgs)
+        self.stats.batches += 1
+        for msg in msgs:
+            await msg.ack()
+
+    async def _parse_result(self, msg: Msg) -> TaskResult | None:
+        if len(msg.data) > MAX_PAYLOAD_BYTES:
+            await self._dead_letter(
+                msg, f"result of {len(msg.data)} bytes exceeds the {MAX_PAYLOAD_BYTES}-byte limit"
+            )
+            return None
+        try:
+            return TaskResult.model_validate_json(msg.data)
+        except ValidationError as exc:
+            await self._dead_letter(msg, validation_reason(exc, "result"))
+            return None
+
+    async def _dead_letter(self, msg: Msg, reason: str) -> None:
+        self.stats.dead_letters += 1
+        await self.dead_letters.send("coordinator", msg.subject, msg.data, reason)
+
+    # -- shared -----------------------------------------------------------------------------
+
+    def _state(self, run_id: uuid.UUID) -> RunState | None:
+        state = self.runs.get(run_id)
+        if state is None:
+            state = fold(self.store.load(run_id))
+        return state
+
+    async def _commit_and_publish(
+        self, states: dict[uuid.UUID, RunState], events: Sequence[Event]
+    ) -> list[LoggedEvent]:
+        if not events:
+            return []
+        positions = self.store.append(events)
+        for run_id, state in states.items():
+            if state.terminal:
+                self.runs.pop(run_id, None)  # memory stays flat in the number of finished runs
+            else:
+                self.runs[run_id] = state
+        logged = [LoggedEvent(p, e) for p, e in zip(positions, events, strict=True)]
+        self.stats.events += len(events)
+        for event in events:
+            name = event.type_name()
+            self.stats.by_type[name] = self.stats.by_type.get(name, 0) + 1
+        await self.outbox.publish(logged)
+        return logged

@@ -1,0 +1,148 @@
+"""The outbox relay: publishes what committed events call for, from the store's log.
+
+Task messages go to JetStream with `Nats-Msg-Id` = the event's id, so publishing the same event
+again (after a crash between commit and publish) is dropped by the stream as a duplicate.
+Every committed event is also announced on the live feed `cairn.event.<run_id>.<type>`.
+How far publishing got is tracked in the store; the position is saved at most once a second,
+well inside the stream's duplicate window, so a restart republishes at most that second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+
+from cairn.events import (
+    EventNotice,
+    TaskDispatched,
+    TaskEnvelope,
+    event_subject,
+    task_subject,
+)
+
+from .store import EventStore, LoggedEvent
+
+log = logging.getLogger("cairn.outbox")
+
+OUTBOX_POSITION = "cairn-outbox"
+PUBLISH_TIMEOUT_S = 10.0
+
+
+def envelope_of(event: TaskDispatched) -> TaskEnvelope:
+    """The one place where a stored TaskDispatched becomes a wire TaskEnvelope."""
+    return TaskEnvelope(
+        task_id=event.task_id,
+        run_id=event.run_id,
+        step=event.step,
+        attempt=event.attempt,
+        capability=event.capability,
+        input=event.input,
+        intent=event.intent,
+        lineage=event.lineage,
+        contract=event.contract,
+        repair=event.repair,
+        timeout_s=event.timeout_s,
+    )
+
+
+def notice_of(logged: LoggedEvent) -> EventNotice:
+    event = logged.event
+    return EventNotice(
+        position=logged.position,
+        event_id=event.event_id,
+        type=event.type_name(),
+        event=event.model_dump(mode="json"),
+    )
+
+
+class Outbox:
+    """Publish committed events' messages; remember how far it got."""
+
+    def __init__(
+        self,
+        nc: Client,
+        js: JetStreamContext,
+        store: EventStore,
+        *,
+        save_interval_s: float = 1.0,
+    ) -> None:
+        self._nc = nc
+        self._js = js
+        self._store = store
+        self._save_interval = save_interval_s
+        self.position = store.position(OUTBOX_POSITION)
+        self._saved_position = self.position
+        self._saved_at = time.monotonic()
+
+    async def publish(self, logged: Sequence[LoggedEvent]) -> None:
+        """Publish tasks (acks awaited together) and live notices for these committed events.
+
+        Retries until NATS takes them: the events are committed, so their messages must go out,
+        and a repeat is harmless (the stream drops a repeated Nats-Msg-Id).
+        """
+        if not logged:
+            return
+        delay = 0.1
+        while True:
+            try:
+                await self._publish_once(logged)
+                break
+            except Exception as exc:
+                log.warning("publishing %d event(s) failed, retrying: %s", len(logged), exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        self.position = max(self.position, logged[-1].position)
+        if time.monotonic() - self._saved_at >= self._save_interval:
+            self.save()
+
+    async def _publish_once(self, logged: Sequence[LoggedEvent]) -> None:
+        acks = []
+        for item in logged:
+            event = item.event
+            if isinstance(event, TaskDispatched):
+                acks.append(
+                    await self._js.publish_async(
+                        task_subject(event.capability),
+                        envelope_of(event).model_dump_json().encode(),
+                        headers={"Nats-Msg-Id": str(event.event_id)},
+                    )
+                )
+            await self._nc.publish(
+                event_subject(event.run_id, event.type_name()),
+                notice_of(item).model_dump_json().encode(),
+            )
+        if acks:
+            await asyncio.wait_for(asyncio.gather(*acks), PUBLISH_TIMEOUT_S)
+
+    def save(self) -> None:
+        if self.position > self._saved_position:
+            self._store.save_position(OUTBOX_POSITION, self.position)
+            self._saved_position = self.position
+        self._saved_at = time.monotonic()
+
+    async def catch_up(self, still_current: Callable[[TaskDispatched], bool]) -> int:
+        """Republish what was committed after the saved position (a crash before publishing).
+
+        Tasks that are no longer current (their step moved on) are not sent again: an agent
+        would only do paid work whose result is ignored.
+        """
+        count = 0
+        while True:
+            batch = self._store.read_log(self.position, limit=1000)
+            if not batch:
+                break
+            todo = [
+                item
+                for item in batch
+                if not isinstance(item.event, TaskDispatched) or still_current(item.event)
+            ]
+            await self.publish(todo)
+            self.position = batch[-1].position
+            count += len(todo)
+        self.save()
+        return count

@@ -1,0 +1,100 @@
+"""Starting cairn's services as separate OS processes and stopping every one of them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from .embedded import EmbeddedNats
+from .settings import Settings
+
+EXAMPLE_AGENTS = ("planner", "researcher", "writer", "reviewer")
+
+
+def service_modules(agents: tuple[str, ...] = EXAMPLE_AGENTS) -> dict[str, str]:
+    """Process name → module run with `python -m`."""
+    modules = {"coordinator": "cairn.coordinator", "projections": "cairn.projections"}
+    modules.update({f"agent-{name}": f"cairn.agents.{name}" for name in agents})
+    return modules
+
+
+@dataclass
+class Supervisor:
+    """Runs services as child processes, each logging to `<home>/logs/<name>.log`."""
+
+    settings: Settings
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    nats: EmbeddedNats | None = None
+    _logs: list[IO[bytes]] = field(default_factory=list)
+
+    def ensure_nats(self) -> str:
+        """Use NATS_URL when set; otherwise start the embedded server and record its URL."""
+        if self.settings.nats_url:
+            return self.settings.nats_url
+        self.nats = EmbeddedNats(self.settings.home / "nats").start()
+        self.settings.home.mkdir(parents=True, exist_ok=True)
+        self.settings.nats_url_file.write_text(self.nats.url)
+        self.settings = self.settings.with_nats(self.nats.url)
+        return self.nats.url
+
+    def start(self, name: str, module: str) -> subprocess.Popen[bytes]:
+        log_dir = self.settings.home / "logs"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        log = (log_dir / f"{name}.log").open("ab")
+        self._logs.append(log)
+        env = {**os.environ, **self.settings.env(), "PYTHONUNBUFFERED": "1"}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", module],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=str(Path.cwd()),
+        )
+        self.processes[name] = proc
+        return proc
+
+    def start_all(self, agents: tuple[str, ...] = EXAMPLE_AGENTS) -> None:
+        for name, module in service_modules(agents).items():
+            self.start(name, module)
+
+    def exited(self) -> dict[str, int]:
+        """Processes that have ended, with their exit codes."""
+        return {n: p.returncode for n, p in self.processes.items() if p.poll() is not None}
+
+    def log_tail(self, name: str, lines: int = 5) -> str:
+        path = self.settings.home / "logs" / f"{name}.log"
+        try:
+            return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop_all(self, timeout: float = 10.0) -> None:
+        """SIGTERM every child, SIGKILL what is still there after `timeout`, then stop NATS."""
+        for proc in self.processes.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for proc in self.processes.values():
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for log in self._logs:
+            log.close()
+        self._logs.clear()
+        if self.nats is not None:
+            self.nats.stop()
+            try:
+                if self.settings.nats_url_file.read_text().strip() == self.nats.url:
+                    self.settings.nats_url_file.unlink()
+            except OSError:
+                pass
+            self.nats = None

@@ -1,0 +1,206 @@
+"""The coordinator service: a FastStream app taking commands by request/reply, plus the result
+loop (a standing pull on the results stream) that drives the engine."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from faststream import FastStream
+from faststream.nats import NatsBroker, NatsRouter
+from faststream.nats.annotations import NatsMessage
+from nats.js.api import AckPolicy, ConsumerConfig
+from pydantic import ValidationError
+
+from cairn.events import (
+    CMD_CANCEL,
+    CMD_PING,
+    CMD_START,
+    COORDINATOR_CONSUMER,
+    MAX_PAYLOAD_BYTES,
+    RESULTS_STREAM,
+    CancelRun,
+    CommandReply,
+    StartRun,
+)
+from cairn.events.contracts import resolve_contract
+
+from .deadletters import DeadLetters, validation_reason
+from .decisions import Policy
+from .engine import Coordinator
+from .nats_client import declare_streams, unreachable_message
+from .outbox import Outbox
+from .pricing import load_price_table
+from .pull import StandingPull
+from .settings import Settings
+from .store import EventStore
+from .workflow import WorkflowCatalog
+
+log = logging.getLogger("cairn.coordinator")
+
+COMMAND_QUEUE = "cairn-coordinator"
+
+
+class CoordinatorRuntime:
+    """What lives between the app's start and stop: store, engine, result loop."""
+
+    def __init__(self, settings: Settings, broker: NatsBroker) -> None:
+        self.settings = settings
+        self.broker = broker
+        self.ready = asyncio.Event()
+        self.coordinator: Coordinator | None = None
+        self.store: EventStore | None = None
+        self._pull: StandingPull | None = None
+        self._loop: asyncio.Task[None] | None = None
+        self._handling = False
+        self._stopping = False
+
+    async def start(self) -> None:
+        nc = self.broker.connection
+        js = nc.jetstream()
+        await declare_streams(js)
+        await js.add_consumer(
+            RESULTS_STREAM,
+            ConsumerConfig(
+                durable_name=COORDINATOR_CONSUMER,
+                ack_policy=AckPolicy.EXPLICIT,
+                ack_wait=30,
+                max_deliver=20,
+                max_ack_pending=20000,
+                filter_subject="cairn.result.>",
+            ),
+        )
+        self.store = EventStore(self.settings.store)
+        prices_path = os.environ.get("CAIRN_PRICES")
+        policy = Policy(
+            prices=load_price_table(Path(prices_path) if prices_path else None),
+            contract=resolve_contract,
+        )
+        catalog = WorkflowCatalog([self.settings.home / "workflows"])
+        outbox = Outbox(nc, js, self.store)
+        self.coordinator = Coordinator(
+            self.store, policy, catalog, outbox, DeadLetters(js, "coordinator")
+        )
+        active = self.coordinator.recover()
+        republished = await self.coordinator.catch_up()
+        self._pull = StandingPull(nc, RESULTS_STREAM, COORDINATOR_CONSUMER)
+        await self._pull.start()
+        self._loop = asyncio.create_task(self._results_loop(), name="results-loop")
+        self.ready.set()
+        log.info(
+            "coordinator ready: %d active run(s), %d event(s) republished, store %s",
+            active,
+            republished,
+            self.settings.store,
+        )
+
+    async def _results_loop(self) -> None:
+        assert self._pull is not None and self.coordinator is not None
+        while not self._stopping:
+            msgs = await self._pull.next_batch()
+            self._handling = True
+            try:
+                await self.coordinator.handle_results(msgs)
+            except Exception:
+                log.exception("handling %d result(s) failed; they will be redelivered", len(msgs))
+                for msg in msgs:
+                    with contextlib.suppress(Exception):
+                        await msg.nak(delay=1)
+            finally:
+                self._handling = False
+
+    async def stop(self) -> None:
+        """Finish the batch in hand, ack nothing unfinished, save the outbox position."""
+        self._stopping = True
+        if self._pull is not None:
+            await self._pull.stop()
+        if self._loop is not None:
+            while self._handling:
+                await asyncio.sleep(0.01)
+            self._loop.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop
+        if self.coordinator is not None:
+            self.coordinator.outbox.save()
+        if self.store is not None:
+            self.store.close()
+
+
+def create_app(settings: Settings) -> FastStream:
+    """Build the coordinator's broker, command handlers and lifecycle (no global state)."""
+    url = settings.resolved_nats_url()
+    if not url:
+        raise RuntimeError(unreachable_message(None))
+
+    async def on_error(exc: Exception) -> None:
+        log.warning("NATS: %s", exc)
+
+    broker = NatsBroker(
+        url,
+        name="cairn-coordinator",
+        error_cb=on_error,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.25,
+        connect_timeout=2,
+        logger=None,
+    )
+    runtime = CoordinatorRuntime(settings, broker)
+    router = NatsRouter()
+
+    async def engine() -> Coordinator:
+        await runtime.ready.wait()
+        assert runtime.coordinator is not None
+        return runtime.coordinator
+
+    async def rejected(msg: NatsMessage, what: str, reason: str) -> dict[str, Any]:
+        coordinator = await engine()
+        await coordinator.dead_letters.send(
+            "coordinator", msg.raw_message.subject, msg.body, reason
+        )
+        return CommandReply(ok=False, error=reason).model_dump(mode="json")
+
+    @router.subscriber(CMD_START, queue=COMMAND_QUEUE)
+    async def start_run(msg: NatsMessage) -> dict[str, Any]:
+        if len(msg.body) > MAX_PAYLOAD_BYTES:
+            return await rejected(msg, "start", "start command exceeds the size limit")
+        try:
+            command = StartRun.model_validate_json(msg.body)
+        except ValidationError as exc:
+            return await rejected(msg, "start", validation_reason(exc, "start command"))
+        reply = await (await engine()).start_run(command)
+        return reply.model_dump(mode="json")
+
+    @router.subscriber(CMD_CANCEL, queue=COMMAND_QUEUE)
+    async def cancel_run(msg: NatsMessage) -> dict[str, Any]:
+        if len(msg.body) > MAX_PAYLOAD_BYTES:
+            return await rejected(msg, "cancel", "cancel command exceeds the size limit")
+        try:
+            command = CancelRun.model_validate_json(msg.body)
+        except ValidationError as exc:
+            return await rejected(msg, "cancel", validation_reason(exc, "cancel command"))
+        reply = await (await engine()).cancel_run(command)
+        return reply.model_dump(mode="json")
+
+    @router.subscriber(CMD_PING, queue=COMMAND_QUEUE)
+    async def ping(msg: NatsMessage) -> dict[str, Any]:
+        coordinator = await engine()
+        stats = coordinator.stats
+        return {
+            "ok": True,
+            "active_runs": len(coordinator.runs),
+            "results": stats.results,
+            "events": stats.events,
+            "dead_letters": stats.dead_letters,
+            "store": json.dumps(settings.store)[1:-1],
+        }
+
+    broker.include_router(router)
+    app = FastStream(broker, logger=None)
+    app.after_startup(runtime.start)
+    app.on_shutdown(runtime.stop)
+    return app

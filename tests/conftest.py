@@ -1,0 +1,58 @@
+"""Shared fixtures: real nats-server processes, data directories, cairn services as processes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from cairn.coordinator.client import CairnClient
+from cairn.coordinator.embedded import EmbeddedNats
+from cairn.coordinator.processes import Supervisor
+from cairn.coordinator.settings import Settings
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[EmbeddedNats]:
+    """A fresh JetStream server on free ports, its own store: stream names never collide."""
+    server = EmbeddedNats(tmp_path / "nats").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def settings(tmp_path: Path, nats_server: EmbeddedNats) -> Settings:
+    return Settings(home=tmp_path / "home", nats_url=nats_server.url)
+
+
+@pytest.fixture
+def supervisor(settings: Settings) -> Iterator[Supervisor]:
+    sup = Supervisor(settings)
+    try:
+        yield sup
+    finally:
+        sup.stop_all(timeout=5)
+
+
+@pytest.fixture
+async def client(settings: Settings) -> AsyncIterator[CairnClient]:
+    c = await CairnClient.connect(settings.nats_url, "cairn-test")
+    try:
+        yield c
+    finally:
+        await c.close()
+
+
+async def wait_until(predicate: object, timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll a cheap predicate (a callable returning bool) until true; fail after `timeout`."""
+    assert callable(predicate)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.02)

@@ -1,0 +1,368 @@
+"""decide/evolve over hand-written histories: pure, deterministic, no I/O."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from cairn.coordinator.decisions import (
+    CancelFact,
+    Policy,
+    Rejected,
+    ResultFact,
+    StartRunFact,
+    decide,
+    task_id,
+)
+from cairn.coordinator.pricing import PriceTable, load_price_table
+from cairn.coordinator.state import EvolveError, RunState, evolve, fold
+from cairn.coordinator.workflow import WorkflowError, parse_workflow
+from cairn.events import (
+    ContractViolated,
+    CostCharged,
+    Event,
+    Intent,
+    ResultIgnored,
+    RunCancelled,
+    RunCompleted,
+    RunFailed,
+    RunStarted,
+    TaskCompleted,
+    TaskDispatched,
+    TaskError,
+    TaskFailed,
+    TaskResult,
+    Usage,
+    WorkflowSpec,
+)
+from cairn.events.contracts import resolve_contract
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+RUN = uuid.UUID("00000000-0000-4000-8000-000000000001")
+POLICY = Policy(load_price_table(), resolve_contract)
+
+PIPELINE = parse_workflow(
+    {
+        "name": "pipeline",
+        "steps": [
+            {"name": "plan", "capability": "planner", "input": {"topic": "$input.topic"},
+             "contract": "Plan@1", "retry": {"max_attempts": 2}},
+            {"name": "research", "capability": "researcher",
+             "input": {"questions": "$steps.plan.output.questions"}},
+        ],
+        "output": {"plan": "$steps.plan.output", "research": "$steps.research.output"},
+    }
+)  # fmt: skip
+
+PLAN = {"title": "Tides", "audience": "all", "questions": ["why?", "when?"]}
+
+
+def start(workflow: WorkflowSpec = PIPELINE, **input: Any) -> list[Event]:
+    fact = StartRunFact(
+        run_id=RUN,
+        workflow=workflow,
+        input=input or {"topic": "tides"},
+        intent=Intent(goal="explain tides", success_criteria=["clear"]),
+        requested_by="client:test",
+        at=T0,
+    )
+    return decide(None, fact, POLICY)
+
+
+def result(
+    step: str,
+    attempt: int = 1,
+    output: dict[str, Any] | None = None,
+    error: TaskError | None = None,
+    usage: list[Usage] | None = None,
+    at: datetime = T0,
+) -> ResultFact:
+    return ResultFact(
+        result=TaskResult(
+            task_id=task_id(RUN, step, attempt),
+            run_id=RUN,
+            step=step,
+            attempt=attempt,
+            agent_id=f"{step}-a1",
+            output=output,
+            error=error,
+            usage=usage or [],
+            started_at=at,
+            finished_at=at + timedelta(milliseconds=5),
+        ),
+        at=at + timedelta(milliseconds=6),
+    )
+
+
+def step_through(history: list[Event], fact: ResultFact | CancelFact) -> list[Event]:
+    state = fold(history)
+    assert state is not None
+    return decide(state, fact, POLICY)
+
+
+def types(events: list[Event]) -> list[str]:
+    return [e.type_name() for e in events]
+
+
+def test_start_records_the_run_and_dispatches_the_first_step() -> None:
+    events = start()
+    assert types(events) == ["RunStarted", "TaskDispatched"]
+    dispatched = events[1]
+    assert isinstance(dispatched, TaskDispatched)
+    assert dispatched.step == "plan"
+    assert dispatched.input == {"topic": "tides"}
+    assert dispatched.intent.goal == "explain tides"
+    assert dispatched.task_id == f"{RUN}:plan:1"
+    assert [e.seq for e in events] == [1, 2]
+    assert events[0].actor == "client:test"
+    assert dispatched.actor == "coordinator"
+
+
+def test_decisions_are_deterministic() -> None:
+    assert start() == start()
+    assert [e.event_id for e in start()] == [e.event_id for e in start()]
+
+
+def test_completed_step_is_charged_and_the_next_step_gets_its_output() -> None:
+    history = start()
+    usage = [Usage(model="cairn-offline-1", input_tokens=1000, output_tokens=2000)]
+    events = step_through(history, result("plan", output=PLAN, usage=usage))
+    assert types(events) == ["CostCharged", "TaskCompleted", "TaskDispatched"]
+    charge, completed, dispatched = events
+    assert isinstance(charge, CostCharged)
+    # 1000 × 0.50/M + 2000 × 1.50/M
+    assert charge.amount_usd == Decimal("0.0035")
+    assert charge.price_table == POLICY.prices.version
+    assert isinstance(completed, TaskCompleted)
+    assert completed.actor == "agent:plan-a1"
+    assert isinstance(dispatched, TaskDispatched)
+    assert dispatched.input == {"questions": ["why?", "when?"]}
+    assert [(entry.step, entry.agent_id) for entry in dispatched.lineage] == [("plan", "plan-a1")]
+    assert dispatched.lineage[0].output_hash == completed.output_hash
+
+
+def test_last_step_completes_the_run_with_the_mapped_output() -> None:
+    history = start()
+    history += step_through(history, result("plan", output=PLAN))
+    events = step_through(history, result("research", output={"facts": [1]}))
+    assert types(events) == ["TaskCompleted", "RunCompleted"]
+    done = events[-1]
+    assert isinstance(done, RunCompleted)
+    assert done.output == {"plan": PLAN, "research": {"facts": [1]}}
+    state = fold(history + events)
+    assert state is not None
+    assert state.status == "completed"
+
+
+def test_duplicate_result_is_ignored_and_not_charged_again() -> None:
+    history = start()
+    usage = [Usage(model="cairn-offline-1", input_tokens=10, output_tokens=10)]
+    history += step_through(history, result("plan", output=PLAN, usage=usage))
+    again = step_through(history, result("plan", output=PLAN, usage=usage))
+    assert types(again) == ["ResultIgnored"]
+    assert isinstance(again[0], ResultIgnored)
+    assert "duplicate" in again[0].reason
+
+
+def test_retryable_error_is_retried_then_fails_the_run() -> None:
+    history = start()
+    first = step_through(history, result("plan", error=TaskError(message="flaky")))
+    assert types(first) == ["TaskFailed", "TaskDispatched"]
+    retry = first[1]
+    assert isinstance(retry, TaskDispatched)
+    assert retry.attempt == 2
+    assert "retry 2/2" in retry.reason
+    history += first
+    second = step_through(history, result("plan", attempt=2, error=TaskError(message="flaky")))
+    assert types(second) == ["TaskFailed", "RunFailed"]
+    failed = second[-1]
+    assert isinstance(failed, RunFailed)
+    assert failed.step == "plan"
+    assert "after 2 attempt" in failed.reason
+
+
+def test_non_retryable_error_fails_at_once() -> None:
+    history = start()
+    events = step_through(
+        history, result("plan", error=TaskError(message="bad input", retryable=False))
+    )
+    assert types(events) == ["TaskFailed", "RunFailed"]
+
+
+def test_contract_violation_retries_with_the_errors_to_repair() -> None:
+    history = start()
+    events = step_through(history, result("plan", output={"title": "", "questions": []}))
+    assert types(events) == ["ContractViolated", "TaskDispatched"]
+    violated, retry = events
+    assert isinstance(violated, ContractViolated)
+    assert isinstance(retry, TaskDispatched)
+    assert any("questions" in e for e in violated.errors)
+    assert retry.repair == violated.errors
+    state = fold(history + events)
+    assert state is not None
+    assert state.steps["research"].status == "pending"  # never saw the broken output
+
+
+def test_stale_attempt_result_is_ignored() -> None:
+    history = start()
+    history += step_through(history, result("plan", error=TaskError(message="x")))
+    late = step_through(history, result("plan", attempt=1, output=PLAN))
+    assert types(late) == ["ResultIgnored"]
+    assert "current attempt is 2" in late[0].reason
+
+
+def test_result_for_a_task_never_dispatched_is_rejected() -> None:
+    history = start()
+    with pytest.raises(Rejected):
+        step_through(history, result("research", output={}))
+    with pytest.raises(Rejected):
+        step_through(history, result("nope", output={}))
+
+
+def test_result_after_the_run_ended_is_ignored() -> None:
+    history = start()
+    history += step_through(history, CancelFact(run_id=RUN, requested_by="human:ann", at=T0))
+    events = step_through(history, result("plan", output=PLAN))
+    assert types(events) == ["ResultIgnored"]
+
+
+def test_cancel_records_who_and_rejects_a_second_cancel() -> None:
+    history = start()
+    events = step_through(
+        history, CancelFact(run_id=RUN, requested_by="human:ann", reason="wrong topic", at=T0)
+    )
+    assert types(events) == ["RunCancelled"]
+    assert isinstance(events[0], RunCancelled)
+    assert events[0].actor == "human:ann"
+    assert events[0].reason == "wrong topic"
+    with pytest.raises(Rejected, match="already cancelled"):
+        step_through(history + events, CancelFact(run_id=RUN, requested_by="x", at=T0))
+
+
+def test_starting_an_existing_run_is_rejected() -> None:
+    state = fold(start())
+    fact = StartRunFact(
+        run_id=RUN, workflow=PIPELINE, input={}, intent=Intent(goal="g"),
+        requested_by="x", at=T0,
+    )  # fmt: skip
+    with pytest.raises(Rejected, match="already exists"):
+        decide(state, fact, POLICY)
+
+
+def test_missing_reference_fails_the_run_with_the_reason() -> None:
+    events = start(other="x")  # no `topic` in the input
+    assert types(events) == ["RunStarted", "RunFailed"]
+    assert isinstance(events[-1], RunFailed)
+    assert "$input.topic" in events[-1].error
+
+
+def test_reference_default_is_used_when_input_lacks_the_field() -> None:
+    wf = parse_workflow(
+        {"name": "w", "steps": [{"name": "a", "capability": "c",
+                                 "input": {"aud": "$input.audience ?? everyone"}}]}
+    )  # fmt: skip
+    dispatched = start(wf)[1]
+    assert isinstance(dispatched, TaskDispatched)
+    assert dispatched.input == {"aud": "everyone"}
+
+
+def test_parallel_steps_are_dispatched_together_and_join() -> None:
+    wf = parse_workflow(
+        {
+            "name": "fan",
+            "steps": [
+                {"name": "a", "capability": "x", "needs": []},
+                {"name": "b", "capability": "y", "needs": []},
+                {"name": "c", "capability": "z", "needs": ["a", "b"]},
+            ],
+        }
+    )
+    history = start(wf)
+    assert types(history) == ["RunStarted", "TaskDispatched", "TaskDispatched"]
+    history += step_through(history, result("a", output={"v": 1}))
+    assert types(history)[-1] == "TaskCompleted"
+    events = step_through(history, result("b", output={"v": 2}))
+    assert types(events) == ["TaskCompleted", "TaskDispatched"]
+    c = events[-1]
+    assert isinstance(c, TaskDispatched)
+    assert {entry.step for entry in c.lineage} == {"a", "b"}
+
+
+def test_lineage_is_transitive() -> None:
+    wf = parse_workflow(
+        {"name": "chain", "steps": [{"name": f"s{i}", "capability": "x"} for i in range(1, 6)]}
+    )
+    history = start(wf)
+    for i in range(1, 5):
+        history += step_through(history, result(f"s{i}", output={"i": i}))
+    last = history[-1]
+    assert isinstance(last, TaskDispatched)
+    assert last.step == "s5"
+    assert [entry.step for entry in last.lineage] == ["s1", "s2", "s3", "s4"]
+    assert last.intent.goal == "explain tides"
+
+
+def test_unpriced_model_is_charged_zero_with_a_reason() -> None:
+    history = start()
+    usage = [Usage(model="mystery-model", input_tokens=5, output_tokens=5)]
+    events = step_through(history, result("plan", output=PLAN, usage=usage))
+    charge = events[0]
+    assert isinstance(charge, CostCharged)
+    assert charge.amount_usd == 0
+    assert "not in price table" in charge.reason
+
+
+def test_evolve_rejects_gaps_and_events_before_start() -> None:
+    events = start()
+    with pytest.raises(EvolveError):
+        evolve(None, events[1])
+    state = fold(events[:1])
+    assert isinstance(state, RunState)
+    gap = events[1].model_copy(update={"seq": 5})
+    with pytest.raises(EvolveError):
+        evolve(state, gap)
+    with pytest.raises(EvolveError):
+        evolve(state, events[0])
+
+
+def test_evolve_tracks_step_state_and_cost() -> None:
+    history = start()
+    usage = [Usage(model="cairn-offline-1", input_tokens=2_000_000, output_tokens=0)]
+    history += step_through(history, result("plan", output=PLAN, usage=usage))
+    state = fold(history)
+    assert state is not None
+    assert state.cost_usd == Decimal("1")
+    assert state.steps["plan"].status == "completed"
+    assert state.steps["research"].status == "dispatched"
+    assert state.version == len(history)
+    assert isinstance(history[0], RunStarted)
+    assert isinstance(history[-1], TaskDispatched)
+    assert not any(isinstance(e, TaskFailed) for e in history)
+
+
+def test_workflow_errors_name_the_problem() -> None:
+    with pytest.raises(WorkflowError, match="not declared before"):
+        parse_workflow(
+            {"name": "w", "steps": [
+                {"name": "a", "capability": "x", "input": {"v": "$steps.b.output"}},
+                {"name": "b", "capability": "x"},
+            ]}
+        )  # fmt: skip
+    with pytest.raises(WorkflowError, match="unknown output contract"):
+        parse_workflow({"name": "w", "steps": [{"name": "a", "capability": "x", "contract": "Nope@3"}]})
+    with pytest.raises(WorkflowError, match="used twice"):
+        parse_workflow({"name": "w", "steps": [{"name": "a", "capability": "x"}] * 2})
+    with pytest.raises(WorkflowError, match="steps"):
+        parse_workflow({"name": "w", "steps": []})
+
+
+def test_price_table_charge_is_exact() -> None:
+    table = PriceTable.model_validate(
+        {"version": "t", "models": {"m": {"input_per_mtok": "0.1", "output_per_mtok": "0.3"}}}
+    )
+    assert table.charge(Usage(model="m", input_tokens=3, output_tokens=7)) == Decimal("0.0000024")
+    assert table.charge(Usage(model="other")) is None
