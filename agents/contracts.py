@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from cairn.events.contracts import contract
@@ -38,6 +40,7 @@ class Section(_Contract):
 class Draft(_Contract):
     title: str
     sections: list[Section] = Field(min_length=1)
+    # Words in all section headings and bodies: see `draft_word_count`.
     word_count: int = Field(ge=0)
 
 
@@ -46,3 +49,13 @@ class Review(_Contract):
     approved: bool
     score: float = Field(ge=0, le=1)
     comments: list[str] = Field(default_factory=list)
+
+
+def count_words(text: str) -> int:
+    """Words as a reader counts them: runs of non-space characters."""
+    return len(text.split())
+
+
+def draft_word_count(sections: Iterable[Section]) -> int:
+    """What `Draft.word_count` must say: the words of every section's heading and body."""
+    return sum(count_words(s.heading) + count_words(s.body) for s in sections)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import sys
@@ -50,7 +51,9 @@ T = TypeVar("T")
 
 HomeOpt = Annotated[
     Path | None,
-    typer.Option("--home", help="Data directory (default $CAIRN_HOME or .cairn).", show_default=False),
+    typer.Option(
+        "--home", help="Data directory (default $CAIRN_HOME or .cairn).", show_default=False
+    ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for tools.")]
 
@@ -99,6 +102,17 @@ def _views(settings: Settings) -> Any:
         return Views(settings.views)
     except ViewsMissingError as exc:
         fail(str(exc))
+
+
+def _resolve(views: Any, ref: str) -> str:
+    """A full run id from an id or a unique prefix, or one clear error."""
+    from cairn.projections import RunNotFoundError
+
+    try:
+        run_id: str = views.resolve(ref)
+    except RunNotFoundError as exc:
+        fail(str(exc))
+    return run_id
 
 
 # -- running things ---------------------------------------------------------------------------
@@ -164,6 +178,7 @@ async def _demo(settings: Settings, topic: str, as_json: bool, timeout: float) -
 def _summary(settings: Settings, run_id: uuid.UUID) -> dict[str, Any]:
     views = _views(settings)
     run = views.run(str(run_id))
+    assert run is not None
     costs = views.costs(by="model", run_id=str(run_id))
     short = str(run_id)[:8]
     return {
@@ -228,17 +243,17 @@ async def _up(settings: Settings) -> None:
         console.print(f"data in {settings.home}, logs in {settings.home / 'logs'}")
         for name, proc in sup.processes.items():
             console.print(f"  {name}: pid {proc.pid}")
-        console.print("start a run:  cairn run research-report --input '{\"topic\": \"tides\"}' --wait")
+        console.print(
+            'start a run:  cairn run research-report --input \'{"topic": "tides"}\' --wait'
+        )
         console.print("Ctrl-C stops everything.")
         while not stop.is_set():
             dead = sup.exited()
             if dead:
                 name, code = next(iter(dead.items()))
                 fail(f"the {name} process exited with code {code}:\n{sup.log_tail(name)}")
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.5)
-            except TimeoutError:
-                pass
     finally:
         sup.stop_all()
         console.print("stopped.")
@@ -259,7 +274,7 @@ def run_workflow(
     except json.JSONDecodeError as exc:
         fail(f"--input is not valid JSON: {exc}")
     if not isinstance(data, dict):
-        fail("--input must be a JSON object, e.g. '{\"topic\": \"tides\"}'")
+        fail('--input must be a JSON object, e.g. \'{"topic": "tides"}\'')
     spec: str | WorkflowSpec = workflow
     if workflow.endswith((".yaml", ".yml")) or Path(workflow).is_file():
         try:
@@ -291,7 +306,7 @@ async def _run(
                 console.print(f"started run {reply.run_id}")
             return {"run_id": str(reply.run_id), "status": reply.status}
         result = await run_and_follow(
-            client, spec if isinstance(spec, str) else spec, data, None,
+            client, spec, data, None,
             None if as_json else console, timeout,
         )  # fmt: skip
         progress = result.progress
@@ -401,13 +416,9 @@ def show(
     as_json: JsonOpt = False,
 ) -> None:
     """A run's state, steps and timeline."""
-    from cairn.projections import RunNotFoundError
-
     views = _views(settings_for(home))
-    try:
-        row = views.run(run)
-    except RunNotFoundError as exc:
-        fail(str(exc))
+    row = views.run(_resolve(views, run))
+    assert row is not None
     steps = views.steps(str(row.run_id))
     timeline = views.timeline(str(row.run_id))
     if as_json:
@@ -452,7 +463,7 @@ def costs(
     if by not in ("run", "agent", "model"):
         fail("--by must be run, agent or model")
     views = _views(settings_for(home))
-    run_id = str(views.run(run).run_id) if run else None
+    run_id = _resolve(views, run) if run else None
     rows = views.costs(by=by, run_id=run_id)
     total = sum((r.amount_usd for r in rows), Decimal(0))
     if as_json:
@@ -479,7 +490,7 @@ def audit(
 ) -> None:
     """Who decided what, when and why."""
     views = _views(settings_for(home))
-    run_id = str(views.run(run).run_id) if run else None
+    run_id = _resolve(views, run) if run else None
     rows = views.audit(run_id=run_id, limit=limit)
     if as_json:
         print_json([r.model_dump(mode="json") for r in rows])
@@ -518,3 +529,7 @@ def projections_run(home: HomeOpt = None) -> None:
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()

@@ -294,9 +294,7 @@ def _advance(d: _Decision) -> None:
             continue
         deps = _dependencies(run.workflow, spec.name)
         if deps <= completed:
-            reason = (
-                f"after {', '.join(sorted(deps))} completed" if deps else "no dependencies"
-            )
+            reason = f"after {', '.join(sorted(deps))} completed" if deps else "no dependencies"
             _dispatch(d, spec.name, 1, reason, [])
             if d.run.terminal:
                 return
@@ -337,8 +335,7 @@ def _dispatch(d: _Decision, step_name: str, attempt: int, reason: str, repair: l
             output_hash=run.steps[name].output_hash or "",
         )
         for name in [s.name for s in run.workflow.steps]
-        if run.steps[name].status == "completed"
-        and name in _ancestors(run.workflow, step_name)
+        if run.steps[name].status == "completed" and name in _ancestors(run.workflow, step_name)
     ]
     d.emit(
         TaskDispatched,

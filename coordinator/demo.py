@@ -8,10 +8,11 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from nats.errors import TimeoutError as NatsTimeoutError
 from rich.console import Console
 from rich.live import Live
 
-from cairn.events import Intent
+from cairn.events import Intent, WorkflowSpec
 
 from .client import CairnClient
 from .processes import Supervisor
@@ -19,7 +20,7 @@ from .progress import RunProgress
 from .settings import Settings
 
 DEMO_WORKFLOW = "research-report"
-DEMO_TOPIC = "how tides work"
+DEMO_TOPIC = "ocean tides"
 
 
 class DemoError(RuntimeError):
@@ -64,7 +65,7 @@ async def wait_for_services(sup: Supervisor, client: CairnClient, timeout: float
 
 async def run_and_follow(
     client: CairnClient,
-    workflow: str,
+    workflow: str | WorkflowSpec,
     input: dict[str, Any],
     intent: Intent | None,
     console: Console | None,
@@ -93,7 +94,7 @@ async def run_and_follow(
                     raise DemoError(f"the {name} process exited with code {code} mid-run")
                 try:
                     notice = await feed.next(timeout=min(remaining, 0.5))
-                except Exception:  # nats TimeoutError: nothing new yet
+                except NatsTimeoutError:  # nothing new yet
                     continue
                 progress.apply(notice)
                 if live:

@@ -72,7 +72,7 @@ class EmbeddedNats:
                 err = self.process.stderr.read().decode() if self.process.stderr else ""
                 raise EmbeddedServerError(f"nats-server exited at start: {err.strip()}")
             try:
-                with urllib.request.urlopen(health, timeout=1) as resp:  # noqa: S310 (loopback)
+                with urllib.request.urlopen(health, timeout=1) as resp:
                     if resp.status == 200:
                         return self
             except OSError:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
+from urllib.parse import urlparse
 
 import nats
 from nats.aio.client import Client
@@ -32,9 +34,29 @@ def unreachable_message(url: str | None) -> str:
     )
 
 
+async def _reachable(url: str, timeout: float = 2.0) -> bool:
+    """Whether any server of a (comma-separated) NATS URL accepts a TCP connection."""
+    for server in url.split(","):
+        parsed = urlparse(server.strip() if "://" in server else f"nats://{server.strip()}")
+        try:
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection(parsed.hostname or "127.0.0.1", parsed.port or 4222),
+                timeout,
+            )
+        except (OSError, TimeoutError):
+            continue
+        writer.close()
+        return True
+    return False
+
+
 async def connect(url: str | None, name: str, *, reconnect: bool = True) -> Client:
-    """Connect to NATS, reconnecting forever once connected (servers restart)."""
-    if not url:
+    """Connect to NATS, reconnecting forever once connected (servers restart).
+
+    nats-py would also retry the *first* connection forever; a server that is not there at
+    start is reported at once instead.
+    """
+    if not url or not await _reachable(url):
         raise NatsUnavailableError(unreachable_message(url))
 
     async def on_error(exc: Exception) -> None:
@@ -52,7 +74,7 @@ async def connect(url: str | None, name: str, *, reconnect: bool = True) -> Clie
             name=name,
             connect_timeout=2,
             allow_reconnect=reconnect,
-            max_reconnect_attempts=-1 if reconnect else 0,
+            max_reconnect_attempts=-1 if reconnect else 1,
             reconnect_time_wait=0.25,
             error_cb=on_error,
             disconnected_cb=on_disconnected,

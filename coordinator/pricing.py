@@ -43,11 +43,7 @@ class PriceTableError(ValueError):
 def load_price_table(path: Path | None = None) -> PriceTable:
     """The table at `path` (CAIRN_PRICES), or the one shipped with cairn."""
     try:
-        text = (
-            path.read_text()
-            if path
-            else Path(__file__).with_name("prices.yaml").read_text()
-        )
+        text = path.read_text() if path else Path(__file__).with_name("prices.yaml").read_text()
         return PriceTable.model_validate(yaml.safe_load(text))
     except OSError as exc:
         raise PriceTableError(f"cannot read price table {path}: {exc.strerror}") from None

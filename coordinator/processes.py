@@ -11,10 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from cairn.agents import EXAMPLE_AGENTS as _EXAMPLES
+
 from .embedded import EmbeddedNats
 from .settings import Settings
 
-EXAMPLE_AGENTS = ("planner", "researcher", "writer", "reviewer")
+EXAMPLE_AGENTS = tuple(_EXAMPLES)
 
 
 def service_modules(agents: tuple[str, ...] = EXAMPLE_AGENTS) -> dict[str, str]:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
@@ -30,7 +30,7 @@ class StepRow:
     agent: str = ""
     tokens: int = 0
     cost: Decimal = Decimal(0)
-    started: float | None = None
+    started: datetime | None = None
     seconds: float | None = None
 
 
@@ -63,13 +63,13 @@ class RunProgress:
             row = self.steps[e["step"]]
             row.status = "dispatched" if e["attempt"] == 1 else "retrying"
             row.attempt = e["attempt"]
-            row.started = time.monotonic()
+            row.started = datetime.fromisoformat(e["at"])
         elif kind == "TaskCompleted" and e["step"] in self.steps:
             row = self.steps[e["step"]]
             row.status = "completed"
             row.agent = e["agent_id"]
             if row.started is not None:
-                row.seconds = time.monotonic() - row.started
+                row.seconds = (datetime.fromisoformat(e["at"]) - row.started).total_seconds()
         elif kind == "CostCharged" and e["step"] in self.steps:
             row = self.steps[e["step"]]
             row.tokens += e["input_tokens"] + e["output_tokens"]

@@ -96,7 +96,7 @@ class StandingPull:
             return
         # 404 no messages, 408 request expired, 409 consumer changed or limits: ask again.
         if status not in ("404", "408"):
-            log.info("pull request ended: %s %s", status, msg.headers.get("Description", ""))
+            log.info("pull request ended: %s %s", status, (msg.headers or {}).get("Description"))
         await self._request()
 
     async def _watch(self) -> None:

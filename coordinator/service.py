@@ -57,7 +57,8 @@ class CoordinatorRuntime:
         self.store: EventStore | None = None
         self._pull: StandingPull | None = None
         self._loop: asyncio.Task[None] | None = None
-        self._handling = False
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._stopping = False
 
     async def start(self) -> None:
@@ -100,10 +101,11 @@ class CoordinatorRuntime:
         )
 
     async def _results_loop(self) -> None:
-        assert self._pull is not None and self.coordinator is not None
+        assert self._pull is not None
+        assert self.coordinator is not None
         while not self._stopping:
             msgs = await self._pull.next_batch()
-            self._handling = True
+            self._idle.clear()
             try:
                 await self.coordinator.handle_results(msgs)
             except Exception:
@@ -112,7 +114,7 @@ class CoordinatorRuntime:
                     with contextlib.suppress(Exception):
                         await msg.nak(delay=1)
             finally:
-                self._handling = False
+                self._idle.set()
 
     async def stop(self) -> None:
         """Finish the batch in hand, ack nothing unfinished, save the outbox position."""
@@ -120,8 +122,7 @@ class CoordinatorRuntime:
         if self._pull is not None:
             await self._pull.stop()
         if self._loop is not None:
-            while self._handling:
-                await asyncio.sleep(0.01)
+            await self._idle.wait()
             self._loop.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop
@@ -145,7 +146,7 @@ def create_app(settings: Settings) -> FastStream:
         name="cairn-coordinator",
         error_cb=on_error,
         max_reconnect_attempts=-1,
-        reconnect_time_wait=0.25,
+        reconnect_time_wait=1,
         connect_timeout=2,
         logger=None,
     )

@@ -20,7 +20,6 @@ from pydantic import ValidationError
 from cairn.events import WorkflowSpec
 from cairn.events.contracts import UnknownContractError, resolve_contract
 
-
 # Modules whose import registers output contracts; CAIRN_CONTRACTS adds more (comma-separated).
 DEFAULT_CONTRACT_MODULES = ("cairn.agents.contracts",)
 
@@ -39,7 +38,7 @@ class WorkflowError(ValueError):
     """A workflow file or definition is wrong; the message names the file and the fix."""
 
 
-class ReferenceError_(LookupError):  # noqa: N801 (avoid shadowing the builtin ReferenceError)
+class ReferenceError_(LookupError):
     """A reference in a step's input mapping points at nothing."""
 
 

@@ -17,7 +17,8 @@ CMD_START = "cairn.cmd.start"
 CMD_CANCEL = "cairn.cmd.cancel"
 CMD_PING = "cairn.cmd.ping"
 
-# Largest message cairn accepts on any subject; larger payloads go to the DLQ.
+# Largest message cairn accepts on any subject; larger payloads go to the DLQ. nats-server's own
+# default `max_payload` is also 1 MiB, so bigger messages are refused before they arrive.
 MAX_PAYLOAD_BYTES = 1024 * 1024
 # Window in which JetStream drops a repeated Nats-Msg-Id: the outbox relay's replay after a
 # crash must fall inside it.
@@ -53,14 +54,12 @@ def stream_configs() -> list[dict[str, Any]]:
             "subjects": ["cairn.task.>"],
             "retention": "workqueue",
             "duplicate_window": DUPLICATE_WINDOW_S,
-            "max_msg_size": MAX_PAYLOAD_BYTES * 2,
         },
         {
             "name": RESULTS_STREAM,
             "subjects": ["cairn.result.>"],
             "retention": "workqueue",
             "duplicate_window": DUPLICATE_WINDOW_S,
-            "max_msg_size": MAX_PAYLOAD_BYTES * 2,
         },
         {
             "name": DLQ_STREAM,

@@ -98,7 +98,7 @@ class DeadLetter(Frozen):
 
 
 class EventNotice(Frozen):
-    """The live feed on `cairn.event.<run_id>.<EventType>`: a committed event and its log position."""
+    """The live feed on `cairn.event.<run_id>.<EventType>`: a committed event and its position."""
 
     position: int
     event_id: uuid.UUID

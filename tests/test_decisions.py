@@ -353,7 +353,9 @@ def test_workflow_errors_name_the_problem() -> None:
             ]}
         )  # fmt: skip
     with pytest.raises(WorkflowError, match="unknown output contract"):
-        parse_workflow({"name": "w", "steps": [{"name": "a", "capability": "x", "contract": "Nope@3"}]})
+        parse_workflow(
+            {"name": "w", "steps": [{"name": "a", "capability": "x", "contract": "Nope@3"}]}
+        )
     with pytest.raises(WorkflowError, match="used twice"):
         parse_workflow({"name": "w", "steps": [{"name": "a", "capability": "x"}] * 2})
     with pytest.raises(WorkflowError, match="steps"):

@@ -1,0 +1,10 @@
+FROM python:3.11-slim
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY events ./events
+COPY coordinator ./coordinator
+COPY agents ./agents
+COPY projections ./projections
+RUN pip install --no-cache-dir .
+ENV CAIRN_HOME=/data
+VOLUME ["/data"]

@@ -1,0 +1,326 @@
+"""LLM clients behind one small protocol: a deterministic offline model and any server that
+speaks OpenAI's chat-completions protocol (OpenAI, vLLM, Ollama, LiteLLM, ...).
+
+Agents call `ctx.llm.complete(...)`; which client stands behind it is configuration
+(`llm_from_env`), so the same agent runs offline in tests and demos and against a real model
+in production.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+import os
+import random
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any, Protocol, runtime_checkable
+
+import httpx
+from pydantic import Field
+
+from cairn.events import Frozen
+
+from .errors import NonRetryableError
+from .text import keywords
+
+OFFLINE_MODEL = "cairn-offline-1"
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+DEFAULT_OPENAI_MODEL = "gpt-4o-mini"
+CHARS_PER_TOKEN = 4
+
+
+class Completion(Frozen):
+    """What a model answered, and what it cost in tokens."""
+
+    text: str
+    model: str
+    input_tokens: int = Field(ge=0)
+    output_tokens: int = Field(ge=0)
+
+
+@runtime_checkable
+class LLMClient(Protocol):
+    """Anything that completes a system + user prompt. Implementations must be safe to call
+    concurrently and to call again after an error."""
+
+    async def complete(self, system: str, prompt: str, *, max_tokens: int = 512) -> Completion:
+        """Answer `prompt` under the instructions in `system`, in at most `max_tokens` tokens."""
+        ...
+
+
+@runtime_checkable
+class ClosableLLMClient(LLMClient, Protocol):
+    """An LLM client holding resources (connections) that must be released."""
+
+    async def aclose(self) -> None:
+        """Release the client's resources."""
+        ...
+
+
+class LLMError(RuntimeError):
+    """A model call failed in a way that may pass on retry (timeout, 429, 5xx, bad reply)."""
+
+
+class LLMPermanentError(LLMError, NonRetryableError):
+    """A model call was refused in a way a retry cannot fix (bad key, unknown model, 4xx)."""
+
+
+class LLMConfigError(ValueError):
+    """The CAIRN_LLM* environment variables are wrong; the message names the variable."""
+
+
+def estimate_tokens(text: str) -> int:
+    """Rough token count (~4 characters per token), for models that report none."""
+    return math.ceil(len(text) / CHARS_PER_TOKEN)
+
+
+_SENTENCES = (
+    "{A} shapes how {B} is understood.",
+    "Most accounts of {A} stress the role of {B}.",
+    "In practice, {A} depends on {B} and {C}.",
+    "The evidence on {A} points to {B}.",
+    "A useful way to see {A} is through {B}.",
+    "The main trade-off links {A} with {C}.",
+    "Experts disagree on how far {A} changes {B}.",
+    "For newcomers, {A} is easiest to grasp by starting with {B}.",
+    "Recent work connects {A} to {C}.",
+    "Any plan for {A} has to account for {B}.",
+)
+
+
+class OfflineModel:
+    """A deterministic stand-in for a model: no network, no key, no cost.
+
+    It rephrases the prompt's own key words into a few plain sentences, seeded by a hash of
+    the system and user prompt, so the same call always gives the same text. Token counts are
+    estimated from text length (~4 characters per token), so cost reporting has numbers to
+    work with.
+    """
+
+    model = OFFLINE_MODEL
+
+    async def complete(self, system: str, prompt: str, *, max_tokens: int = 512) -> Completion:
+        """Return a deterministic rephrasing of `prompt`'s words."""
+        if max_tokens < 1:
+            raise ValueError("max_tokens must be at least 1")
+        text = offline_text(system, prompt, max_tokens)
+        return Completion(
+            text=text,
+            model=self.model,
+            input_tokens=estimate_tokens(system) + estimate_tokens(prompt),
+            output_tokens=estimate_tokens(text),
+        )
+
+
+def offline_text(system: str, prompt: str, max_tokens: int) -> str:
+    """The offline model's answer: sentences built from the prompt's key words."""
+    digest = hashlib.sha256(f"{system}\x00{prompt}".encode()).digest()
+    rng = random.Random(int.from_bytes(digest[:8], "big"))
+    words = keywords(prompt)
+    for filler in ("the subject", "its context", "its effects"):
+        if len(words) >= 3:
+            break
+        words.append(filler)
+    budget = max_tokens * CHARS_PER_TOKEN
+    count = rng.randint(2, max(2, min(5, max_tokens // 40)))
+    sentences: list[str] = []
+    used = 0
+    for template in rng.sample(_SENTENCES, count):
+        a, b, c = rng.sample(words[:12], 3)
+        sentence = template.format(A=a, B=b, C=c)
+        sentence = sentence[0].upper() + sentence[1:]
+        if used + len(sentence) + 1 > budget and sentences:
+            break
+        sentences.append(sentence)
+        used += len(sentence) + 1
+    text = " ".join(sentences)
+    if len(text) > budget:  # a budget smaller than one sentence: cut at a word boundary
+        text = text[:budget].rsplit(" ", 1)[0] or text[:budget]
+    return text
+
+
+class OpenAICompatibleClient:
+    """A client for `POST {base_url}/chat/completions`.
+
+    Retries timeouts, connection errors, 429 and 5xx answers (`max_retries` times, with
+    backoff, honouring a short `Retry-After`); other 4xx answers raise `LLMPermanentError`,
+    which the worker reports as non-retryable. A request is a pure function of its inputs,
+    so retrying it is safe. Close the client with `aclose()` (or `async with`).
+    """
+
+    def __init__(
+        self,
+        *,
+        api_key: str | None,
+        model: str = DEFAULT_OPENAI_MODEL,
+        base_url: str = DEFAULT_BASE_URL,
+        timeout: float = 60.0,
+        max_retries: int = 2,
+        token_limit_param: str = "max_tokens",  # noqa: S107 (a parameter name, not a secret)
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.model = model
+        self.base_url = base_url.rstrip("/")
+        self.url = f"{self.base_url}/chat/completions"
+        self.timeout = timeout
+        self.max_retries = max_retries
+        # Newer OpenAI models want `max_completion_tokens`; most compatible servers `max_tokens`.
+        self.token_limit_param = token_limit_param
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.AsyncClient(headers=headers, timeout=timeout, transport=transport)
+
+    async def complete(self, system: str, prompt: str, *, max_tokens: int = 512) -> Completion:
+        """Ask the model; raise `LLMError` (retryable) or `LLMPermanentError` with a clear
+        message when it cannot answer."""
+        body: dict[str, Any] = {
+            "model": self.model,
+            "messages": [
+                {"role": "system", "content": system},
+                {"role": "user", "content": prompt},
+            ],
+            self.token_limit_param: max_tokens,
+        }
+        attempt = 0
+        while True:
+            try:
+                response = await self._http.post(self.url, json=body)
+            except httpx.TimeoutException:
+                error: LLMError = LLMError(
+                    f"LLM request to {self.url} timed out after {self.timeout:g}s "
+                    f"(model {self.model}); raise CAIRN_LLM_TIMEOUT or check the server"
+                )
+                delay = None
+            except httpx.TransportError as exc:
+                error = LLMError(f"cannot reach the LLM at {self.url}: {exc or type(exc).__name__}")
+                delay = None
+            else:
+                if response.status_code < 400:
+                    return self._parse(response, system, prompt)
+                error = self._http_error(response)
+                if isinstance(error, LLMPermanentError):
+                    raise error
+                delay = _retry_after(response)
+            if attempt >= self.max_retries:
+                raise error
+            attempt += 1
+            await asyncio.sleep(delay if delay is not None else 0.5 * 2 ** (attempt - 1))
+
+    def _http_error(self, response: httpx.Response) -> LLMError:
+        detail = _error_detail(response)
+        message = (
+            f"LLM at {self.url} answered HTTP {response.status_code} "
+            f"{response.reason_phrase}: {detail}"
+        )
+        status = response.status_code
+        if status in (401, 403):
+            return LLMPermanentError(f"{message} (check CAIRN_LLM_API_KEY)")
+        if status == 404:
+            return LLMPermanentError(f"{message} (check CAIRN_LLM_BASE_URL and CAIRN_LLM_MODEL)")
+        if status in (408, 409, 425, 429) or status >= 500:
+            return LLMError(message)
+        return LLMPermanentError(message)
+
+    def _parse(self, response: httpx.Response, system: str, prompt: str) -> Completion:
+        try:
+            data = response.json()
+            content = data["choices"][0]["message"]["content"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise LLMError(
+                f"LLM at {self.url} returned something other than a chat completion: "
+                f"{response.text[:200]!r}"
+            ) from None
+        if not isinstance(content, str):
+            raise LLMError(f"LLM at {self.url} returned no text content (model {self.model})")
+        usage = data.get("usage") or {}
+        prompt_tokens = usage.get("prompt_tokens")
+        completion_tokens = usage.get("completion_tokens")
+        return Completion(
+            text=content,
+            # The configured name, not the server's dated snapshot ("gpt-4o-mini-2024-07-18"):
+            # it is what price tables and budgets are keyed on.
+            model=self.model,
+            # Some compatible servers omit usage; an estimate keeps cost tracking honest.
+            input_tokens=prompt_tokens
+            if isinstance(prompt_tokens, int)
+            else estimate_tokens(system) + estimate_tokens(prompt),
+            output_tokens=completion_tokens
+            if isinstance(completion_tokens, int)
+            else estimate_tokens(content),
+        )
+
+    async def aclose(self) -> None:
+        """Close the HTTP connections."""
+        await self._http.aclose()
+
+    async def __aenter__(self) -> OpenAICompatibleClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+def _error_detail(response: httpx.Response) -> str:
+    try:
+        data = response.json()
+    except ValueError:
+        return response.text[:200].strip() or "(empty body)"
+    error = data.get("error") if isinstance(data, dict) else None
+    if isinstance(error, dict) and error.get("message"):
+        return str(error["message"])[:300]
+    if isinstance(error, str):
+        return error[:300]
+    return response.text[:200].strip()
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    try:
+        seconds = float(response.headers.get("retry-after", ""))
+    except ValueError:
+        return None
+    # A long Retry-After is better spent by the coordinator's retry policy than by a worker.
+    return min(max(seconds, 0.0), 10.0)
+
+
+def llm_from_env(environ: Mapping[str, str] | None = None) -> LLMClient:
+    """The LLM client the environment asks for.
+
+    - `CAIRN_LLM`: `offline` (default) or `openai` (any chat-completions server).
+    - `CAIRN_LLM_BASE_URL`: default https://api.openai.com/v1.
+    - `CAIRN_LLM_API_KEY`: required for `openai`.
+    - `CAIRN_LLM_MODEL`: default gpt-4o-mini.
+    - `CAIRN_LLM_TIMEOUT`: seconds per request, default 60.
+    """
+    env = os.environ if environ is None else environ
+    kind = (env.get("CAIRN_LLM") or "offline").strip().lower()
+    if kind == "offline":
+        return OfflineModel()
+    if kind != "openai":
+        raise LLMConfigError(f"CAIRN_LLM must be 'offline' or 'openai', not {kind!r}")
+    api_key = env.get("CAIRN_LLM_API_KEY") or ""
+    if not api_key.strip():
+        raise LLMConfigError(
+            "CAIRN_LLM=openai needs an API key: set CAIRN_LLM_API_KEY "
+            "(or set CAIRN_LLM=offline to run without a model)"
+        )
+    raw_timeout = env.get("CAIRN_LLM_TIMEOUT") or "60"
+    try:
+        timeout = float(raw_timeout)
+        if timeout <= 0:
+            raise ValueError
+    except ValueError:
+        raise LLMConfigError(
+            f"CAIRN_LLM_TIMEOUT must be a positive number of seconds, not {raw_timeout!r}"
+        ) from None
+    return OpenAICompatibleClient(
+        api_key=api_key.strip(),
+        model=env.get("CAIRN_LLM_MODEL") or DEFAULT_OPENAI_MODEL,
+        base_url=env.get("CAIRN_LLM_BASE_URL") or DEFAULT_BASE_URL,
+        timeout=timeout,
+    )

@@ -1,0 +1,78 @@
+"""`python -m cairn.projections [rebuild]`: keep the views up to date, or rebuild them.
+
+Settings come from the environment (CAIRN_HOME, CAIRN_STORE, CAIRN_VIEWS). The runner stops
+cleanly, with exit status 0, on SIGTERM or SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from cairn.coordinator.settings import Settings
+from cairn.coordinator.store import StoreUnavailableError
+from cairn.events import UnknownEventError
+
+from .errors import ViewsUnavailableError
+from .runner import ProjectionRunner, rebuild
+
+log = logging.getLogger("cairn.projections")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the projection runner until signalled (or rebuild the views); return the exit code."""
+    parser = argparse.ArgumentParser(
+        prog="python -m cairn.projections",
+        description="Follow cairn's event log into the views (runs, steps, costs, audit).",
+    )
+    parser.add_argument(
+        "command",
+        nargs="?",
+        choices=("run", "rebuild"),
+        default="run",
+        help="run: follow the log until stopped (default); rebuild: drop the views and replay",
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s"
+    )
+    settings = Settings.from_env()
+    try:
+        if args.command == "rebuild":
+            count = rebuild(settings)
+            log.info("rebuilt the views at %s from %d events", settings.views, count)
+            return 0
+        asyncio.run(_follow(settings))
+    except (StoreUnavailableError, ViewsUnavailableError) as exc:
+        log.error("%s", exc)
+        return 2
+    except UnknownEventError as exc:
+        # The log holds an event this version cannot read: stop rather than skip it, or the
+        # views would silently miss a fact.
+        log.error("cannot project the event log: %s", exc)
+        return 3
+    return 0
+
+
+async def _follow(settings: Settings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    with ProjectionRunner(settings) as runner:
+        log.info(
+            "projecting %s into %s from log position %d",
+            settings.store,
+            settings.views,
+            runner.position(),
+        )
+        await runner.run(stop)
+    log.info("stopped")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

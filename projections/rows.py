@@ -1,0 +1,74 @@
+"""The rows the query API returns: frozen pydantic models, printable as JSON by the CLI."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from cairn.events import Frozen
+
+from .projection import RunStatus, StepStatus
+
+
+class RunRow(Frozen):
+    """One run: where it stands, what it has cost, and how it ended."""
+
+    run_id: uuid.UUID
+    workflow: str
+    workflow_version: int
+    goal: str
+    status: RunStatus
+    current_step: str | None  # the latest dispatched step (where a finished run stopped)
+    started_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+    steps_total: int
+    steps_done: int
+    attempts: int  # tasks dispatched, retries included
+    cost_usd: Decimal
+    error: str | None
+    output: Any  # RunCompleted.output, None until the run completes
+    last_seq: int
+    last_position: int
+
+
+class StepRow(Frozen):
+    """One step of a run, as of its latest attempt; cost and tokens cover all attempts."""
+
+    run_id: uuid.UUID
+    step: str
+    capability: str
+    status: StepStatus
+    attempt: int
+    agent_id: str | None
+    dispatched_at: datetime | None
+    finished_at: datetime | None
+    cost_usd: Decimal
+    input_tokens: int
+    output_tokens: int
+
+
+class CostRow(Frozen):
+    """Charges summed over one key: a run id, an agent capability or a model."""
+
+    key: str
+    input_tokens: int
+    output_tokens: int
+    amount_usd: Decimal
+    charges: int
+
+
+class AuditRow(Frozen):
+    """One event as a decision or recorded fact: who, what, why."""
+
+    position: int
+    run_id: uuid.UUID
+    seq: int
+    at: datetime
+    actor: str
+    action: str  # the event type, e.g. "TaskDispatched"
+    step: str | None
+    reason: str
+    detail: str
