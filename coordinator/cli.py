@@ -168,6 +168,8 @@ async def _demo(settings: Settings, topic: str, as_json: bool, timeout: float) -
         summary = _summary(settings, result.run_id)
         summary["seconds"] = round(result.seconds, 3)
         summary["processes"] = {n: p.pid for n, p in sup.processes.items()}
+        if sup.nats is not None and sup.nats.process is not None:
+            summary["processes"]["nats-server"] = sup.nats.process.pid
         if show:
             _print_summary(show, summary, result.progress.output)
         return summary

@@ -1,0 +1,50 @@
+"""cairn installs under one `cairn.` namespace and lives beside the OpenAI Agents SDK."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_openai_agents_and_cairn_agents_import_side_by_side(tmp_path: Path) -> None:
+    # Run from an empty folder so the repository's own `agents/` folder is not on sys.path.
+    code = (
+        "import agents, cairn.agents, cairn.events, cairn.coordinator, cairn.projections\n"
+        "from agents import Agent as OpenAIAgent, Runner\n"
+        "from cairn.agents import Agent as CairnAgent\n"
+        "assert 'site-packages' in agents.__file__, agents.__file__\n"
+        "assert OpenAIAgent is not CairnAgent\n"
+        "assert OpenAIAgent.__module__.startswith('agents')\n"
+        "assert CairnAgent.__module__ == 'cairn.agents.base'\n"
+        "print('ok')\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ok"
+
+
+@pytest.mark.timeout(180)
+def test_wheel_maps_the_four_folders_under_cairn(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps",
+         "-w", str(tmp_path), str(ROOT)],
+        capture_output=True, text=True, timeout=170,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    wheel = next(tmp_path.glob("cairn-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {n.split("/")[0] for n in names if not n.startswith("cairn-")}
+    assert top == {"cairn"}, top
+    for package in ("agents", "events", "coordinator", "projections"):
+        assert f"cairn/{package}/__init__.py" in names
+    assert "cairn/coordinator/workflows/research-report.yaml" in names
+    assert "cairn/coordinator/prices.yaml" in names
+    assert "cairn/agents/planner.py" in names
