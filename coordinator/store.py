@@ -80,9 +80,9 @@ def _factory(url: str) -> InfrastructureFactory[Any]:
             raise StoreUnavailableError(
                 "PostgreSQL support is not installed: pip install 'cairn[postgres]'"
             ) from None
-    else:
-        Path(env["SQLITE_DBNAME"]).parent.mkdir(parents=True, exist_ok=True)
     try:
+        if env["PERSISTENCE_MODULE"] == "eventsourcing.sqlite":
+            Path(env["SQLITE_DBNAME"]).parent.mkdir(parents=True, exist_ok=True)
         return InfrastructureFactory.construct(env)
     except (PersistenceError, OSError, sqlite3.Error) as exc:
         raise StoreUnavailableError(
