@@ -3,28 +3,76 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
+from collections.abc import Iterable
 from datetime import UTC, datetime
 
 from nats.js import JetStreamContext
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
-from cairn.events import DeadLetter, dlq_subject
+from cairn.events import PROTOCOL_VERSION, DeadLetter, dlq_subject
 
 log = logging.getLogger("cairn.dlq")
 
 
-def validation_reason(exc: ValidationError, what: str) -> str:
+def validation_reason(exc: ValidationError, what: str, limit: int = 3) -> str:
     """One sentence out of a pydantic error: what was wrong and where."""
-    errors = exc.errors()
+    errors = exc.errors(include_url=False)
     first = errors[0]
     if first["type"] == "json_invalid":
-        return f"{what} is not valid JSON: {first['msg']}"
+        return f"{what} is not valid JSON: {first['msg'].removeprefix('Invalid JSON: ')}"
     if first["type"] == "literal_error" and first["loc"] == ("v",):
-        return f"{what} has an unsupported protocol version (this coordinator speaks v1)"
-    where = ".".join(str(p) for p in first["loc"]) or "(root)"
-    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-    return f"{what} has the wrong shape: {where}: {first['msg']}{more}"
+        return (
+            f"{what} has an unsupported protocol version v={_excerpt(first['input'])} "
+            f"(this coordinator speaks v={PROTOCOL_VERSION})"
+        )
+    # Several errors, because the first alone can mislead: for a field that takes a name or an
+    # inline definition (`workflow`), it says only that the value is not a string.
+    parts = [f"{_where(e['loc'])}: {e['msg']}" for e in errors[:limit]]
+    more = f" (and {len(errors) - limit} more)" if len(errors) > limit else ""
+    return f"{what} has the wrong shape: {'; '.join(parts)}{more}"
+
+
+def _where(loc: tuple[int | str, ...]) -> str:
+    """A dotted path; a union member named by its validator (`function-after[check(), Spec]`)
+    is named by its model (`Spec`)."""
+    parts = [
+        str(p).rpartition(", ")[2].rstrip("]") if isinstance(p, str) and p.endswith("]") else str(p)
+        for p in loc
+    ]
+    return ".".join(parts) or "(root)"
+
+
+def non_finite_number(message: BaseModel) -> str | None:
+    """Where a validated message holds NaN or ±Infinity (`(root)` or a dotted path), if anywhere.
+
+    pydantic's JSON parser accepts `NaN`, `Infinity` and overflowing numbers such as `1e999`.
+    They are not JSON: stored, they come back as null or as a value that no longer validates.
+    """
+    return _non_finite(message.model_dump(), ())
+
+
+def _non_finite(value: object, path: tuple[object, ...]) -> str | None:
+    if isinstance(value, float):
+        return None if math.isfinite(value) else ".".join(map(str, path)) or "(root)"
+    items: Iterable[tuple[object, object]]
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list | tuple):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        found = _non_finite(item, (*path, key))
+        if found is not None:
+            return found
+    return None
+
+
+def _excerpt(value: object, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 1]}…"
 
 
 class DeadLetters:

@@ -4,11 +4,12 @@ come from the fact, so running this code over a recorded history reproduces its 
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any
+from datetime import datetime, timedelta
+from typing import Any, Literal
 
 from pydantic import BaseModel, ValidationError
 
@@ -20,20 +21,24 @@ from cairn.events import (
     Intent,
     Lineage,
     ResultIgnored,
+    RetryPolicy,
+    RetryScheduled,
     RunCancelled,
     RunCompleted,
     RunFailed,
     RunStarted,
+    StepSkipped,
     TaskCompleted,
     TaskDispatched,
     TaskFailed,
     TaskResult,
+    TaskTimedOut,
     WorkflowSpec,
     content_hash,
 )
 
 from .pricing import PriceTable
-from .state import RunState, evolve
+from .state import STEP_DONE, RunState, evolve
 from .workflow import ReferenceError_, referenced_steps, resolve
 
 COORDINATOR = "coordinator"
@@ -60,7 +65,17 @@ class CancelFact(Frozen):
     at: datetime
 
 
-Fact = StartRunFact | ResultFact | CancelFact
+class TimerFact(Frozen):
+    """A timer the coordinator set has come due: a step's timeout, or the end of a backoff."""
+
+    run_id: uuid.UUID
+    step: str
+    attempt: int
+    kind: Literal["timeout", "retry"]
+    at: datetime
+
+
+Fact = StartRunFact | ResultFact | CancelFact | TimerFact
 
 
 class Rejected(ValueError):
@@ -114,7 +129,51 @@ def decide(state: RunState | None, fact: Fact, policy: Policy) -> list[Event]:
         raise Rejected("unknown run")
     if isinstance(fact, ResultFact):
         return _result(state, fact, policy)
+    if isinstance(fact, TimerFact):
+        return _timer(state, fact)
     return _cancel(state, fact)
+
+
+def _timer(state: RunState, fact: TimerFact) -> list[Event]:
+    """A timer that no longer matches the step (its result came, the run ended) does nothing."""
+    step = state.steps.get(fact.step)
+    if state.terminal or step is None:
+        return []
+    d = _Decision(state, state.run_id, fact.at)
+    if fact.kind == "timeout" and step.status == "dispatched" and step.attempt == fact.attempt:
+        assert step.task_id is not None
+        d.emit(
+            TaskTimedOut,
+            actor=COORDINATOR,
+            reason=f"no result within {step.timeout_s:g}s",
+            task_id=step.task_id,
+            step=fact.step,
+            attempt=fact.attempt,
+            timeout_s=step.timeout_s,
+        )
+        _retry_or_fail(
+            d,
+            fact.step,
+            f"attempt {fact.attempt} timed out after {step.timeout_s:g}s",
+            cause="timeout",
+            retryable=True,
+            repair=[],
+        )
+    elif fact.kind == "retry" and step.status == "retry_wait" and step.attempt + 1 == fact.attempt:
+        limit = state.workflow.step(fact.step).retry.max_attempts
+        reason = f"backoff over: attempt {fact.attempt}/{limit}"
+        _dispatch(d, fact.step, fact.attempt, reason, list(step.repair))
+    return d.events
+
+
+def backoff_delay(policy: RetryPolicy, next_attempt: int, task: str) -> float:
+    """Seconds to wait before `next_attempt`; the jitter is drawn from the task id, so the same
+    history always gives the same delay."""
+    retry_number = next_attempt - 1
+    base = min(policy.max_backoff_s, policy.backoff_s * policy.multiplier ** (retry_number - 1))
+    digest = hashlib.sha256(task.encode()).digest()
+    spread = (int.from_bytes(digest[:8], "big") / 2**64) * 2 - 1  # in [-1, 1)
+    return max(0.0, base * (1 + policy.jitter * spread))
 
 
 def _start(state: RunState | None, fact: StartRunFact) -> list[Event]:
@@ -160,13 +219,14 @@ def _result(state: RunState, fact: ResultFact, policy: Policy) -> list[Event]:
         )
         return d.events
     if step.status != "dispatched" or step.task_id != result.task_id:
-        why = (
-            "duplicate result: the attempt was already completed"
-            if step.status == "completed" and step.task_id == result.task_id
-            else f"result for attempt {result.attempt}, but the current attempt is {step.attempt}"
-            if step.task_id != result.task_id
-            else f"step is {step.status}"
-        )
+        if step.status == "completed" and step.task_id == result.task_id:
+            why = "duplicate result: the attempt was already completed"
+        elif step.task_id != result.task_id:
+            why = f"result for attempt {result.attempt}, but the current attempt is {step.attempt}"
+        elif step.status == "retry_wait":
+            why = f"attempt {result.attempt} already ended; attempt {step.attempt + 1} is scheduled"
+        else:
+            why = f"step is {step.status}"
         d.emit(
             ResultIgnored,
             actor=COORDINATOR,
@@ -214,7 +274,7 @@ def _result(state: RunState, fact: ResultFact, policy: Policy) -> list[Event]:
             error=error,
             retryable=retryable,
         )
-        _retry_or_fail(d, result.step, error, retryable=retryable, repair=[])
+        _retry_or_fail(d, result.step, error, cause="error", retryable=retryable, repair=[])
         return d.events
 
     if spec.contract:
@@ -241,6 +301,7 @@ def _result(state: RunState, fact: ResultFact, policy: Policy) -> list[Event]:
                 d,
                 result.step,
                 f"output broke contract {spec.contract}: {'; '.join(errors)}",
+                cause="contract",
                 retryable=True,
                 repair=errors,
             )
@@ -264,31 +325,71 @@ def _result(state: RunState, fact: ResultFact, policy: Policy) -> list[Event]:
 
 
 def _retry_or_fail(
-    d: _Decision, step_name: str, error: str, *, retryable: bool, repair: list[str]
+    d: _Decision,
+    step_name: str,
+    error: str,
+    *,
+    cause: Literal["error", "timeout", "contract"],
+    retryable: bool,
+    repair: list[str],
 ) -> None:
     run = d.run
     spec = run.workflow.step(step_name)
     attempt = run.step(step_name).attempt
-    if retryable and attempt < spec.retry.max_attempts:
-        reason = (
-            f"retry {attempt + 1}/{spec.retry.max_attempts} with the contract errors to repair"
+    policy = spec.retry
+    allowed = retryable and cause in policy.retry_on
+    if allowed and attempt < policy.max_attempts:
+        next_attempt = attempt + 1
+        delay = backoff_delay(policy, next_attempt, task_id(run.run_id, step_name, next_attempt))
+        why = (
+            "with the contract errors to repair"
             if repair
-            else f"retry {attempt + 1}/{spec.retry.max_attempts} after: {error}"
+            else "after a timeout"
+            if cause == "timeout"
+            else f"after: {error}"
         )
-        _dispatch(d, step_name, attempt + 1, reason, repair)
+        if delay <= 0:
+            _dispatch(
+                d,
+                step_name,
+                next_attempt,
+                f"retry {next_attempt}/{policy.max_attempts} {why}",
+                repair,
+            )
+            return
+        d.emit(
+            RetryScheduled,
+            actor=COORDINATOR,
+            reason=f"retry {next_attempt}/{policy.max_attempts} in {delay:.2f}s {why}",
+            step=step_name,
+            attempt=next_attempt,
+            due_at=d.at + timedelta(seconds=delay),
+            delay_s=delay,
+            repair=repair,
+        )
         return
     why = (
         f"step {step_name} failed after {attempt} attempt(s)"
-        if retryable
-        else f"step {step_name} failed with a non-retryable error"
+        if allowed
+        else f"step {step_name} failed with an error its retry policy does not retry"
     )
+    if spec.on_failure == "skip":
+        d.emit(
+            StepSkipped,
+            actor=COORDINATOR,
+            reason=f"{why}; its policy is to skip",
+            step=step_name,
+            error=error,
+        )
+        _advance(d)
+        return
     d.emit(RunFailed, actor=COORDINATOR, reason=why, step=step_name, error=error)
 
 
 def _advance(d: _Decision) -> None:
     """Dispatch every step whose dependencies are met; complete the run when all are done."""
     run = d.run
-    completed = {name for name, s in run.steps.items() if s.status == "completed"}
+    completed = {name for name, s in run.steps.items() if s.status in STEP_DONE}
     for spec in run.workflow.steps:
         if run.steps[spec.name].status != "pending":
             continue
@@ -299,7 +400,7 @@ def _advance(d: _Decision) -> None:
             if d.run.terminal:
                 return
     run = d.run
-    if all(s.status == "completed" for s in run.steps.values()):
+    if all(s.status in STEP_DONE for s in run.steps.values()):
         context = _context(run)
         template = run.workflow.output
         if template is None:

@@ -10,6 +10,7 @@ store's optimistic concurrency catches any other writer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from collections.abc import Sequence
@@ -31,11 +32,13 @@ from cairn.events import (
     WorkflowSpec,
 )
 
-from .deadletters import DeadLetters, validation_reason
-from .decisions import CancelFact, Policy, Rejected, ResultFact, StartRunFact, decide
+from .crashpoints import crash_point
+from .deadletters import DeadLetters, non_finite_number, validation_reason
+from .decisions import CancelFact, Policy, Rejected, ResultFact, StartRunFact, TimerFact, decide
 from .outbox import Outbox
 from .state import RunState, evolve, fold
 from .store import ConcurrencyError, EventStore, LoggedEvent
+from .timers import TimerQueue
 from .workflow import WorkflowCatalog, WorkflowError, check_workflow
 
 log = logging.getLogger("cairn.coordinator")
@@ -48,6 +51,7 @@ class Stats:
     events: int = 0
     dead_letters: int = 0
     conflicts: int = 0
+    timers_fired: int = 0
     by_type: dict[str, int] = field(default_factory=dict)
 
 
@@ -69,6 +73,8 @@ class Coordinator:
         self.dead_letters = dead_letters
         self.runs: dict[uuid.UUID, RunState] = {}
         self.stats = Stats()
+        self.timers = TimerQueue()
+        self._timers_changed = asyncio.Event()
         self._lock = asyncio.Lock()
 
     # -- recovery ---------------------------------------------------------------------------
@@ -83,6 +89,9 @@ class Coordinator:
                 states[run_id] = evolve(states.get(run_id), item.event)
             position = batch[-1].position
         self.runs = {run_id: s for run_id, s in states.items() if not s.terminal}
+        self.timers = TimerQueue()
+        for state in self.runs.values():
+            self.timers.add_for_state(state)
         return len(self.runs)
 
     def is_current(self, event: TaskDispatched) -> bool:
@@ -198,14 +207,62 @@ class Coordinator:
             )
             return None
         try:
-            return TaskResult.model_validate_json(msg.data)
+            result = TaskResult.model_validate_json(msg.data)
         except ValidationError as exc:
             await self._dead_letter(msg, validation_reason(exc, "result"))
             return None
+        where = non_finite_number(result)
+        if where is not None:
+            await self._dead_letter(
+                msg,
+                f"result is not valid JSON: {where} is NaN, Infinity or out of range "
+                "(JSON numbers must be finite)",
+            )
+            return None
+        return result
 
     async def _dead_letter(self, msg: Msg, reason: str) -> None:
         self.stats.dead_letters += 1
         await self.dead_letters.send("coordinator", msg.subject, msg.data, reason)
+
+    # -- timers -----------------------------------------------------------------------------
+
+    async def run_timers(self, stop: asyncio.Event) -> None:
+        """Fire timeouts and retries as they come due, until `stop` is set."""
+        while not stop.is_set():
+            self._timers_changed.clear()  # before looking, so no new timer slips past
+            now = datetime.now(UTC)
+            due = self.timers.due(now)
+            if due:
+                await self.fire([t.fact(now) for t in due])
+                continue
+            next_due = self.timers.next_due()
+            wait = 1.0 if next_due is None else min(1.0, (next_due - now).total_seconds())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._timers_changed.wait(), max(wait, 0.001))
+
+    async def fire(self, facts: Sequence[TimerFact]) -> None:
+        async with self._lock:
+            tentative: dict[uuid.UUID, RunState] = {}
+            events: list[Event] = []
+            for fact in facts:
+                state = tentative.get(fact.run_id) or self.runs.get(fact.run_id)
+                if state is None:
+                    continue  # the run ended since the timer was set
+                new = decide(state, fact, self.policy)
+                for event in new:
+                    state = evolve(state, event)
+                if new:
+                    tentative[fact.run_id] = state
+                    events.extend(new)
+            self.stats.timers_fired += len(facts)
+            try:
+                await self._commit_and_publish(tentative, events)
+            except ConcurrencyError as exc:
+                self.stats.conflicts += 1
+                log.warning("concurrent append while firing timers: %s", exc)
+                for run_id in tentative:
+                    self.runs.pop(run_id, None)
 
     # -- shared -----------------------------------------------------------------------------
 
@@ -213,6 +270,10 @@ class Coordinator:
         state = self.runs.get(run_id)
         if state is None:
             state = fold(self.store.load(run_id))
+            if state is not None and not state.terminal:
+                # Not in memory but unfinished (dropped after a conflict): adopt it again.
+                self.runs[run_id] = state
+                self.timers.add_for_state(state)
         return state
 
     async def _commit_and_publish(
@@ -220,16 +281,23 @@ class Coordinator:
     ) -> list[LoggedEvent]:
         if not events:
             return []
+        crash_point("before-commit")
         positions = self.store.append(events)
+        crash_point("after-commit")
         for run_id, state in states.items():
             if state.terminal:
                 self.runs.pop(run_id, None)  # memory stays flat in the number of finished runs
             else:
                 self.runs[run_id] = state
         logged = [LoggedEvent(p, e) for p, e in zip(positions, events, strict=True)]
+        before = self.timers.next_due()
+        self.timers.add_for_events(events)
+        if self.timers.next_due() != before:
+            self._timers_changed.set()
         self.stats.events += len(events)
         for event in events:
             name = event.type_name()
             self.stats.by_type[name] = self.stats.by_type.get(name, 0) + 1
         await self.outbox.publish(logged)
+        crash_point("after-publish")
         return logged

@@ -45,12 +45,14 @@ class Supervisor:
         self.settings = self.settings.with_nats(self.nats.url)
         return self.nats.url
 
-    def start(self, name: str, module: str) -> subprocess.Popen[bytes]:
+    def start(
+        self, name: str, module: str, extra_env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         log_dir = self.settings.home / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
         log = (log_dir / f"{name}.log").open("ab")
         self._logs.append(log)
-        env = {**os.environ, **self.settings.env(), "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, **self.settings.env(), "PYTHONUNBUFFERED": "1", **(extra_env or {})}
         proc = subprocess.Popen(
             [sys.executable, "-m", module],
             stdin=subprocess.DEVNULL,

@@ -37,8 +37,10 @@ class StandingPull:
         self._inbox = ""
         self._sub: Subscription | None = None
         self._watchdog: asyncio.Task[None] | None = None
+        self._reconnects = 0
 
     async def start(self) -> None:
+        self._reconnects = self._nc.stats["reconnects"]
         self._inbox = self._nc.new_inbox()
         self._sub = await self._nc.subscribe(self._inbox, cb=self._on_message)
         await self._request()
@@ -102,5 +104,11 @@ class StandingPull:
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(0.5)
-            if time.monotonic() > self._deadline:
+            reconnects = self._nc.stats["reconnects"]
+            if reconnects != self._reconnects and self._nc.is_connected:
+                # A server that restarted has forgotten the request (and one that did not
+                # dropped it with the old connection): ask again now, not at its expiry.
+                self._reconnects = reconnects
+                await self._request()
+            elif time.monotonic() > self._deadline:
                 await self._request()

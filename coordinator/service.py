@@ -8,14 +8,15 @@ import contextlib
 import json
 import logging
 import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from faststream import FastStream
 from faststream.nats import NatsBroker, NatsRouter
 from faststream.nats.annotations import NatsMessage
 from nats.js.api import AckPolicy, ConsumerConfig
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from cairn.events import (
     CMD_CANCEL,
@@ -30,7 +31,7 @@ from cairn.events import (
 )
 from cairn.events.contracts import resolve_contract
 
-from .deadletters import DeadLetters, validation_reason
+from .deadletters import DeadLetters, non_finite_number, validation_reason
 from .decisions import Policy
 from .engine import Coordinator
 from .nats_client import declare_streams, unreachable_message
@@ -45,6 +46,8 @@ log = logging.getLogger("cairn.coordinator")
 
 COMMAND_QUEUE = "cairn-coordinator"
 
+C = TypeVar("C", bound=BaseModel)
+
 
 class CoordinatorRuntime:
     """What lives between the app's start and stop: store, engine, result loop."""
@@ -57,6 +60,8 @@ class CoordinatorRuntime:
         self.store: EventStore | None = None
         self._pull: StandingPull | None = None
         self._loop: asyncio.Task[None] | None = None
+        self._timers: asyncio.Task[None] | None = None
+        self._stop_timers = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
         self._stopping = False
@@ -70,7 +75,8 @@ class CoordinatorRuntime:
             ConsumerConfig(
                 durable_name=COORDINATOR_CONSUMER,
                 ack_policy=AckPolicy.EXPLICIT,
-                ack_wait=30,
+                # How long a result handed to a coordinator that died stays invisible to the next.
+                ack_wait=float(os.environ.get("CAIRN_RESULT_ACK_WAIT", "30")),
                 max_deliver=20,
                 max_ack_pending=20000,
                 filter_subject="cairn.result.>",
@@ -83,7 +89,9 @@ class CoordinatorRuntime:
             contract=resolve_contract,
         )
         catalog = WorkflowCatalog([self.settings.home / "workflows"])
-        outbox = Outbox(nc, js, self.store)
+        # Bounded by the streams' duplicate window, so a restart's republishing is deduplicated.
+        save_interval = min(float(os.environ.get("CAIRN_OUTBOX_SAVE_INTERVAL", "1")), 60.0)
+        outbox = Outbox(nc, js, self.store, save_interval_s=save_interval)
         self.coordinator = Coordinator(
             self.store, policy, catalog, outbox, DeadLetters(js, "coordinator")
         )
@@ -92,6 +100,9 @@ class CoordinatorRuntime:
         self._pull = StandingPull(nc, RESULTS_STREAM, COORDINATOR_CONSUMER)
         await self._pull.start()
         self._loop = asyncio.create_task(self._results_loop(), name="results-loop")
+        self._timers = asyncio.create_task(
+            self.coordinator.run_timers(self._stop_timers), name="timers"
+        )
         self.ready.set()
         log.info(
             "coordinator ready: %d active run(s), %d event(s) republished, store %s",
@@ -119,6 +130,9 @@ class CoordinatorRuntime:
     async def stop(self) -> None:
         """Finish the batch in hand, ack nothing unfinished, save the outbox position."""
         self._stopping = True
+        self._stop_timers.set()
+        if self._timers is not None:
+            await self._timers
         if self._pull is not None:
             await self._pull.stop()
         if self._loop is not None:
@@ -158,34 +172,61 @@ def create_app(settings: Settings) -> FastStream:
         assert runtime.coordinator is not None
         return runtime.coordinator
 
-    async def rejected(msg: NatsMessage, what: str, reason: str) -> dict[str, Any]:
+    async def rejected(
+        msg: NatsMessage, reason: str, reply: CommandReply | None = None
+    ) -> dict[str, Any]:
+        """Dead-letter a command that will not be carried out, and answer with the reason."""
         coordinator = await engine()
         await coordinator.dead_letters.send(
             "coordinator", msg.raw_message.subject, msg.body, reason
         )
-        return CommandReply(ok=False, error=reason).model_dump(mode="json")
+        return (reply or CommandReply(ok=False, error=reason)).model_dump(mode="json")
+
+    async def command(
+        msg: NatsMessage,
+        what: str,
+        model: type[C],
+        carry_out: Callable[[Coordinator, C], Awaitable[CommandReply]],
+    ) -> dict[str, Any]:
+        """Validate a command and carry it out; whatever goes wrong, answer with one sentence."""
+        size = len(msg.body)
+        if size > MAX_PAYLOAD_BYTES:
+            return await rejected(
+                msg, f"{what} command of {size} bytes exceeds the {MAX_PAYLOAD_BYTES}-byte limit"
+            )
+        try:
+            parsed = model.model_validate_json(msg.body)
+        except ValidationError as exc:
+            return await rejected(msg, validation_reason(exc, f"{what} command"))
+        where = non_finite_number(parsed)
+        if where is not None:
+            return await rejected(
+                msg,
+                f"{what} command is not valid JSON: {where} is NaN, Infinity or out of range "
+                "(JSON numbers must be finite)",
+            )
+        try:
+            reply = await carry_out(await engine(), parsed)
+        except Exception as exc:
+            # FastStream would drop the request unanswered (and, without a logger, unlogged).
+            log.exception("the %s command failed", what)
+            return await rejected(
+                msg,
+                f"the coordinator failed while carrying out this {what} command "
+                f"({type(exc).__name__}: {exc}); see the coordinator's log",
+            )
+        if not reply.ok:
+            # Refused (an unknown run or workflow, a run already finished): bad input as well.
+            return await rejected(msg, reply.error or f"{what} command refused", reply)
+        return reply.model_dump(mode="json")
 
     @router.subscriber(CMD_START, queue=COMMAND_QUEUE)
     async def start_run(msg: NatsMessage) -> dict[str, Any]:
-        if len(msg.body) > MAX_PAYLOAD_BYTES:
-            return await rejected(msg, "start", "start command exceeds the size limit")
-        try:
-            command = StartRun.model_validate_json(msg.body)
-        except ValidationError as exc:
-            return await rejected(msg, "start", validation_reason(exc, "start command"))
-        reply = await (await engine()).start_run(command)
-        return reply.model_dump(mode="json")
+        return await command(msg, "start", StartRun, Coordinator.start_run)
 
     @router.subscriber(CMD_CANCEL, queue=COMMAND_QUEUE)
     async def cancel_run(msg: NatsMessage) -> dict[str, Any]:
-        if len(msg.body) > MAX_PAYLOAD_BYTES:
-            return await rejected(msg, "cancel", "cancel command exceeds the size limit")
-        try:
-            command = CancelRun.model_validate_json(msg.body)
-        except ValidationError as exc:
-            return await rejected(msg, "cancel", validation_reason(exc, "cancel command"))
-        reply = await (await engine()).cancel_run(command)
-        return reply.model_dump(mode="json")
+        return await command(msg, "cancel", CancelRun, Coordinator.cancel_run)
 
     @router.subscriber(CMD_PING, queue=COMMAND_QUEUE)
     async def ping(msg: NatsMessage) -> dict[str, Any]:
@@ -196,7 +237,8 @@ def create_app(settings: Settings) -> FastStream:
             "active_runs": len(coordinator.runs),
             "results": stats.results,
             "events": stats.events,
-            "dead_letters": stats.dead_letters,
+            # Every dead letter: bad commands as well as bad results.
+            "dead_letters": sum(coordinator.dead_letters.counts.values()),
             "store": json.dumps(settings.store)[1:-1],
         }
 

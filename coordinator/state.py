@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, Literal
 
@@ -14,18 +14,23 @@ from cairn.events import (
     Event,
     Intent,
     ResultIgnored,
+    RetryScheduled,
     RunCancelled,
     RunCompleted,
     RunFailed,
     RunStarted,
+    StepSkipped,
     TaskCompleted,
     TaskDispatched,
     TaskFailed,
+    TaskTimedOut,
     WorkflowSpec,
 )
 
 RunStatus = Literal["running", "completed", "failed", "cancelled"]
-StepStatus = Literal["pending", "dispatched", "completed", "failed"]
+StepStatus = Literal["pending", "dispatched", "retry_wait", "completed", "skipped", "failed"]
+# Statuses after which a step no longer holds up the steps that need it.
+STEP_DONE: frozenset[str] = frozenset({"completed", "skipped"})
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,16 @@ class StepState:
     output_hash: str | None = None
     agent_id: str | None = None
     last_error: str | None = None
+    timeout_s: float = 0.0
+    retry_due_at: datetime | None = None
+    repair: tuple[str, ...] = ()
+
+    @property
+    def timeout_due_at(self) -> datetime | None:
+        """When the current attempt times out, if one is in flight."""
+        if self.status != "dispatched" or self.dispatched_at is None:
+            return None
+        return self.dispatched_at + timedelta(seconds=self.timeout_s)
 
 
 @dataclass(frozen=True)
@@ -99,6 +114,9 @@ def evolve(state: RunState | None, event: Event) -> RunState:
             attempt=event.attempt,
             task_id=event.task_id,
             dispatched_at=event.at,
+            timeout_s=event.timeout_s,
+            retry_due_at=None,
+            repair=tuple(event.repair),
         )
     if isinstance(event, TaskCompleted):
         return _with_step(
@@ -115,6 +133,18 @@ def evolve(state: RunState | None, event: Event) -> RunState:
         return _with_step(
             state, event.step, last_error="; ".join(event.errors), agent_id=event.agent_id
         )
+    if isinstance(event, TaskTimedOut):
+        return _with_step(state, event.step, last_error=f"timed out after {event.timeout_s}s")
+    if isinstance(event, RetryScheduled):
+        return _with_step(
+            state,
+            event.step,
+            status="retry_wait",
+            retry_due_at=event.due_at,
+            repair=tuple(event.repair),
+        )
+    if isinstance(event, StepSkipped):
+        return _with_step(state, event.step, status="skipped", last_error=event.error)
     if isinstance(event, CostCharged):
         return replace(state, cost_usd=state.cost_usd + event.amount_usd)
     if isinstance(event, RunCompleted):

@@ -6,6 +6,7 @@ Who decided is in `actor`: "coordinator" for policy decisions, "agent:<id>" for 
 
 from __future__ import annotations
 
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
@@ -110,6 +111,35 @@ class ContractViolated(Event):
     agent_id: str
     contract: str
     errors: list[str]
+
+
+@register
+class TaskTimedOut(Event):
+    """No result arrived within the step's timeout."""
+
+    task_id: str
+    step: str
+    attempt: int
+    timeout_s: float
+
+
+@register
+class RetryScheduled(Event):
+    """The step will be tried again at `due_at` (after backoff with jitter)."""
+
+    step: str
+    attempt: int  # the attempt that will be dispatched
+    due_at: datetime
+    delay_s: float
+    repair: list[str] = Field(default_factory=list)
+
+
+@register
+class StepSkipped(Event):
+    """The step failed for good and its failure policy says to go on without it."""
+
+    step: str
+    error: str
 
 
 @register

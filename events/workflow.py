@@ -7,7 +7,7 @@ replayed and audited without the YAML file it came from.
 from __future__ import annotations
 
 from decimal import Decimal
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -16,10 +16,23 @@ from .base import Frozen
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"
 
 
+RetryCause = Literal["error", "timeout", "contract"]
+ALL_CAUSES: tuple[RetryCause, ...] = ("error", "timeout", "contract")
+
+
 class RetryPolicy(Frozen):
-    """How often a step may be tried, counting the first attempt."""
+    """How often a step may be tried (counting the first attempt), after which failures, and how
+    long to wait before each retry: `backoff_s × multiplier^(retry-1)`, capped at
+    `max_backoff_s`, then spread by ±`jitter` (a fraction) so retries do not arrive in step."""
 
     max_attempts: int = Field(default=3, ge=1, le=100)
+    backoff_s: float = Field(default=0.5, ge=0, le=3600)
+    multiplier: float = Field(default=2.0, ge=1, le=10)
+    max_backoff_s: float = Field(default=30.0, ge=0, le=86400)
+    jitter: float = Field(default=0.2, ge=0, le=1)
+    # Which failures are worth another attempt. An agent's error also says whether it is
+    # retryable; both must agree.
+    retry_on: list[RetryCause] = Field(default_factory=lambda: list(ALL_CAUSES))
 
 
 class StepSpec(Frozen):
@@ -33,7 +46,10 @@ class StepSpec(Frozen):
     needs: list[str] | None = None  # default: the step declared before this one
     contract: str | None = None  # output contract "Name@version"
     retry: RetryPolicy = RetryPolicy()
-    timeout_s: float = Field(default=120.0, gt=0)
+    timeout_s: float = Field(default=120.0, gt=0, le=7 * 24 * 3600)  # at most a week
+    # When the step has failed for good: fail the run, or skip the step and go on (later steps
+    # that refer to its output then need a `??` default).
+    on_failure: Literal["fail", "skip"] = "fail"
     cost_estimate_usd: Decimal | None = None
 
 

@@ -15,6 +15,8 @@ from cairn.coordinator.decisions import (
     Rejected,
     ResultFact,
     StartRunFact,
+    TimerFact,
+    backoff_delay,
     decide,
     task_id,
 )
@@ -27,15 +29,19 @@ from cairn.events import (
     Event,
     Intent,
     ResultIgnored,
+    RetryPolicy,
+    RetryScheduled,
     RunCancelled,
     RunCompleted,
     RunFailed,
     RunStarted,
+    StepSkipped,
     TaskCompleted,
     TaskDispatched,
     TaskError,
     TaskFailed,
     TaskResult,
+    TaskTimedOut,
     Usage,
     WorkflowSpec,
 )
@@ -98,7 +104,7 @@ def result(
     )
 
 
-def step_through(history: list[Event], fact: ResultFact | CancelFact) -> list[Event]:
+def step_through(history: list[Event], fact: ResultFact | CancelFact | TimerFact) -> list[Event]:
     state = fold(history)
     assert state is not None
     return decide(state, fact, POLICY)
@@ -168,15 +174,25 @@ def test_duplicate_result_is_ignored_and_not_charged_again() -> None:
     assert "duplicate" in again[0].reason
 
 
-def test_retryable_error_is_retried_then_fails_the_run() -> None:
+def timer(step: str, attempt: int, kind: str, at: datetime) -> TimerFact:
+    return TimerFact(run_id=RUN, step=step, attempt=attempt, kind=kind, at=at)  # type: ignore[arg-type]
+
+
+def test_retryable_error_is_retried_after_backoff_then_fails_the_run() -> None:
     history = start()
     first = step_through(history, result("plan", error=TaskError(message="flaky")))
-    assert types(first) == ["TaskFailed", "TaskDispatched"]
-    retry = first[1]
-    assert isinstance(retry, TaskDispatched)
-    assert retry.attempt == 2
-    assert "retry 2/2" in retry.reason
+    assert types(first) == ["TaskFailed", "RetryScheduled"]
+    scheduled = first[1]
+    assert isinstance(scheduled, RetryScheduled)
+    assert scheduled.attempt == 2
+    assert "retry 2/2" in scheduled.reason
+    assert scheduled.due_at == first[0].at + timedelta(seconds=scheduled.delay_s)
     history += first
+    retry = step_through(history, timer("plan", 2, "retry", scheduled.due_at))
+    assert types(retry) == ["TaskDispatched"]
+    assert isinstance(retry[0], TaskDispatched)
+    assert retry[0].attempt == 2
+    history += retry
     second = step_through(history, result("plan", attempt=2, error=TaskError(message="flaky")))
     assert types(second) == ["TaskFailed", "RunFailed"]
     failed = second[-1]
@@ -196,11 +212,14 @@ def test_non_retryable_error_fails_at_once() -> None:
 def test_contract_violation_retries_with_the_errors_to_repair() -> None:
     history = start()
     events = step_through(history, result("plan", output={"title": "", "questions": []}))
-    assert types(events) == ["ContractViolated", "TaskDispatched"]
-    violated, retry = events
+    assert types(events) == ["ContractViolated", "RetryScheduled"]
+    violated, scheduled = events
     assert isinstance(violated, ContractViolated)
-    assert isinstance(retry, TaskDispatched)
+    assert isinstance(scheduled, RetryScheduled)
     assert any("questions" in e for e in violated.errors)
+    events += step_through(history + events, timer("plan", 2, "retry", scheduled.due_at))
+    retry = events[-1]
+    assert isinstance(retry, TaskDispatched)
     assert retry.repair == violated.errors
     state = fold(history + events)
     assert state is not None
@@ -210,6 +229,12 @@ def test_contract_violation_retries_with_the_errors_to_repair() -> None:
 def test_stale_attempt_result_is_ignored() -> None:
     history = start()
     history += step_through(history, result("plan", error=TaskError(message="x")))
+    late = step_through(history, result("plan", attempt=1, output=PLAN))
+    assert types(late) == ["ResultIgnored"]
+    assert "attempt 2 is scheduled" in late[0].reason
+    due = history[-1]
+    assert isinstance(due, RetryScheduled)
+    history += step_through(history, timer("plan", 2, "retry", due.due_at))
     late = step_through(history, result("plan", attempt=1, output=PLAN))
     assert types(late) == ["ResultIgnored"]
     assert "current attempt is 2" in late[0].reason
@@ -368,3 +393,79 @@ def test_price_table_charge_is_exact() -> None:
     )
     assert table.charge(Usage(model="m", input_tokens=3, output_tokens=7)) == Decimal("0.0000024")
     assert table.charge(Usage(model="other")) is None
+
+
+def test_timeout_is_recorded_and_retried() -> None:
+    history = start()
+    dispatched = history[-1]
+    assert isinstance(dispatched, TaskDispatched)
+    late = dispatched.at + timedelta(seconds=dispatched.timeout_s)
+    events = step_through(history, timer("plan", 1, "timeout", late))
+    assert types(events) == ["TaskTimedOut", "RetryScheduled"]
+    timed_out = events[0]
+    assert isinstance(timed_out, TaskTimedOut)
+    assert timed_out.actor == "coordinator"
+    assert "no result within" in timed_out.reason
+
+
+def test_stale_timers_do_nothing() -> None:
+    history = start()
+    history += step_through(history, result("plan", output=PLAN))
+    assert step_through(history, timer("plan", 1, "timeout", T0)) == []
+    assert step_through(history, timer("plan", 2, "retry", T0)) == []
+    assert step_through(history, timer("nope", 1, "timeout", T0)) == []
+
+
+def test_timeouts_not_in_retry_on_fail_at_once() -> None:
+    wf = parse_workflow(
+        {"name": "w", "steps": [{"name": "a", "capability": "x",
+                                 "retry": {"max_attempts": 5, "retry_on": ["error"]}}]}
+    )  # fmt: skip
+    history = start(wf)
+    events = step_through(history, timer("a", 1, "timeout", T0))
+    assert types(events) == ["TaskTimedOut", "RunFailed"]
+    assert "does not retry" in events[-1].reason
+
+
+def test_skip_policy_goes_on_without_the_step() -> None:
+    wf = parse_workflow(
+        {
+            "name": "w",
+            "steps": [
+                {"name": "a", "capability": "x", "retry": {"max_attempts": 1},
+                 "on_failure": "skip"},
+                {"name": "b", "capability": "y", "input": {"v": "$steps.a.output.v ?? none"}},
+            ],
+        }
+    )  # fmt: skip
+    history = start(wf)
+    events = step_through(history, result("a", error=TaskError(message="down")))
+    assert types(events) == ["TaskFailed", "StepSkipped", "TaskDispatched"]
+    assert isinstance(events[1], StepSkipped)
+    assert isinstance(events[2], TaskDispatched)
+    assert events[2].input == {"v": "none"}
+    history += events
+    done = step_through(history, result("b", output={"ok": True}))
+    assert types(done) == ["TaskCompleted", "RunCompleted"]
+
+
+def test_zero_backoff_dispatches_at_once() -> None:
+    wf = parse_workflow(
+        {"name": "w", "steps": [{"name": "a", "capability": "x",
+                                 "retry": {"max_attempts": 2, "backoff_s": 0}}]}
+    )  # fmt: skip
+    events = step_through(start(wf), result("a", error=TaskError(message="x")))
+    assert types(events) == ["TaskFailed", "TaskDispatched"]
+
+
+def test_backoff_grows_is_capped_and_jitter_is_bounded_and_deterministic() -> None:
+    policy = RetryPolicy(backoff_s=1, multiplier=2, max_backoff_s=5, jitter=0.2)
+    delays = [backoff_delay(policy, n, f"task-{n}") for n in range(2, 8)]
+    bases = [1, 2, 4, 5, 5, 5]
+    for delay, base in zip(delays, bases, strict=True):
+        assert base * 0.8 <= delay <= base * 1.2
+    assert backoff_delay(policy, 3, "t") == backoff_delay(policy, 3, "t")
+    spread = {backoff_delay(policy, 2, f"t{i}") for i in range(50)}
+    assert len(spread) > 40  # jitter actually spreads retries
+    flat = RetryPolicy(backoff_s=1, jitter=0)
+    assert backoff_delay(flat, 2, "x") == 1.0
