@@ -20,7 +20,9 @@ from cairn.events import (
     Frozen,
     Intent,
     Lineage,
+    ReportedError,
     ResultIgnored,
+    ResultReceived,
     RetryPolicy,
     RetryScheduled,
     RunCancelled,
@@ -111,7 +113,13 @@ class _Decision:
         return (self.state.version if self.state else 0) + 1
 
     def emit(self, cls: type[Event], **fields: Any) -> None:
-        event = cls(run_id=self.run_id, seq=self.next_seq, at=self.at, **fields)
+        event = cls(
+            run_id=self.run_id,
+            seq=self.next_seq,
+            at=self.at,
+            prev_hash=self.state.last_hash if self.state else "",
+            **fields,
+        )
         self.state = evolve(self.state, event)
         self.events.append(event)
 
@@ -209,6 +217,24 @@ def _result(state: RunState, fact: ResultFact, policy: Policy) -> list[Event]:
         raise Rejected(f"task id {result.task_id} does not match its step and attempt")
     agent = f"agent:{result.agent_id}"
     d = _Decision(state, state.run_id, fact.at)
+    d.emit(
+        ResultReceived,
+        actor=agent,
+        reason="error reported" if result.error else "output reported",
+        task_id=result.task_id,
+        step=result.step,
+        attempt=result.attempt,
+        agent_id=result.agent_id,
+        output=result.output,
+        error=(
+            ReportedError(message=result.error.message, retryable=result.error.retryable)
+            if result.error
+            else None
+        ),
+        usage=result.usage,
+        started_at=result.started_at,
+        finished_at=result.finished_at,
+    )
     if state.terminal:
         d.emit(
             ResultIgnored,
@@ -315,9 +341,7 @@ def _result(state: RunState, fact: ResultFact, policy: Policy) -> list[Event]:
         step=result.step,
         attempt=result.attempt,
         agent_id=result.agent_id,
-        output=result.output,
         output_hash=content_hash(result.output),
-        usage=result.usage,
         duration_ms=duration_ms,
     )
     _advance(d)

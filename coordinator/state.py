@@ -14,6 +14,7 @@ from cairn.events import (
     Event,
     Intent,
     ResultIgnored,
+    ResultReceived,
     RetryScheduled,
     RunCancelled,
     RunCompleted,
@@ -25,6 +26,7 @@ from cairn.events import (
     TaskFailed,
     TaskTimedOut,
     WorkflowSpec,
+    event_hash,
 )
 
 RunStatus = Literal["running", "completed", "failed", "cancelled"]
@@ -47,6 +49,7 @@ class StepState:
     timeout_s: float = 0.0
     retry_due_at: datetime | None = None
     repair: tuple[str, ...] = ()
+    received: dict[str, Any] | None = None  # the latest result's output, until judged
 
     @property
     def timeout_due_at(self) -> datetime | None:
@@ -70,6 +73,7 @@ class RunState:
     output: Any = None
     error: str | None = None
     updated_at: datetime | None = None
+    last_hash: str = ""  # hash of the latest event: the next one's prev_hash
 
     @property
     def terminal(self) -> bool:
@@ -88,6 +92,8 @@ def evolve(state: RunState | None, event: Event) -> RunState:
     if isinstance(event, RunStarted):
         if state is not None:
             raise EvolveError(f"run {event.run_id} started twice")
+        if event.seq != 1:
+            raise EvolveError(f"run {event.run_id} starts at event {event.seq}, not 1")
         return RunState(
             run_id=event.run_id,
             version=event.seq,
@@ -97,6 +103,7 @@ def evolve(state: RunState | None, event: Event) -> RunState:
             started_at=event.at,
             steps={s.name: StepState(s.name) for s in event.workflow.steps},
             updated_at=event.at,
+            last_hash=event_hash(event),
         )
     if state is None:
         raise EvolveError(f"{event.type_name()} before RunStarted in run {event.run_id}")
@@ -105,7 +112,9 @@ def evolve(state: RunState | None, event: Event) -> RunState:
             f"run {event.run_id}: event {event.seq} follows {state.version}, expected "
             f"{state.version + 1}"
         )
-    state = replace(state, version=event.seq, updated_at=event.at)
+    state = replace(state, version=event.seq, updated_at=event.at, last_hash=event_hash(event))
+    if isinstance(event, ResultReceived):
+        return _with_step(state, event.step, received=event.output)
     if isinstance(event, TaskDispatched):
         return _with_step(
             state,
@@ -119,11 +128,13 @@ def evolve(state: RunState | None, event: Event) -> RunState:
             repair=tuple(event.repair),
         )
     if isinstance(event, TaskCompleted):
+        previous = state.steps.get(event.step)
         return _with_step(
             state,
             event.step,
             status="completed",
-            output=event.output,
+            output=previous.received if previous else None,
+            received=None,
             output_hash=event.output_hash,
             agent_id=event.agent_id,
         )

@@ -1,7 +1,14 @@
 """cairn's event and message models: stored run events, wire messages, encoding and hashing."""
 
 from .base import CAIRN_NAMESPACE, Event, Frozen, UnknownEventError, event_class, event_id
-from .codec import canonical_json, content_hash, decode_event, encode_event, topic_of
+from .codec import (
+    canonical_json,
+    content_hash,
+    decode_event,
+    encode_event,
+    event_hash,
+    topic_of,
+)
 from .protocol import (
     CMD_CANCEL,
     CMD_PING,
@@ -24,7 +31,9 @@ from .run import (
     CostCharged,
     Intent,
     Lineage,
+    ReportedError,
     ResultIgnored,
+    ResultReceived,
     RetryScheduled,
     RunCancelled,
     RunCompleted,
@@ -72,7 +81,9 @@ __all__ = [
     "Frozen",
     "Intent",
     "Lineage",
+    "ReportedError",
     "ResultIgnored",
+    "ResultReceived",
     "RetryPolicy",
     "RetryScheduled",
     "RunCancelled",
@@ -99,6 +110,7 @@ __all__ = [
     "dlq_subject",
     "encode_event",
     "event_class",
+    "event_hash",
     "event_id",
     "event_subject",
     "result_subject",

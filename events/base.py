@@ -37,6 +37,9 @@ class Event(Frozen):
     at: datetime
     actor: str
     reason: str = ""
+    # SHA-256 of the run's previous event (its canonical encoding); "" for the first. Chains
+    # each run's stream so an edit, deletion or reordering in the store shows.
+    prev_hash: str = ""
 
     @property
     def event_id(self) -> uuid.UUID:

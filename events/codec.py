@@ -55,6 +55,12 @@ def decode_event(topic: str, state: bytes, run_id: Any, seq: int) -> Event:
     return cls.model_validate(data)
 
 
+def event_hash(event: Event) -> str:
+    """The link to this event in its run's hash chain: SHA-256 over its canonical encoding,
+    run id and position included."""
+    return hashlib.sha256(canonical_json(event.model_dump(mode="json"))).hexdigest()
+
+
 def content_hash(value: Any) -> str:
     """SHA-256 over the canonical JSON of a value (outputs, models)."""
     if isinstance(value, BaseModel):

@@ -64,15 +64,37 @@ class TaskDispatched(Event):
     timeout_s: float
 
 
+class ReportedError(Frozen):
+    message: str
+    retryable: bool = True
+
+
 @register
-class TaskCompleted(Event):
+class ResultReceived(Event):
+    """An agent's result as it arrived: the fact the decisions after it were made from.
+
+    Recording inputs, not only decisions, is what lets today's code re-decide a history."""
+
     task_id: str
     step: str
     attempt: int
     agent_id: str
-    output: dict[str, Any]
-    output_hash: str
+    output: dict[str, Any] | None = None
+    error: ReportedError | None = None
     usage: list[Usage] = Field(default_factory=list)
+    started_at: datetime
+    finished_at: datetime
+
+
+@register
+class TaskCompleted(Event):
+    """The received output met the step's contract; later steps may use it."""
+
+    task_id: str
+    step: str
+    attempt: int
+    agent_id: str
+    output_hash: str
     duration_ms: float = 0.0
 
 
@@ -103,7 +125,8 @@ class TaskFailed(Event):
 
 @register
 class ContractViolated(Event):
-    """An agent's output did not validate against the step's declared contract."""
+    """An agent's output (in the ResultReceived before it) did not validate against the step's
+    declared contract."""
 
     task_id: str
     step: str

@@ -9,13 +9,17 @@ from cairn.events import (
     CostCharged,
     Event,
     ResultIgnored,
+    ResultReceived,
+    RetryScheduled,
     RunCancelled,
     RunCompleted,
     RunFailed,
     RunStarted,
+    StepSkipped,
     TaskCompleted,
     TaskDispatched,
     TaskFailed,
+    TaskTimedOut,
 )
 
 # Long goals and error messages are cut so a timeline stays one line per event; the full
@@ -56,6 +60,19 @@ def describe(event: Event) -> str:
                 f"output of {event.step} (attempt {event.attempt}) from {event.agent_id} "
                 f"violates {event.contract}{first}{more}"
             )
+        case ResultReceived():
+            what = f"error: {_short(event.error.message)}" if event.error else "output"
+            tokens = sum(u.input_tokens + u.output_tokens for u in event.usage)
+            return (
+                f"{event.agent_id} reported {what} for {event.step} (attempt {event.attempt}), "
+                f"{tokens} tokens"
+            )
+        case TaskTimedOut():
+            return f"{event.step} (attempt {event.attempt}) timed out after {event.timeout_s:g}s"
+        case RetryScheduled():
+            return f"retry {event.step} as attempt {event.attempt} in {event.delay_s:.2f}s"
+        case StepSkipped():
+            return f"skipped {event.step}: {_short(event.error)}"
         case ResultIgnored():
             return f"ignored result of task {event.task_id} from {event.agent_id}"
         case RunStarted():

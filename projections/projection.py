@@ -18,13 +18,16 @@ from cairn.events import (
     ContractViolated,
     CostCharged,
     Event,
+    RetryScheduled,
     RunCancelled,
     RunCompleted,
     RunFailed,
     RunStarted,
+    StepSkipped,
     TaskCompleted,
     TaskDispatched,
     TaskFailed,
+    TaskTimedOut,
     canonical_json,
 )
 
@@ -34,7 +37,9 @@ if TYPE_CHECKING:
     from cairn.coordinator.store import LoggedEvent
 
 RunStatus = Literal["running", "completed", "failed", "cancelled"]
-StepStatus = Literal["dispatched", "completed", "failed", "violated"]
+StepStatus = Literal[
+    "dispatched", "completed", "failed", "violated", "timed_out", "retrying", "skipped"
+]
 
 ZERO = Decimal(0)
 
@@ -212,6 +217,16 @@ class _Folder:
                 step = event.step
                 state = self._step(run_id, step)
                 self._finish(run, state, "violated", event.agent_id, event.attempt, at)
+            case TaskTimedOut():
+                step = event.step
+                state = self._step(run_id, step)
+                self._finish(run, state, "timed_out", state.agent_id or "", event.attempt, at)
+            case RetryScheduled():
+                step = event.step
+                self._step(run_id, step).status = "retrying"
+            case StepSkipped():
+                step = event.step
+                self._step(run_id, step).status = "skipped"
             case RunStarted():
                 workflow = event.workflow
                 run.workflow = workflow.name

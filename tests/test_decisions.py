@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -29,6 +30,7 @@ from cairn.events import (
     Event,
     Intent,
     ResultIgnored,
+    ResultReceived,
     RetryPolicy,
     RetryScheduled,
     RunCancelled,
@@ -44,6 +46,7 @@ from cairn.events import (
     TaskTimedOut,
     Usage,
     WorkflowSpec,
+    event_hash,
 )
 from cairn.events.contracts import resolve_contract
 
@@ -137,8 +140,11 @@ def test_completed_step_is_charged_and_the_next_step_gets_its_output() -> None:
     history = start()
     usage = [Usage(model="cairn-offline-1", input_tokens=1000, output_tokens=2000)]
     events = step_through(history, result("plan", output=PLAN, usage=usage))
-    assert types(events) == ["CostCharged", "TaskCompleted", "TaskDispatched"]
-    charge, completed, dispatched = events
+    assert types(events) == ["ResultReceived", "CostCharged", "TaskCompleted", "TaskDispatched"]
+    received, charge, completed, dispatched = events
+    assert isinstance(received, ResultReceived)
+    assert received.output == PLAN
+    assert received.actor == "agent:plan-a1"
     assert isinstance(charge, CostCharged)
     # 1000 × 0.50/M + 2000 × 1.50/M
     assert charge.amount_usd == Decimal("0.0035")
@@ -155,7 +161,7 @@ def test_last_step_completes_the_run_with_the_mapped_output() -> None:
     history = start()
     history += step_through(history, result("plan", output=PLAN))
     events = step_through(history, result("research", output={"facts": [1]}))
-    assert types(events) == ["TaskCompleted", "RunCompleted"]
+    assert types(events) == ["ResultReceived", "TaskCompleted", "RunCompleted"]
     done = events[-1]
     assert isinstance(done, RunCompleted)
     assert done.output == {"plan": PLAN, "research": {"facts": [1]}}
@@ -169,9 +175,9 @@ def test_duplicate_result_is_ignored_and_not_charged_again() -> None:
     usage = [Usage(model="cairn-offline-1", input_tokens=10, output_tokens=10)]
     history += step_through(history, result("plan", output=PLAN, usage=usage))
     again = step_through(history, result("plan", output=PLAN, usage=usage))
-    assert types(again) == ["ResultIgnored"]
-    assert isinstance(again[0], ResultIgnored)
-    assert "duplicate" in again[0].reason
+    assert types(again) == ["ResultReceived", "ResultIgnored"]
+    assert isinstance(again[1], ResultIgnored)
+    assert "duplicate" in again[1].reason
 
 
 def timer(step: str, attempt: int, kind: str, at: datetime) -> TimerFact:
@@ -181,12 +187,12 @@ def timer(step: str, attempt: int, kind: str, at: datetime) -> TimerFact:
 def test_retryable_error_is_retried_after_backoff_then_fails_the_run() -> None:
     history = start()
     first = step_through(history, result("plan", error=TaskError(message="flaky")))
-    assert types(first) == ["TaskFailed", "RetryScheduled"]
-    scheduled = first[1]
+    assert types(first) == ["ResultReceived", "TaskFailed", "RetryScheduled"]
+    scheduled = first[2]
     assert isinstance(scheduled, RetryScheduled)
     assert scheduled.attempt == 2
     assert "retry 2/2" in scheduled.reason
-    assert scheduled.due_at == first[0].at + timedelta(seconds=scheduled.delay_s)
+    assert scheduled.due_at == first[1].at + timedelta(seconds=scheduled.delay_s)
     history += first
     retry = step_through(history, timer("plan", 2, "retry", scheduled.due_at))
     assert types(retry) == ["TaskDispatched"]
@@ -194,7 +200,7 @@ def test_retryable_error_is_retried_after_backoff_then_fails_the_run() -> None:
     assert retry[0].attempt == 2
     history += retry
     second = step_through(history, result("plan", attempt=2, error=TaskError(message="flaky")))
-    assert types(second) == ["TaskFailed", "RunFailed"]
+    assert types(second) == ["ResultReceived", "TaskFailed", "RunFailed"]
     failed = second[-1]
     assert isinstance(failed, RunFailed)
     assert failed.step == "plan"
@@ -206,14 +212,14 @@ def test_non_retryable_error_fails_at_once() -> None:
     events = step_through(
         history, result("plan", error=TaskError(message="bad input", retryable=False))
     )
-    assert types(events) == ["TaskFailed", "RunFailed"]
+    assert types(events) == ["ResultReceived", "TaskFailed", "RunFailed"]
 
 
 def test_contract_violation_retries_with_the_errors_to_repair() -> None:
     history = start()
     events = step_through(history, result("plan", output={"title": "", "questions": []}))
-    assert types(events) == ["ContractViolated", "RetryScheduled"]
-    violated, scheduled = events
+    assert types(events) == ["ResultReceived", "ContractViolated", "RetryScheduled"]
+    _, violated, scheduled = events
     assert isinstance(violated, ContractViolated)
     assert isinstance(scheduled, RetryScheduled)
     assert any("questions" in e for e in violated.errors)
@@ -230,14 +236,14 @@ def test_stale_attempt_result_is_ignored() -> None:
     history = start()
     history += step_through(history, result("plan", error=TaskError(message="x")))
     late = step_through(history, result("plan", attempt=1, output=PLAN))
-    assert types(late) == ["ResultIgnored"]
-    assert "attempt 2 is scheduled" in late[0].reason
+    assert types(late) == ["ResultReceived", "ResultIgnored"]
+    assert "attempt 2 is scheduled" in late[1].reason
     due = history[-1]
     assert isinstance(due, RetryScheduled)
     history += step_through(history, timer("plan", 2, "retry", due.due_at))
     late = step_through(history, result("plan", attempt=1, output=PLAN))
-    assert types(late) == ["ResultIgnored"]
-    assert "current attempt is 2" in late[0].reason
+    assert types(late) == ["ResultReceived", "ResultIgnored"]
+    assert "current attempt is 2" in late[1].reason
 
 
 def test_result_for_a_task_never_dispatched_is_rejected() -> None:
@@ -252,7 +258,7 @@ def test_result_after_the_run_ended_is_ignored() -> None:
     history = start()
     history += step_through(history, CancelFact(run_id=RUN, requested_by="human:ann", at=T0))
     events = step_through(history, result("plan", output=PLAN))
-    assert types(events) == ["ResultIgnored"]
+    assert types(events) == ["ResultReceived", "ResultIgnored"]
 
 
 def test_cancel_records_who_and_rejects_a_second_cancel() -> None:
@@ -311,7 +317,7 @@ def test_parallel_steps_are_dispatched_together_and_join() -> None:
     history += step_through(history, result("a", output={"v": 1}))
     assert types(history)[-1] == "TaskCompleted"
     events = step_through(history, result("b", output={"v": 2}))
-    assert types(events) == ["TaskCompleted", "TaskDispatched"]
+    assert types(events) == ["ResultReceived", "TaskCompleted", "TaskDispatched"]
     c = events[-1]
     assert isinstance(c, TaskDispatched)
     assert {entry.step for entry in c.lineage} == {"a", "b"}
@@ -335,7 +341,7 @@ def test_unpriced_model_is_charged_zero_with_a_reason() -> None:
     history = start()
     usage = [Usage(model="mystery-model", input_tokens=5, output_tokens=5)]
     events = step_through(history, result("plan", output=PLAN, usage=usage))
-    charge = events[0]
+    charge = events[1]
     assert isinstance(charge, CostCharged)
     assert charge.amount_usd == 0
     assert "not in price table" in charge.reason
@@ -440,13 +446,13 @@ def test_skip_policy_goes_on_without_the_step() -> None:
     )  # fmt: skip
     history = start(wf)
     events = step_through(history, result("a", error=TaskError(message="down")))
-    assert types(events) == ["TaskFailed", "StepSkipped", "TaskDispatched"]
-    assert isinstance(events[1], StepSkipped)
-    assert isinstance(events[2], TaskDispatched)
-    assert events[2].input == {"v": "none"}
+    assert types(events) == ["ResultReceived", "TaskFailed", "StepSkipped", "TaskDispatched"]
+    assert isinstance(events[2], StepSkipped)
+    assert isinstance(events[3], TaskDispatched)
+    assert events[3].input == {"v": "none"}
     history += events
     done = step_through(history, result("b", output={"ok": True}))
-    assert types(done) == ["TaskCompleted", "RunCompleted"]
+    assert types(done) == ["ResultReceived", "TaskCompleted", "RunCompleted"]
 
 
 def test_zero_backoff_dispatches_at_once() -> None:
@@ -455,7 +461,7 @@ def test_zero_backoff_dispatches_at_once() -> None:
                                  "retry": {"max_attempts": 2, "backoff_s": 0}}]}
     )  # fmt: skip
     events = step_through(start(wf), result("a", error=TaskError(message="x")))
-    assert types(events) == ["TaskFailed", "TaskDispatched"]
+    assert types(events) == ["ResultReceived", "TaskFailed", "TaskDispatched"]
 
 
 def test_backoff_grows_is_capped_and_jitter_is_bounded_and_deterministic() -> None:
@@ -469,3 +475,23 @@ def test_backoff_grows_is_capped_and_jitter_is_bounded_and_deterministic() -> No
     assert len(spread) > 40  # jitter actually spreads retries
     flat = RetryPolicy(backoff_s=1, jitter=0)
     assert backoff_delay(flat, 2, "x") == 1.0
+
+
+def test_each_event_links_to_the_previous_one_by_hash() -> None:
+    history = start()
+    history += step_through(history, result("plan", output=PLAN))
+    assert history[0].prev_hash == ""
+    for before, after in itertools.pairwise(history):
+        assert after.prev_hash == event_hash(before)
+    state = fold(history)
+    assert state is not None
+    assert state.last_hash == event_hash(history[-1])
+
+
+def test_completed_output_comes_from_the_received_result() -> None:
+    history = start()
+    history += step_through(history, result("plan", output=PLAN))
+    state = fold(history)
+    assert state is not None
+    assert state.steps["plan"].output == PLAN
+    assert state.steps["plan"].received is None

@@ -21,7 +21,14 @@ from cairn.coordinator.pricing import load_price_table
 from cairn.coordinator.processes import Supervisor
 from cairn.coordinator.settings import Settings
 from cairn.coordinator.store import EventStore
-from cairn.events import CostCharged, EventNotice, Intent, TaskCompleted, TaskDispatched
+from cairn.events import (
+    CostCharged,
+    EventNotice,
+    Intent,
+    ResultReceived,
+    TaskCompleted,
+    TaskDispatched,
+)
 from cairn.projections import Views, rebuild, wait_for_views
 
 pytestmark = pytest.mark.timeout(120)
@@ -90,7 +97,7 @@ async def test_example_workflow_through_agent_processes(
     events = store.load(run_id)
     assert [e.event_id for e in events] == [n.event_id for n in notices]
     compact = " ".join(e.type_name() for e in events)
-    step = r"TaskDispatched( CostCharged)+ TaskCompleted"
+    step = r"TaskDispatched ResultReceived( CostCharged)+ TaskCompleted"
     assert re.fullmatch(rf"RunStarted( {step}){{4}} RunCompleted", compact), compact
     dispatched = [e for e in events if isinstance(e, TaskDispatched)]
     assert [d.capability for d in dispatched] == ["planner", "researcher", "writer", "reviewer"]
@@ -103,9 +110,10 @@ async def test_example_workflow_through_agent_processes(
 
     # Cost totals equal the usage in the events, priced by the table the charges name.
     prices = load_price_table()
+    received = [e for e in events if isinstance(e, ResultReceived)]
     charges = [e for e in events if isinstance(e, CostCharged)]
     usage_priced = sum(
-        (prices.charge(u) or Decimal(0) for c in completed for u in c.usage), Decimal(0)
+        (prices.charge(u) or Decimal(0) for r in received for u in r.usage), Decimal(0)
     )
     assert usage_priced > 0
     assert sum((c.amount_usd for c in charges), Decimal(0)) == usage_priced

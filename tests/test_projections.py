@@ -34,7 +34,6 @@ from cairn.events import (
     TaskCompleted,
     TaskDispatched,
     TaskFailed,
-    Usage,
     WorkflowSpec,
 )
 from cairn.projections import (
@@ -113,9 +112,7 @@ class History:
             step=step,
             attempt=attempt,
             agent_id=agent,
-            output={"ok": True},
             output_hash="h",
-            usage=[Usage(model="m", input_tokens=tokens, output_tokens=tokens // 4)],
             duration_ms=12.4,
         )
 
