@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import sys
 import uuid
@@ -18,17 +19,20 @@ from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
 
-from cairn.events import WorkflowSpec
+from cairn.events import Budget, WorkflowSpec
 
 from .client import CairnClient, CoordinatorUnavailableError
 from .demo import (
     DEMO_TOPIC,
     DEMO_WORKFLOW,
     DemoError,
+    auto_approver,
     demo_intent,
+    prompt_approver,
     run_and_follow,
     start_services,
     wait_for_services,
+    waiting_notice,
 )
 from .embedded import EmbeddedServerError
 from .nats_client import NatsUnavailableError
@@ -124,10 +128,16 @@ def demo(
     topic: Annotated[str, typer.Option(help="What the example report is about.")] = DEMO_TOPIC,
     as_json: JsonOpt = False,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the run.")] = 60.0,
+    yes: Annotated[
+        bool, typer.Option("--yes", "-y", help="Approve the demo's gate automatically.")
+    ] = False,
 ) -> None:
-    """Start NATS, the coordinator, projections and four agents as processes; run the example."""
+    """Start NATS, the coordinator, projections and four agents as processes; run the example.
+
+    The run stops at an approval gate before the report is written: answer the prompt, run
+    `cairn approve RUN write --as NAME` from another terminal, or pass --yes."""
     settings = settings_for(home)
-    result = run_async(_demo(settings, topic, as_json, timeout))
+    result = run_async(_demo(settings, topic, as_json, timeout, yes))
     if as_json:
         print_json(result)
         return
@@ -135,8 +145,17 @@ def demo(
         fail(f"the run ended {result['status']}: {result.get('error')}", code=1)
 
 
-async def _demo(settings: Settings, topic: str, as_json: bool, timeout: float) -> dict[str, Any]:
+async def _demo(
+    settings: Settings, topic: str, as_json: bool, timeout: float, yes: bool
+) -> dict[str, Any]:
     show = None if as_json else console
+    who = os.environ.get("USER") or "demo-user"
+    if yes:
+        approver = auto_approver(f"{who} (demo --yes)")
+    elif sys.stdin.isatty() and not as_json:
+        approver = prompt_approver(console, who)
+    else:
+        approver = waiting_notice(err_console)
     sup = await start_services(settings)
     try:
         if show:
@@ -159,6 +178,7 @@ async def _demo(settings: Settings, topic: str, as_json: bool, timeout: float) -
                 show,
                 timeout,
                 sup,
+                approver,
             )
         finally:
             await client.close()
@@ -267,6 +287,19 @@ def run_workflow(
     input: Annotated[str, typer.Option("--input", help="The run input as a JSON object.")] = "{}",
     wait: Annotated[bool, typer.Option("--wait", help="Follow the run until it ends.")] = False,
     timeout: Annotated[float, typer.Option(help="Seconds to wait with --wait.")] = 300.0,
+    budget_usd: Annotated[
+        str | None, typer.Option("--budget-usd", help="Most the run may spend, in USD.")
+    ] = None,
+    budget_tokens: Annotated[
+        int | None, typer.Option("--budget-tokens", help="Most tokens the run may use.")
+    ] = None,
+    fail_closed: Annotated[
+        bool,
+        typer.Option("--fail-closed", help="Fail the run when its budget runs out (no asking)."),
+    ] = False,
+    tenant: Annotated[str, typer.Option(help="Whose budget and costs the run counts to.")] = (
+        "default"
+    ),
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -283,8 +316,18 @@ def run_workflow(
             spec = load_workflow_file(Path(workflow))
         except WorkflowError as exc:
             fail(str(exc))
+    budget = None
+    if budget_usd is not None or budget_tokens is not None:
+        try:
+            budget = Budget(
+                usd=Decimal(budget_usd) if budget_usd is not None else None,
+                tokens=budget_tokens,
+                on_exhausted="fail" if fail_closed else "ask",
+            )
+        except (ArithmeticError, ValueError) as exc:
+            fail(f"--budget-usd must be a non-negative amount like 0.50 ({exc})")
     settings = settings_for(home)
-    outcome = run_async(_run(settings, spec, data, wait, timeout, as_json))
+    outcome = run_async(_run(settings, spec, data, wait, timeout, as_json, budget, tenant))
     if as_json:
         print_json(outcome)
     if outcome.get("status") in ("failed", "cancelled"):
@@ -298,18 +341,20 @@ async def _run(
     wait: bool,
     timeout: float,
     as_json: bool,
+    budget: Budget | None = None,
+    tenant: str = "default",
 ) -> dict[str, Any]:
     async with await CairnClient.connect(settings.resolved_nats_url()) as client:
         if not wait:
-            reply = await client.start_run(spec, data)
+            reply = await client.start_run(spec, data, budget=budget, tenant=tenant)
             if not reply.ok:
                 raise DemoError(f"the coordinator refused the run: {reply.error}")
             if not as_json:
                 console.print(f"started run {reply.run_id}")
             return {"run_id": str(reply.run_id), "status": reply.status}
         result = await run_and_follow(
-            client, spec, data, None,
-            None if as_json else console, timeout,
+            client, spec, data, None, None if as_json else console, timeout,
+            approver=None if as_json else waiting_notice(console), budget=budget,
         )  # fmt: skip
         progress = result.progress
         if not as_json:
@@ -378,6 +423,118 @@ def _exec_module(module: str, home: Path | None) -> None:
 
     env = {**os.environ, **settings_for(home).env()}
     os.execve(sys.executable, [sys.executable, "-m", module], env)  # noqa: S606
+
+
+def _run_id(settings: Settings, ref: str) -> uuid.UUID:
+    """A run id from a full id, or from a unique prefix known to the views."""
+    try:
+        return uuid.UUID(ref)
+    except ValueError:
+        pass
+    return uuid.UUID(_resolve(_views(settings), ref))
+
+
+AsOpt = Annotated[str, typer.Option("--as", help="Your name, recorded as who decided.")]
+ReasonOpt = Annotated[str, typer.Option(help="Why, for the record.")]
+
+
+@app.command()
+def approvals(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """Pending approval requests, the earliest deadline first."""
+    settings = settings_for(home)
+
+    async def go() -> list[dict[str, Any]]:
+        async with await CairnClient.connect(settings.resolved_nats_url()) as client:
+            return await client.approvals()
+
+    pending = run_async(go())
+    if as_json:
+        print_json(pending)
+        return
+    if not pending:
+        console.print("no approvals pending")
+        return
+    table = Table(title="pending approvals")
+    for col in ("run", "step", "kind", "group", "due", "cost so far", "goal"):
+        table.add_column(col)
+    for a in pending:
+        table.add_row(
+            a["run_id"][:8], a["step"], a["kind"], a["group"], a["due_at"][:19],
+            f"${a['cost_so_far_usd']}", a["goal"],
+        )  # fmt: skip
+    console.print(table)
+    console.print("decide with: cairn approve RUN STEP --as NAME  (or cairn deny ...)")
+
+
+def _decide(run: str, step: str, by: str, reason: str, home: Path | None, deny: bool) -> None:
+    settings = settings_for(home)
+    run_id = _run_id(settings, run)
+
+    async def go() -> dict[str, Any]:
+        async with await CairnClient.connect(settings.resolved_nats_url()) as client:
+            reply = await client.approve(run_id, step, by, reason, deny=deny)
+            return reply.model_dump(mode="json")
+
+    reply = run_async(go())
+    if not reply["ok"]:
+        fail(reply["error"], code=1)
+    console.print(f"{'denied' if deny else 'approved'} {step} of run {run_id} as {by}")
+
+
+@app.command()
+def approve(
+    run: Annotated[str, typer.Argument(help="The run's id (or a unique prefix).")],
+    step: Annotated[str, typer.Argument(help="The step waiting for approval.")],
+    by: AsOpt,
+    reason: ReasonOpt = "",
+    home: HomeOpt = None,
+) -> None:
+    """Approve a step's pending request; the record says who and why."""
+    _decide(run, step, by, reason, home, deny=False)
+
+
+@app.command()
+def deny(
+    run: Annotated[str, typer.Argument(help="The run's id (or a unique prefix).")],
+    step: Annotated[str, typer.Argument(help="The step waiting for approval.")],
+    by: AsOpt,
+    reason: ReasonOpt = "",
+    home: HomeOpt = None,
+) -> None:
+    """Deny a step's pending request."""
+    _decide(run, step, by, reason, home, deny=True)
+
+
+budget_app = typer.Typer(help="Look at and raise a run's budget.")
+app.add_typer(budget_app, name="budget")
+
+
+@budget_app.command("raise")
+def budget_raise(
+    run: Annotated[str, typer.Argument(help="The run's id (or a unique prefix).")],
+    by: AsOpt,
+    usd: Annotated[str | None, typer.Option(help="The new total in USD.")] = None,
+    tokens: Annotated[int | None, typer.Option(help="The new total in tokens.")] = None,
+    reason: ReasonOpt = "",
+    home: HomeOpt = None,
+) -> None:
+    """Set a run's budget to new totals; a step waiting for budget goes on."""
+    settings = settings_for(home)
+    run_id = _run_id(settings, run)
+    try:
+        amount = Decimal(usd) if usd is not None else None
+    except ArithmeticError:
+        fail(f"--usd must be an amount like 2.50, not {usd!r}")
+
+    async def go() -> dict[str, Any]:
+        async with await CairnClient.connect(settings.resolved_nats_url()) as client:
+            reply = await client.raise_budget(run_id, by, amount, tokens, reason)
+            return reply.model_dump(mode="json")
+
+    reply = run_async(go())
+    if not reply["ok"]:
+        fail(reply["error"], code=1)
+    console.print(f"budget of run {run_id} raised by {by}")
 
 
 # -- reading the views ------------------------------------------------------------------------
@@ -483,44 +640,40 @@ def costs(
     console.print(table)
 
 
-@app.command()
-def audit(
-    run: Annotated[str | None, typer.Option(help="Only this run (id or prefix).")] = None,
-    limit: Annotated[int, typer.Option(help="How many rows, newest last.")] = 200,
-    home: HomeOpt = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """Who decided what, when and why."""
-    views = _views(settings_for(home))
-    run_id = _resolve(views, run) if run else None
-    rows = views.audit(run_id=run_id, limit=limit)
-    if as_json:
-        print_json([r.model_dump(mode="json") for r in rows])
-        return
-    table = Table(title="audit")
-    for col in ("time", "run", "actor", "action", "reason"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(
-            r.at.strftime("%Y-%m-%d %H:%M:%S"), str(r.run_id)[:8], r.actor, r.action, r.reason
-        )
-    console.print(table)
+# `cairn audit` lives in cli_audit.py, with `cairn why` and `cairn projections status`.
 
 
 @projections_app.command("rebuild")
 def projections_rebuild(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     """Drop the views and rebuild them from the event log."""
-    from cairn.projections import rebuild
+    import time
+
+    from cairn.projections import VIEW_NAMES, ViewsUnavailableError, rebuild
 
     settings = settings_for(home)
+    started = time.perf_counter()
     try:
         count = rebuild(settings)
-    except StoreUnavailableError as exc:
+    except (StoreUnavailableError, ViewsUnavailableError) as exc:
         fail(str(exc))
+    seconds = time.perf_counter() - started
+    rate = count / seconds if seconds > 0 else 0.0
     if as_json:
-        print_json({"events": count, "views": settings.views})
+        print_json(
+            {
+                "events": count,
+                "seconds": round(seconds, 3),
+                "events_per_s": round(rate),
+                "views": list(VIEW_NAMES),
+                "location": settings.views,
+            }
+        )
     else:
-        console.print(f"rebuilt the views from {count} events into {settings.views}")
+        console.print(
+            f"rebuilt the views ({', '.join(VIEW_NAMES)}) from {count} events "
+            f"in {seconds:.2f} s ({rate:,.0f} events/s) into {settings.views}",
+            highlight=False,
+        )
 
 
 @projections_app.command("run")
@@ -533,5 +686,11 @@ def main() -> None:
     app()
 
 
+from . import cli_audit  # noqa: E402,F401  (registers its commands)
+
 if __name__ == "__main__":
-    main()
+    # Under `python -m` this file runs as `__main__`, and the modules imported above register
+    # their commands on the `app` of `cairn.coordinator.cli`, a second copy: run that one.
+    from cairn.coordinator.cli import main as _package_main
+
+    _package_main()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from decimal import Decimal
 from types import TracebackType
 from typing import Any
 
@@ -14,13 +15,20 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 
 from cairn.events import (
+    CMD_APPROVALS,
+    CMD_APPROVE,
+    CMD_BUDGET,
     CMD_CANCEL,
+    CMD_DENY,
     CMD_PING,
     CMD_START,
+    ApprovalDecision,
+    Budget,
     CancelRun,
     CommandReply,
     EventNotice,
     Intent,
+    RaiseBudget,
     StartRun,
     WorkflowSpec,
     event_subject,
@@ -92,6 +100,8 @@ class CairnClient:
         run_id: uuid.UUID | None = None,
         requested_by: str = "client:cli",
         timeout: float = 10.0,
+        budget: Budget | None = None,
+        tenant: str = "default",
     ) -> CommandReply:
         command = StartRun(
             run_id=run_id or uuid.uuid4(),
@@ -99,6 +109,8 @@ class CairnClient:
             input=input,
             intent=intent,
             requested_by=requested_by,
+            budget=budget,
+            tenant=tenant,
         )
         data = await self._request(CMD_START, command.model_dump_json().encode(), timeout)
         return CommandReply.model_validate(data)
@@ -109,6 +121,32 @@ class CairnClient:
         command = CancelRun(run_id=run_id, reason=reason, requested_by=requested_by)
         data = await self._request(CMD_CANCEL, command.model_dump_json().encode(), 10.0)
         return CommandReply.model_validate(data)
+
+    async def approve(
+        self, run_id: uuid.UUID, step: str, by: str, reason: str = "", *, deny: bool = False
+    ) -> CommandReply:
+        command = ApprovalDecision(run_id=run_id, step=step, by=by, reason=reason)
+        subject = CMD_DENY if deny else CMD_APPROVE
+        data = await self._request(subject, command.model_dump_json().encode(), 10.0)
+        return CommandReply.model_validate(data)
+
+    async def raise_budget(
+        self,
+        run_id: uuid.UUID,
+        by: str,
+        usd: Decimal | None = None,
+        tokens: int | None = None,
+        reason: str = "",
+    ) -> CommandReply:
+        command = RaiseBudget(run_id=run_id, usd=usd, tokens=tokens, by=by, reason=reason)
+        data = await self._request(CMD_BUDGET, command.model_dump_json().encode(), 10.0)
+        return CommandReply.model_validate(data)
+
+    async def approvals(self) -> list[dict[str, Any]]:
+        """Pending approval requests, oldest deadline first."""
+        data = await self._request(CMD_APPROVALS, b"{}", 10.0)
+        reply = CommandReply.model_validate(data)
+        return list(reply.data or [])
 
     async def follow(self, run_id: uuid.UUID | None = None) -> EventFeed:
         """Subscribe now to committed events (of one run, or all); iterate the feed later."""

@@ -7,13 +7,28 @@ from __future__ import annotations
 import hashlib
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
+from decimal import Decimal
 from typing import Any, Literal
 
 from pydantic import BaseModel, ValidationError
 
 from cairn.events import (
+    ApprovalContext,
+    ApprovalDenied,
+    ApprovalEscalated,
+    ApprovalExpired,
+    ApprovalGranted,
+    ApprovalKind,
+    ApprovalPolicy,
+    ApprovalRequested,
+    ApprovalWarned,
+    Budget,
+    BudgetExhausted,
+    BudgetRaised,
+    BudgetReserved,
+    BudgetSettled,
     ContractViolated,
     CostCharged,
     Event,
@@ -29,7 +44,10 @@ from cairn.events import (
     RunCompleted,
     RunFailed,
     RunStarted,
+    StepAdmitted,
+    StepRefused,
     StepSkipped,
+    StepSpec,
     TaskCompleted,
     TaskDispatched,
     TaskFailed,
@@ -53,6 +71,8 @@ class StartRunFact(Frozen):
     intent: Intent
     requested_by: str
     at: datetime
+    budget: Budget | None = None
+    tenant: str = "default"
 
 
 class ResultFact(Frozen):
@@ -67,17 +87,44 @@ class CancelFact(Frozen):
     at: datetime
 
 
+class ApprovalFact(Frozen):
+    """A person approved or denied a step's pending request."""
+
+    run_id: uuid.UUID
+    step: str
+    by: str
+    approve: bool
+    reason: str = ""
+    at: datetime
+
+
+class BudgetFact(Frozen):
+    """A person set the run's budget to new totals."""
+
+    run_id: uuid.UUID
+    usd: Decimal | None = None
+    tokens: int | None = None
+    by: str
+    reason: str = ""
+    at: datetime
+
+
+TimerKind = Literal["timeout", "retry", "approval", "approval_warn"]
+
+
 class TimerFact(Frozen):
-    """A timer the coordinator set has come due: a step's timeout, or the end of a backoff."""
+    """A timer the coordinator set has come due: a step's timeout, the end of a backoff, or an
+    approval request's warning or deadline."""
 
     run_id: uuid.UUID
     step: str
     attempt: int
-    kind: Literal["timeout", "retry"]
+    kind: TimerKind
     at: datetime
+    request_id: str | None = None
 
 
-Fact = StartRunFact | ResultFact | CancelFact | TimerFact
+Fact = StartRunFact | ResultFact | CancelFact | TimerFact | ApprovalFact | BudgetFact
 
 
 class Rejected(ValueError):
@@ -89,10 +136,12 @@ class Rejected(ValueError):
 
 @dataclass(frozen=True)
 class Policy:
-    """The coordinator's rules that decisions consult: prices and output contracts."""
+    """The coordinator's rules that decisions consult: prices, output contracts, and what a
+    step without a cost estimate is expected to cost when the run has a budget."""
 
     prices: PriceTable
     contract: Callable[[str], type[BaseModel]]
+    default_estimate_usd: Decimal = Decimal("0.01")
 
 
 def task_id(run_id: uuid.UUID, step: str, attempt: int) -> str:
@@ -102,10 +151,13 @@ def task_id(run_id: uuid.UUID, step: str, attempt: int) -> str:
 class _Decision:
     """Builds a list of events, evolving a private copy of the state as it goes."""
 
-    def __init__(self, state: RunState | None, run_id: uuid.UUID, at: datetime) -> None:
+    def __init__(
+        self, state: RunState | None, run_id: uuid.UUID, at: datetime, policy: Policy
+    ) -> None:
         self.state = state
         self.run_id = run_id
         self.at = at
+        self.policy = policy
         self.events: list[Event] = []
 
     @property
@@ -132,22 +184,28 @@ class _Decision:
 def decide(state: RunState | None, fact: Fact, policy: Policy) -> list[Event]:
     """The events that follow from `fact` given the run's `state`."""
     if isinstance(fact, StartRunFact):
-        return _start(state, fact)
+        return _start(state, fact, policy)
     if state is None:
         raise Rejected("unknown run")
     if isinstance(fact, ResultFact):
         return _result(state, fact, policy)
     if isinstance(fact, TimerFact):
-        return _timer(state, fact)
-    return _cancel(state, fact)
+        if fact.kind in ("approval", "approval_warn"):
+            return _approval_timer(state, fact, policy)
+        return _timer(state, fact, policy)
+    if isinstance(fact, ApprovalFact):
+        return _decision(state, fact, policy)
+    if isinstance(fact, BudgetFact):
+        return _budget(state, fact, policy)
+    return _cancel(state, fact, policy)
 
 
-def _timer(state: RunState, fact: TimerFact) -> list[Event]:
+def _timer(state: RunState, fact: TimerFact, policy: Policy) -> list[Event]:
     """A timer that no longer matches the step (its result came, the run ended) does nothing."""
     step = state.steps.get(fact.step)
     if state.terminal or step is None:
         return []
-    d = _Decision(state, state.run_id, fact.at)
+    d = _Decision(state, state.run_id, fact.at, policy)
     if fact.kind == "timeout" and step.status == "dispatched" and step.attempt == fact.attempt:
         assert step.task_id is not None
         d.emit(
@@ -159,6 +217,7 @@ def _timer(state: RunState, fact: TimerFact) -> list[Event]:
             attempt=fact.attempt,
             timeout_s=step.timeout_s,
         )
+        _settle(d, fact.step, fact.attempt, Decimal(0), 0)
         _retry_or_fail(
             d,
             fact.step,
@@ -168,9 +227,9 @@ def _timer(state: RunState, fact: TimerFact) -> list[Event]:
             repair=[],
         )
     elif fact.kind == "retry" and step.status == "retry_wait" and step.attempt + 1 == fact.attempt:
-        limit = state.workflow.step(fact.step).retry.max_attempts
+        limit = state.workflow.step(fact.step).retry.max_attempts + step.extra_attempts
         reason = f"backoff over: attempt {fact.attempt}/{limit}"
-        _dispatch(d, fact.step, fact.attempt, reason, list(step.repair))
+        _begin(d, fact.step, fact.attempt, reason, list(step.repair))
     return d.events
 
 
@@ -184,10 +243,10 @@ def backoff_delay(policy: RetryPolicy, next_attempt: int, task: str) -> float:
     return max(0.0, base * (1 + policy.jitter * spread))
 
 
-def _start(state: RunState | None, fact: StartRunFact) -> list[Event]:
+def _start(state: RunState | None, fact: StartRunFact, policy: Policy) -> list[Event]:
     if state is not None:
         raise Rejected(f"run {fact.run_id} already exists ({state.status})")
-    d = _Decision(None, fact.run_id, fact.at)
+    d = _Decision(None, fact.run_id, fact.at, policy)
     d.emit(
         RunStarted,
         actor=fact.requested_by,
@@ -195,15 +254,17 @@ def _start(state: RunState | None, fact: StartRunFact) -> list[Event]:
         workflow=fact.workflow,
         input=fact.input,
         intent=fact.intent,
+        budget=fact.budget,
+        tenant=fact.tenant,
     )
-    _advance(d)
+    _advance(d, policy)
     return d.events
 
 
-def _cancel(state: RunState, fact: CancelFact) -> list[Event]:
+def _cancel(state: RunState, fact: CancelFact, policy: Policy) -> list[Event]:
     if state.terminal:
         raise Rejected(f"run {state.run_id} is already {state.status}")
-    d = _Decision(state, state.run_id, fact.at)
+    d = _Decision(state, state.run_id, fact.at, policy)
     d.emit(RunCancelled, actor=fact.requested_by, reason=fact.reason or "cancelled on request")
     return d.events
 
@@ -216,7 +277,7 @@ def _result(state: RunState, fact: ResultFact, policy: Policy) -> list[Event]:
     if result.task_id != task_id(state.run_id, result.step, result.attempt):
         raise Rejected(f"task id {result.task_id} does not match its step and attempt")
     agent = f"agent:{result.agent_id}"
-    d = _Decision(state, state.run_id, fact.at)
+    d = _Decision(state, state.run_id, fact.at, policy)
     d.emit(
         ResultReceived,
         actor=agent,
@@ -234,6 +295,8 @@ def _result(state: RunState, fact: ResultFact, policy: Policy) -> list[Event]:
         usage=result.usage,
         started_at=result.started_at,
         finished_at=result.finished_at,
+        review=result.review,
+        proposals=result.proposals,
     )
     if state.terminal:
         d.emit(
@@ -264,8 +327,12 @@ def _result(state: RunState, fact: ResultFact, policy: Policy) -> list[Event]:
 
     spec = state.workflow.step(result.step)
     # Usage is charged whatever the outcome: the tokens were spent.
+    charged = Decimal(0)
+    tokens = 0
     for usage in result.usage:
         amount = policy.prices.charge(usage)
+        charged += amount or 0
+        tokens += usage.input_tokens + usage.output_tokens
         d.emit(
             CostCharged,
             actor=COORDINATOR,
@@ -284,6 +351,7 @@ def _result(state: RunState, fact: ResultFact, policy: Policy) -> list[Event]:
             price_table=policy.prices.version,
             amount_usd=amount if amount is not None else 0,
         )
+    _settle(d, result.step, result.attempt, charged, tokens)
 
     duration_ms = (result.finished_at - result.started_at).total_seconds() * 1000
     if result.error is not None or result.output is None:
@@ -323,6 +391,19 @@ def _result(state: RunState, fact: ResultFact, policy: Policy) -> list[Event]:
                 contract=spec.contract,
                 errors=errors,
             )
+            received = d.run.step(result.step)
+            if received.received_hash in received.seen_hashes[:-1]:
+                # The same broken output again: retrying would spin. A person decides.
+                _request_approval(
+                    d,
+                    result.step,
+                    result.attempt,
+                    "loop",
+                    proposed=result.output,
+                    note="the agent returned the same output as an earlier attempt",
+                    policy=policy,
+                )
+                return d.events
             _retry_or_fail(
                 d,
                 result.step,
@@ -333,19 +414,83 @@ def _result(state: RunState, fact: ResultFact, policy: Policy) -> list[Event]:
             )
             return d.events
 
+    flagged = result.review is not None and (spec.approval is None or spec.approval.on_flag)
+    if flagged and "output" not in step.cleared:
+        _request_approval(
+            d,
+            result.step,
+            result.attempt,
+            "output",
+            proposed=result.output,
+            note=result.review or "",
+            policy=policy,
+        )
+        return d.events
+    _complete(d, result.step, duration_ms, policy)
+    return d.events
+
+
+def _complete(d: _Decision, step_name: str, duration_ms: float, policy: Policy) -> None:
+    """Accept the step's received output, admit what it proposes, and go on."""
+    run = d.run
+    step = run.step(step_name)
+    spec = run.workflow.step(step_name)
     d.emit(
         TaskCompleted,
-        actor=agent,
+        actor=f"agent:{step.agent_id}" if step.agent_id else COORDINATOR,
         reason=f"output meets contract {spec.contract}" if spec.contract else "output received",
-        task_id=result.task_id,
-        step=result.step,
-        attempt=result.attempt,
-        agent_id=result.agent_id,
-        output_hash=content_hash(result.output),
+        task_id=step.task_id or task_id(run.run_id, step_name, step.attempt),
+        step=step_name,
+        attempt=step.attempt,
+        agent_id=step.agent_id or "",
+        output_hash=step.received_hash or content_hash(step.received),
         duration_ms=duration_ms,
     )
-    _advance(d)
-    return d.events
+    if spec.may_propose:
+        _admit_proposals(d, step_name, policy)
+    _advance(d, policy)
+
+
+def _admit_proposals(d: _Decision, proposer: str, policy: Policy) -> None:
+    for proposal in d.run.step(proposer).proposals:
+        run = d.run
+        spec = (
+            proposal
+            if proposal.needs is not None
+            else proposal.model_copy(update={"needs": [proposer]})
+        )
+        why = _refusal(run, spec, policy)
+        if why:
+            d.emit(StepRefused, actor=COORDINATOR, reason=why, name=spec.name, proposed_by=proposer)
+        else:
+            d.emit(
+                StepAdmitted,
+                actor=COORDINATOR,
+                reason=f"proposed by {proposer}; within the run's limits",
+                spec=spec,
+                proposed_by=proposer,
+            )
+
+
+def _refusal(run: RunState, spec: StepSpec, policy: Policy) -> str | None:
+    limits = run.workflow.limits
+    if spec.name in run.steps:
+        return f"a step named {spec.name!r} already exists"
+    if len(run.steps) >= limits.max_steps:
+        return f"the run already has {len(run.steps)} steps, its limit is {limits.max_steps}"
+    unknown = (set(spec.needs or []) | referenced_steps(spec.input)) - set(run.steps)
+    if unknown:
+        return f"it depends on unknown steps: {', '.join(sorted(unknown))}"
+    if spec.contract:
+        try:
+            policy.contract(spec.contract)
+        except LookupError as exc:
+            return str(exc)
+    remaining = run.remaining_usd
+    estimate = spec.cost_estimate_usd or policy.default_estimate_usd
+    if remaining is not None and estimate > remaining:
+        return f"its estimate ${estimate} does not fit the remaining budget ${remaining}"
+    return None
 
 
 def _retry_or_fail(
@@ -359,10 +504,12 @@ def _retry_or_fail(
 ) -> None:
     run = d.run
     spec = run.workflow.step(step_name)
-    attempt = run.step(step_name).attempt
+    step = run.step(step_name)
+    attempt = step.attempt
     policy = spec.retry
     allowed = retryable and cause in policy.retry_on
-    if allowed and attempt < policy.max_attempts:
+    limit = policy.max_attempts + step.extra_attempts
+    if allowed and attempt < limit:
         next_attempt = attempt + 1
         delay = backoff_delay(policy, next_attempt, task_id(run.run_id, step_name, next_attempt))
         why = (
@@ -373,18 +520,12 @@ def _retry_or_fail(
             else f"after: {error}"
         )
         if delay <= 0:
-            _dispatch(
-                d,
-                step_name,
-                next_attempt,
-                f"retry {next_attempt}/{policy.max_attempts} {why}",
-                repair,
-            )
+            _begin(d, step_name, next_attempt, f"retry {next_attempt}/{limit} {why}", repair)
             return
         d.emit(
             RetryScheduled,
             actor=COORDINATOR,
-            reason=f"retry {next_attempt}/{policy.max_attempts} in {delay:.2f}s {why}",
+            reason=f"retry {next_attempt}/{limit} in {delay:.2f}s {why}",
             step=step_name,
             attempt=next_attempt,
             due_at=d.at + timedelta(seconds=delay),
@@ -397,6 +538,18 @@ def _retry_or_fail(
         if allowed
         else f"step {step_name} failed with an error its retry policy does not retry"
     )
+    if spec.on_failure == "ask":
+        _request_approval(
+            d, step_name, attempt, "exhausted", proposed=None, note=f"{why}: {error}",
+            policy=None,
+        )  # fmt: skip
+        return
+    _give_up(d, step_name, why, error)
+
+
+def _give_up(d: _Decision, step_name: str, why: str, error: str) -> None:
+    """The step will not be done: skip it if its policy says so, else fail the run."""
+    spec = d.run.workflow.step(step_name)
     if spec.on_failure == "skip":
         d.emit(
             StepSkipped,
@@ -405,36 +558,362 @@ def _retry_or_fail(
             step=step_name,
             error=error,
         )
-        _advance(d)
+        _advance(d, d.policy)
         return
     d.emit(RunFailed, actor=COORDINATOR, reason=why, step=step_name, error=error)
 
 
-def _advance(d: _Decision) -> None:
-    """Dispatch every step whose dependencies are met; complete the run when all are done."""
-    run = d.run
-    completed = {name for name, s in run.steps.items() if s.status in STEP_DONE}
-    for spec in run.workflow.steps:
+def _advance(d: _Decision, policy: Policy) -> None:
+    """Start every step whose dependencies are met; complete the run when all are done."""
+    for spec in list(d.run.workflow.steps):
+        run = d.run
+        if run.terminal:
+            return
         if run.steps[spec.name].status != "pending":
             continue
+        done = {name for name, s in run.steps.items() if s.status in STEP_DONE}
         deps = _dependencies(run.workflow, spec.name)
-        if deps <= completed:
+        if deps <= done:
             reason = f"after {', '.join(sorted(deps))} completed" if deps else "no dependencies"
-            _dispatch(d, spec.name, 1, reason, [])
-            if d.run.terminal:
-                return
+            _begin(d, spec.name, 1, reason, [])
     run = d.run
-    if all(s.status in STEP_DONE for s in run.steps.values()):
+    if not run.terminal and all(s.status in STEP_DONE for s in run.steps.values()):
         context = _context(run)
         template = run.workflow.output
-        if template is None:
-            template = f"$steps.{run.workflow.steps[-1].name}.output"
+        if template is None:  # the last step's output, or the last one that was not skipped
+            finished = [
+                s.name for s in run.workflow.steps if run.steps[s.name].status == "completed"
+            ]
+            template = f"$steps.{finished[-1]}.output" if finished else None
         try:
             output = resolve(template, context)
         except ReferenceError_ as exc:
             d.emit(RunFailed, actor=COORDINATOR, reason="run output mapping failed", error=str(exc))
             return
         d.emit(RunCompleted, actor=COORDINATOR, reason="all steps completed", output=output)
+
+
+def _begin(d: _Decision, step_name: str, attempt: int, reason: str, repair: list[str]) -> None:
+    """The gates before a dispatch: the run's attempt limit, approvals, then the budget."""
+    run = d.run
+    spec = run.workflow.step(step_name)
+    step = run.step(step_name)
+    policy = d.policy
+    limits = run.workflow.limits
+    if run.attempts >= limits.max_attempts:
+        d.emit(
+            RunFailed,
+            actor=COORDINATOR,
+            reason=f"the run reached its limit of {limits.max_attempts} attempts",
+            step=step_name,
+            error="attempt limit reached",
+        )
+        return
+    estimate = spec.cost_estimate_usd or policy.default_estimate_usd
+    gate = spec.approval
+    if gate is not None and attempt == 1:
+        kind: ApprovalKind | None = None
+        if gate.before and "before" not in step.cleared:
+            kind = "before"
+        elif (
+            gate.cost_over_usd is not None
+            and estimate > gate.cost_over_usd
+            and "cost" not in step.cleared
+        ):
+            kind = "cost"
+        if kind is not None:
+            try:
+                proposed = resolve(spec.input, _context(run))
+            except ReferenceError_ as exc:
+                proposed = {"error": str(exc)}
+            note = (
+                f"estimated ${estimate}, over the ${gate.cost_over_usd} threshold"
+                if kind == "cost"
+                else "this step asks for a look before it runs"
+            )
+            _request_approval(d, step_name, attempt, kind, proposed, note, policy)
+            return
+    remaining = run.remaining_usd
+    remaining_tokens = run.remaining_tokens
+    if (remaining is not None and estimate > remaining) or (
+        remaining_tokens is not None and remaining_tokens <= 0
+    ):
+        assert run.budget is not None
+        d.emit(
+            BudgetExhausted,
+            actor=COORDINATOR,
+            reason=(
+                f"step {step_name} needs ${estimate}, ${remaining} remains"
+                if remaining is not None and estimate > remaining
+                else f"the run's {run.budget.tokens} tokens are spent"
+            ),
+            step=step_name,
+            needed_usd=estimate,
+            remaining_usd=remaining,
+            remaining_tokens=remaining_tokens,
+        )
+        if run.budget.on_exhausted == "ask":
+            _request_approval(
+                d, step_name, attempt, "budget", proposed=None,
+                note=f"raise the budget to go on: the step needs ${estimate}", policy=policy,
+            )  # fmt: skip
+        else:
+            d.emit(
+                RunFailed,
+                actor=COORDINATOR,
+                reason="budget exhausted; the run fails closed",
+                step=step_name,
+                error=f"budget exhausted before step {step_name}",
+            )
+        return
+    if run.budget is not None:
+        d.emit(
+            BudgetReserved,
+            actor=COORDINATOR,
+            reason=f"estimate for {step_name} attempt {attempt}",
+            step=step_name,
+            attempt=attempt,
+            amount_usd=estimate,
+        )
+    _dispatch(d, step_name, attempt, reason, repair)
+
+
+def _settle(d: _Decision, step_name: str, attempt: int, actual: Decimal, tokens: int) -> None:
+    reserved = d.run.reserved.get((step_name, attempt))
+    if reserved is None:
+        return
+    over = actual - reserved
+    d.emit(
+        BudgetSettled,
+        actor=COORDINATOR,
+        reason=(f"${over} over the estimate" if over > 0 else "within the estimate"),
+        step=step_name,
+        attempt=attempt,
+        reserved_usd=reserved,
+        actual_usd=actual,
+        actual_tokens=tokens,
+    )
+
+
+def _request_approval(
+    d: _Decision,
+    step_name: str,
+    attempt: int,
+    kind: ApprovalKind,
+    proposed: Any,
+    note: str,
+    policy: Policy | None,
+) -> None:
+    run = d.run
+    spec = run.workflow.step(step_name)
+    gate = spec.approval or ApprovalPolicy()
+    base = f"{run.run_id}:{step_name}:{attempt}:{kind}"
+    request_id = base
+    n = 1
+    while request_id in run.approvals:
+        n += 1
+        request_id = f"{base}:{n}"
+    due = d.at + timedelta(seconds=gate.timeout_s)
+    warn = due - timedelta(seconds=gate.warn_before_s) if gate.warn_before_s else None
+    estimate = spec.cost_estimate_usd or (policy or d.policy).default_estimate_usd
+    d.emit(
+        ApprovalRequested,
+        actor=COORDINATOR,
+        reason=note or f"{kind} approval for {step_name}",
+        request_id=request_id,
+        step=step_name,
+        attempt=attempt,
+        kind=kind,
+        group=gate.approvers,
+        due_at=due,
+        warn_at=warn if warn is not None and warn > d.at else None,
+        context=ApprovalContext(
+            intent=run.intent,
+            step=step_name,
+            capability=spec.capability,
+            proposed=proposed,
+            cost_so_far_usd=run.cost_usd,
+            estimate_usd=estimate,
+            note=note,
+        ),
+    )
+
+
+def _decision(state: RunState, fact: ApprovalFact, policy: Policy) -> list[Event]:
+    step = state.steps.get(fact.step)
+    if step is None:
+        raise Rejected(f"run {state.run_id} has no step {fact.step!r}")
+    if step.approval_id is None:
+        latest = [a for a in state.approvals.values() if a.step == fact.step]
+        if not latest:
+            raise Rejected(f"step {fact.step} has no approval request")
+        last = latest[-1]
+        if last.status == "expired":
+            raise Rejected(
+                f"the approval request for {fact.step} expired at {last.due_at.isoformat()}"
+            )
+        raise Rejected(
+            f"the approval request for {fact.step} was already {last.status} by {last.by}"
+        )
+    if state.terminal:
+        raise Rejected(f"run {state.run_id} is already {state.status}")
+    approval = state.approvals[step.approval_id]
+    if fact.approve and approval.kind == "budget":
+        raise Rejected(
+            "this request waits for more budget: raise it with `cairn budget raise` "
+            "(or deny to fail the run)"
+        )
+    d = _Decision(state, state.run_id, fact.at, policy)
+    actor = f"human:{fact.by}"
+    if fact.approve:
+        d.emit(
+            ApprovalGranted,
+            actor=actor,
+            reason=fact.reason or "approved",
+            request_id=approval.request_id,
+            step=fact.step,
+            by=fact.by,
+        )
+        _resume(d, approval.step, approval.kind, approval.attempt, f"approved by {fact.by}")
+    else:
+        d.emit(
+            ApprovalDenied,
+            actor=actor,
+            reason=fact.reason or "denied",
+            request_id=approval.request_id,
+            step=fact.step,
+            by=fact.by,
+        )
+        _refuse(
+            d,
+            approval.step,
+            approval.kind,
+            f"denied by {fact.by}: {fact.reason or 'no reason given'}",
+        )
+    return d.events
+
+
+def _resume(d: _Decision, step_name: str, kind: str, attempt: int, why: str) -> None:
+    """Go on after a granted request."""
+    step = d.run.step(step_name)
+    if kind == "output":
+        _complete(d, step_name, 0.0, d.policy)
+    elif kind in ("exhausted", "loop"):
+        # One more attempt than the policy allowed, with what went wrong to repair.
+        d.state = replace(
+            d.run,
+            steps={**d.run.steps, step_name: replace(step, extra_attempts=step.extra_attempts + 1)},
+        )
+        _begin(d, step_name, attempt + 1, f"another attempt {why}", list(step.repair))
+    else:  # before, cost, budget: the dispatch that was held
+        _begin(d, step_name, attempt, why, list(step.repair))
+
+
+def _refuse(d: _Decision, step_name: str, kind: str, why: str) -> None:
+    """What a denial (or an expiry that counts as one) does to the step."""
+    if kind == "output":
+        _retry_or_fail(
+            d, step_name, f"output rejected, {why}", cause="error", retryable=True, repair=[why]
+        )
+    elif kind in ("before", "cost"):
+        _give_up(d, step_name, f"step {step_name} was not approved", why)
+    else:
+        d.emit(
+            RunFailed,
+            actor=COORDINATOR,
+            reason=f"step {step_name} {why}",
+            step=step_name,
+            error=why,
+        )
+
+
+def _approval_timer(state: RunState, fact: TimerFact, policy: Policy) -> list[Event]:
+    approval = state.approvals.get(fact.request_id or "")
+    if state.terminal or approval is None or approval.status != "pending":
+        return []
+    d = _Decision(state, state.run_id, fact.at, policy)
+    gate = state.workflow.step(approval.step).approval or ApprovalPolicy()
+    if fact.kind == "approval_warn":
+        if approval.warn_at is None or fact.at < approval.warn_at:
+            return []
+        d.emit(
+            ApprovalWarned,
+            actor=COORDINATOR,
+            reason=f"expires at {approval.due_at.isoformat()}",
+            request_id=approval.request_id,
+            step=approval.step,
+            due_at=approval.due_at,
+        )
+        return d.events
+    if fact.at < approval.due_at:
+        return []  # an old timer: the request was escalated since
+    if gate.on_expiry == "escalate" and approval.escalations < len(gate.escalate_to):
+        group = gate.escalate_to[approval.escalations]
+        due = fact.at + timedelta(seconds=gate.timeout_s)
+        warn = due - timedelta(seconds=gate.warn_before_s) if gate.warn_before_s else None
+        d.emit(
+            ApprovalEscalated,
+            actor=COORDINATOR,
+            reason=f"nobody in {approval.group} decided in time",
+            request_id=approval.request_id,
+            step=approval.step,
+            group=group,
+            due_at=due,
+            warn_at=warn,
+        )
+        return d.events
+    d.emit(
+        ApprovalExpired,
+        actor=COORDINATOR,
+        reason=f"nobody decided by {approval.due_at.isoformat()}",
+        request_id=approval.request_id,
+        step=approval.step,
+    )
+    why = f"approval expired at {approval.due_at.isoformat()}"
+    if gate.on_expiry == "deny":
+        _refuse(d, approval.step, approval.kind, why)
+    else:
+        d.emit(RunFailed, actor=COORDINATOR, reason=why, step=approval.step, error=why)
+    return d.events
+
+
+def _budget(state: RunState, fact: BudgetFact, policy: Policy) -> list[Event]:
+    if state.terminal:
+        raise Rejected(f"run {state.run_id} is already {state.status}")
+    committed = state.cost_usd + state.reserved_usd
+    if fact.usd is not None and fact.usd < committed:
+        raise Rejected(
+            f"a budget of ${fact.usd} is below the ${committed} already spent or reserved"
+        )
+    if fact.usd is None and fact.tokens is None:
+        raise Rejected("give a new budget in USD, in tokens, or both")
+    d = _Decision(state, state.run_id, fact.at, policy)
+    d.emit(
+        BudgetRaised,
+        actor=f"human:{fact.by}",
+        reason=fact.reason or "budget raised",
+        usd=fact.usd,
+        tokens=fact.tokens,
+        by=fact.by,
+    )
+    for approval in state.pending_approvals():
+        if approval.kind == "budget":
+            d.emit(
+                ApprovalGranted,
+                actor=f"human:{fact.by}",
+                reason="budget raised",
+                request_id=approval.request_id,
+                step=approval.step,
+                by=fact.by,
+            )
+            _begin(
+                d,
+                approval.step,
+                approval.attempt,
+                f"budget raised by {fact.by}",
+                list(d.run.step(approval.step).repair),
+            )
+    return d.events
 
 
 def _dispatch(d: _Decision, step_name: str, attempt: int, reason: str, repair: list[str]) -> None:

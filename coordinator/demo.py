@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,14 +13,14 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from rich.console import Console
 from rich.live import Live
 
-from cairn.events import Intent, WorkflowSpec
+from cairn.events import Budget, EventNotice, Intent, WorkflowSpec
 
 from .client import CairnClient
 from .processes import Supervisor
 from .progress import RunProgress
 from .settings import Settings
 
-DEMO_WORKFLOW = "research-report"
+DEMO_WORKFLOW = "reviewed-report"
 DEMO_TOPIC = "ocean tides"
 
 
@@ -63,6 +64,9 @@ async def wait_for_services(sup: Supervisor, client: CairnClient, timeout: float
             await asyncio.sleep(0.05)
 
 
+Approver = Callable[[CairnClient, EventNotice, "Live | None"], Awaitable[None]]
+
+
 async def run_and_follow(
     client: CairnClient,
     workflow: str | WorkflowSpec,
@@ -71,14 +75,18 @@ async def run_and_follow(
     console: Console | None,
     timeout: float,
     sup: Supervisor | None = None,
+    approver: Approver | None = None,
+    budget: Budget | None = None,
 ) -> DemoResult:
-    """Start a run and follow its committed events until it ends, showing progress live."""
+    """Start a run and follow its committed events until it ends, showing progress live.
+
+    `approver` is called for each approval request (the demo's --yes, or a prompt)."""
     run_id = uuid.uuid4()
     progress = RunProgress(str(run_id))
     feed = await client.follow(run_id)
     started = time.monotonic()
     try:
-        reply = await client.start_run(workflow, input, intent=intent, run_id=run_id)
+        reply = await client.start_run(workflow, input, intent=intent, run_id=run_id, budget=budget)
         if not reply.ok:
             raise DemoError(f"the coordinator refused the run: {reply.error}")
         live = Live(progress.table(), console=console, refresh_per_second=12) if console else None
@@ -99,6 +107,8 @@ async def run_and_follow(
                 progress.apply(notice)
                 if live:
                     live.update(progress.table())
+                if notice.type == "ApprovalRequested" and approver is not None:
+                    await approver(client, notice, live)
         finally:
             if live:
                 live.update(progress.table())
@@ -117,3 +127,61 @@ async def start_services(settings: Settings, startup_timeout: float = 30.0) -> S
         sup.stop_all()
         raise
     return sup
+
+
+def auto_approver(name: str) -> Approver:
+    """Approve every request at once, on record as `name` (the demo's --yes)."""
+
+    async def approve(client: CairnClient, notice: EventNotice, live: Live | None) -> None:
+        event = notice.event
+        reply = await client.approve(
+            uuid.UUID(event["run_id"]), event["step"], name, "auto-approved (--yes)"
+        )
+        if not reply.ok:
+            raise DemoError(f"could not approve {event['step']}: {reply.error}")
+
+    return approve
+
+
+def prompt_approver(console: Console, name: str) -> Approver:
+    """Ask in the terminal; `cairn approve` from another terminal works as well."""
+
+    async def ask(client: CairnClient, notice: EventNotice, live: Live | None) -> None:
+        event = notice.event
+        context = event["context"]
+        if live:
+            live.stop()
+        console.print(
+            f"\n[bold yellow]approval needed[/] before [bold]{event['step']}[/] "
+            f"({event['kind']}, group {event['group']}): {event['reason']}"
+        )
+        console.print(f"  goal: {context['intent']['goal']}")
+        console.print(f"  cost so far: ${context['cost_so_far_usd']}")
+        console.print(
+            f"  or from another terminal: cairn approve {event['run_id']} {event['step']} --as NAME"
+        )
+        answer = await asyncio.to_thread(console.input, "  approve? [y/N] ")
+        deny = answer.strip().lower() not in ("y", "yes")
+        reply = await client.approve(
+            uuid.UUID(event["run_id"]), event["step"], name,
+            "denied at the demo prompt" if deny else "approved at the demo prompt", deny=deny,
+        )  # fmt: skip
+        if not reply.ok:  # decided elsewhere in the meantime
+            console.print(f"  {reply.error}")
+        if live:
+            live.start()
+
+    return ask
+
+
+def waiting_notice(console: Console) -> Approver:
+    """No terminal to ask in: say how to approve, and keep following the run."""
+
+    async def tell(client: CairnClient, notice: EventNotice, live: Live | None) -> None:
+        event = notice.event
+        console.print(
+            f"waiting for approval of {event['step']}: "
+            f"cairn approve {event['run_id']} {event['step']} --as NAME"
+        )
+
+    return tell

@@ -89,14 +89,19 @@ class EmbeddedNats:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        if self.process and self.process.stderr:
-            self.process.stderr.close()
+        self._close_pipe()
 
     def kill(self) -> None:
         """SIGKILL, for fault tests."""
         if self.process and self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+        self._close_pipe()
+
+    def _close_pipe(self) -> None:
+        # An unclosed pipe outlives the server as a ResourceWarning when the Popen is collected.
+        if self.process and self.process.stderr:
+            self.process.stderr.close()
 
     def __enter__(self) -> EmbeddedNats:
         return self.start()

@@ -16,16 +16,19 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from nats.aio.msg import Msg
 from pydantic import ValidationError
 
 from cairn.events import (
     MAX_PAYLOAD_BYTES,
+    ApprovalDecision,
     CancelRun,
     CommandReply,
     Event,
     Intent,
+    RaiseBudget,
     StartRun,
     TaskDispatched,
     TaskResult,
@@ -34,7 +37,18 @@ from cairn.events import (
 
 from .crashpoints import crash_point
 from .deadletters import DeadLetters, non_finite_number, validation_reason
-from .decisions import CancelFact, Policy, Rejected, ResultFact, StartRunFact, TimerFact, decide
+from .decisions import (
+    ApprovalFact,
+    BudgetFact,
+    CancelFact,
+    Fact,
+    Policy,
+    Rejected,
+    ResultFact,
+    StartRunFact,
+    TimerFact,
+    decide,
+)
 from .outbox import Outbox
 from .state import RunState, evolve, fold
 from .store import ConcurrencyError, EventStore, LoggedEvent
@@ -127,6 +141,8 @@ class Coordinator:
             intent=intent,
             requested_by=command.requested_by,
             at=at or datetime.now(UTC),
+            budget=command.budget,
+            tenant=command.tenant,
         )
         async with self._lock:
             existing = self._state(run_id)
@@ -145,18 +161,68 @@ class Coordinator:
             reason=command.reason,
             at=at or datetime.now(UTC),
         )
+        return await self._command(command.run_id, fact)
+
+    async def decide_approval(
+        self, command: ApprovalDecision, approve: bool, at: datetime | None = None
+    ) -> CommandReply:
+        fact = ApprovalFact(
+            run_id=command.run_id,
+            step=command.step,
+            by=command.by,
+            approve=approve,
+            reason=command.reason,
+            at=at or datetime.now(UTC),
+        )
+        return await self._command(command.run_id, fact)
+
+    async def raise_budget(self, command: RaiseBudget, at: datetime | None = None) -> CommandReply:
+        fact = BudgetFact(
+            run_id=command.run_id,
+            usd=command.usd,
+            tokens=command.tokens,
+            by=command.by,
+            reason=command.reason,
+            at=at or datetime.now(UTC),
+        )
+        return await self._command(command.run_id, fact)
+
+    def pending_approvals(self) -> list[dict[str, Any]]:
+        """Open approval requests of the runs this coordinator owns, oldest first."""
+        pending = []
+        for state in self.runs.values():
+            for approval in state.pending_approvals():
+                step = state.steps[approval.step]
+                pending.append(
+                    {
+                        "run_id": str(state.run_id),
+                        "workflow": state.workflow.name,
+                        "goal": state.intent.goal,
+                        "step": approval.step,
+                        "attempt": approval.attempt,
+                        "kind": approval.kind,
+                        "group": approval.group,
+                        "due_at": approval.due_at.isoformat(),
+                        "request_id": approval.request_id,
+                        "cost_so_far_usd": str(state.cost_usd),
+                        "step_status": step.status,
+                    }
+                )
+        return sorted(pending, key=lambda a: a["due_at"])
+
+    async def _command(self, run_id: uuid.UUID, fact: Fact) -> CommandReply:
         async with self._lock:
-            state = self._state(command.run_id)
+            state = self._state(run_id)
             if state is None:
-                return CommandReply(ok=False, error=f"unknown run {command.run_id}")
+                return CommandReply(ok=False, run_id=run_id, error=f"unknown run {run_id}")
             try:
                 events = decide(state, fact, self.policy)
             except Rejected as exc:
-                return CommandReply(ok=False, run_id=command.run_id, error=str(exc))
+                return CommandReply(ok=False, run_id=run_id, error=str(exc))
             for event in events:
                 state = evolve(state, event)
-            await self._commit_and_publish({command.run_id: state}, events)
-        return CommandReply(ok=True, run_id=command.run_id, status=state.status)
+            await self._commit_and_publish({run_id: state}, events)
+        return CommandReply(ok=True, run_id=run_id, status=state.status)
 
     # -- results (the hot path) -------------------------------------------------------------
 

@@ -14,6 +14,8 @@ from cairn.events import EventNotice
 
 _STATUS_STYLE = {
     "pending": ("·", "dim"),
+    "awaiting approval": ("⏸", "bold yellow"),
+    "blocked": ("⏸", "bold red"),
     "dispatched": ("▶", "yellow"),
     "retrying": ("↻", "magenta"),
     "completed": ("✓", "green"),
@@ -78,6 +80,15 @@ class RunProgress:
             self.cost += amount
         elif kind in ("TaskFailed", "ContractViolated") and e["step"] in self.steps:
             self.steps[e["step"]].agent = e["agent_id"]
+        elif kind == "ApprovalRequested" and e["step"] in self.steps:
+            self.steps[e["step"]].status = "awaiting approval"
+        elif kind == "ApprovalGranted" and e["step"] in self.steps:
+            self.steps[e["step"]].agent = f"approved by {e['by']}"
+        elif kind == "BudgetExhausted" and e["step"] in self.steps:
+            self.steps[e["step"]].status = "blocked"
+        elif kind == "StepAdmitted":
+            spec = e["spec"]
+            self.steps[spec["name"]] = StepRow(spec["name"], spec["capability"])
         elif kind == "RunCompleted":
             self.status = "completed"
             self.output = e["output"]

@@ -19,14 +19,20 @@ from nats.js.api import AckPolicy, ConsumerConfig
 from pydantic import BaseModel, ValidationError
 
 from cairn.events import (
+    CMD_APPROVALS,
+    CMD_APPROVE,
+    CMD_BUDGET,
     CMD_CANCEL,
+    CMD_DENY,
     CMD_PING,
     CMD_START,
     COORDINATOR_CONSUMER,
     MAX_PAYLOAD_BYTES,
     RESULTS_STREAM,
+    ApprovalDecision,
     CancelRun,
     CommandReply,
+    RaiseBudget,
     StartRun,
 )
 from cairn.events.contracts import resolve_contract
@@ -227,6 +233,29 @@ def create_app(settings: Settings) -> FastStream:
     @router.subscriber(CMD_CANCEL, queue=COMMAND_QUEUE)
     async def cancel_run(msg: NatsMessage) -> dict[str, Any]:
         return await command(msg, "cancel", CancelRun, Coordinator.cancel_run)
+
+    async def approve(coordinator: Coordinator, command: ApprovalDecision) -> CommandReply:
+        return await coordinator.decide_approval(command, approve=True)
+
+    async def deny(coordinator: Coordinator, command: ApprovalDecision) -> CommandReply:
+        return await coordinator.decide_approval(command, approve=False)
+
+    @router.subscriber(CMD_APPROVE, queue=COMMAND_QUEUE)
+    async def approve_step(msg: NatsMessage) -> dict[str, Any]:
+        return await command(msg, "approve", ApprovalDecision, approve)
+
+    @router.subscriber(CMD_DENY, queue=COMMAND_QUEUE)
+    async def deny_step(msg: NatsMessage) -> dict[str, Any]:
+        return await command(msg, "deny", ApprovalDecision, deny)
+
+    @router.subscriber(CMD_BUDGET, queue=COMMAND_QUEUE)
+    async def raise_budget(msg: NatsMessage) -> dict[str, Any]:
+        return await command(msg, "budget", RaiseBudget, Coordinator.raise_budget)
+
+    @router.subscriber(CMD_APPROVALS, queue=COMMAND_QUEUE)
+    async def approvals(msg: NatsMessage) -> dict[str, Any]:
+        coordinator = await engine()
+        return CommandReply(ok=True, data=coordinator.pending_approvals()).model_dump(mode="json")
 
     @router.subscriber(CMD_PING, queue=COMMAND_QUEUE)
     async def ping(msg: NatsMessage) -> dict[str, Any]:

@@ -9,6 +9,17 @@ from decimal import Decimal
 from typing import Any, Literal
 
 from cairn.events import (
+    ApprovalDenied,
+    ApprovalEscalated,
+    ApprovalExpired,
+    ApprovalGranted,
+    ApprovalRequested,
+    ApprovalWarned,
+    Budget,
+    BudgetExhausted,
+    BudgetRaised,
+    BudgetReserved,
+    BudgetSettled,
     ContractViolated,
     CostCharged,
     Event,
@@ -20,17 +31,31 @@ from cairn.events import (
     RunCompleted,
     RunFailed,
     RunStarted,
+    StepAdmitted,
+    StepRefused,
     StepSkipped,
+    StepSpec,
     TaskCompleted,
     TaskDispatched,
     TaskFailed,
     TaskTimedOut,
     WorkflowSpec,
+    content_hash,
     event_hash,
 )
 
 RunStatus = Literal["running", "completed", "failed", "cancelled"]
-StepStatus = Literal["pending", "dispatched", "retry_wait", "completed", "skipped", "failed"]
+StepStatus = Literal[
+    "pending",
+    "awaiting_approval",  # a gate is open before dispatch, or after an output / failure
+    "blocked",  # the budget cannot cover the next attempt
+    "dispatched",
+    "retry_wait",
+    "completed",
+    "skipped",
+    "failed",
+]
+ApprovalStatus = Literal["pending", "granted", "denied", "expired"]
 # Statuses after which a step no longer holds up the steps that need it.
 STEP_DONE: frozenset[str] = frozenset({"completed", "skipped"})
 
@@ -50,6 +75,12 @@ class StepState:
     retry_due_at: datetime | None = None
     repair: tuple[str, ...] = ()
     received: dict[str, Any] | None = None  # the latest result's output, until judged
+    received_hash: str | None = None
+    seen_hashes: tuple[str, ...] = ()  # every output received for this step: loop guard
+    proposals: tuple[StepSpec, ...] = ()  # follow-up steps the latest result proposed
+    approval_id: str | None = None  # the open request holding this step
+    cleared: frozenset[str] = frozenset()  # gates already passed, by approval kind
+    extra_attempts: int = 0  # granted by people after the retry policy ran out
 
     @property
     def timeout_due_at(self) -> datetime | None:
@@ -57,6 +88,20 @@ class StepState:
         if self.status != "dispatched" or self.dispatched_at is None:
             return None
         return self.dispatched_at + timedelta(seconds=self.timeout_s)
+
+
+@dataclass(frozen=True)
+class ApprovalState:
+    request_id: str
+    step: str
+    attempt: int
+    kind: str
+    group: str
+    due_at: datetime
+    warn_at: datetime | None
+    status: ApprovalStatus = "pending"
+    by: str | None = None
+    escalations: int = 0
 
 
 @dataclass(frozen=True)
@@ -74,6 +119,31 @@ class RunState:
     error: str | None = None
     updated_at: datetime | None = None
     last_hash: str = ""  # hash of the latest event: the next one's prev_hash
+    budget: Budget | None = None
+    tenant: str = "default"
+    spent_tokens: int = 0
+    reserved: dict[tuple[str, int], Decimal] = field(default_factory=dict)
+    approvals: dict[str, ApprovalState] = field(default_factory=dict)
+    attempts: int = 0  # tasks dispatched in all: a loop guard
+
+    @property
+    def reserved_usd(self) -> Decimal:
+        return sum(self.reserved.values(), Decimal(0))
+
+    @property
+    def remaining_usd(self) -> Decimal | None:
+        if self.budget is None or self.budget.usd is None:
+            return None
+        return self.budget.usd - self.cost_usd - self.reserved_usd
+
+    @property
+    def remaining_tokens(self) -> int | None:
+        if self.budget is None or self.budget.tokens is None:
+            return None
+        return self.budget.tokens - self.spent_tokens
+
+    def pending_approvals(self) -> list[ApprovalState]:
+        return [a for a in self.approvals.values() if a.status == "pending"]
 
     @property
     def terminal(self) -> bool:
@@ -104,6 +174,8 @@ def evolve(state: RunState | None, event: Event) -> RunState:
             steps={s.name: StepState(s.name) for s in event.workflow.steps},
             updated_at=event.at,
             last_hash=event_hash(event),
+            budget=event.budget,
+            tenant=event.tenant,
         )
     if state is None:
         raise EvolveError(f"{event.type_name()} before RunStarted in run {event.run_id}")
@@ -114,8 +186,21 @@ def evolve(state: RunState | None, event: Event) -> RunState:
         )
     state = replace(state, version=event.seq, updated_at=event.at, last_hash=event_hash(event))
     if isinstance(event, ResultReceived):
-        return _with_step(state, event.step, received=event.output)
+        step = state.steps.get(event.step)
+        if step is None or step.status != "dispatched" or step.task_id != event.task_id:
+            return state  # a duplicate or stale result: recorded, changes nothing
+        digest = content_hash(event.output) if event.output is not None else None
+        return _with_step(
+            state,
+            event.step,
+            received=event.output,
+            received_hash=digest,
+            seen_hashes=(*step.seen_hashes, digest) if digest else step.seen_hashes,
+            proposals=tuple(event.proposals),
+            agent_id=event.agent_id,
+        )
     if isinstance(event, TaskDispatched):
+        state = replace(state, attempts=state.attempts + 1)
         return _with_step(
             state,
             event.step,
@@ -126,6 +211,7 @@ def evolve(state: RunState | None, event: Event) -> RunState:
             timeout_s=event.timeout_s,
             retry_due_at=None,
             repair=tuple(event.repair),
+            approval_id=None,
         )
     if isinstance(event, TaskCompleted):
         previous = state.steps.get(event.step)
@@ -157,7 +243,79 @@ def evolve(state: RunState | None, event: Event) -> RunState:
     if isinstance(event, StepSkipped):
         return _with_step(state, event.step, status="skipped", last_error=event.error)
     if isinstance(event, CostCharged):
-        return replace(state, cost_usd=state.cost_usd + event.amount_usd)
+        return replace(
+            state,
+            cost_usd=state.cost_usd + event.amount_usd,
+            spent_tokens=state.spent_tokens + event.input_tokens + event.output_tokens,
+        )
+    if isinstance(event, BudgetReserved):
+        reserved = dict(state.reserved)
+        reserved[(event.step, event.attempt)] = event.amount_usd
+        return replace(state, reserved=reserved)
+    if isinstance(event, BudgetSettled):
+        reserved = dict(state.reserved)
+        reserved.pop((event.step, event.attempt), None)
+        return replace(state, reserved=reserved)
+    if isinstance(event, BudgetExhausted):
+        return _with_step(state, event.step, status="blocked")
+    if isinstance(event, BudgetRaised):
+        old = state.budget or Budget()
+        budget = old.model_copy(
+            update={
+                "usd": event.usd if event.usd is not None else old.usd,
+                "tokens": event.tokens if event.tokens is not None else old.tokens,
+            }
+        )
+        return replace(state, budget=budget)
+    if isinstance(event, ApprovalRequested):
+        approvals = dict(state.approvals)
+        approvals[event.request_id] = ApprovalState(
+            request_id=event.request_id,
+            step=event.step,
+            attempt=event.attempt,
+            kind=event.kind,
+            group=event.group,
+            due_at=event.due_at,
+            warn_at=event.warn_at,
+        )
+        state = replace(state, approvals=approvals)
+        return _with_step(
+            state, event.step, status="awaiting_approval", approval_id=event.request_id
+        )
+    if isinstance(event, ApprovalEscalated):
+        return _with_approval(
+            state,
+            event.request_id,
+            group=event.group,
+            due_at=event.due_at,
+            warn_at=event.warn_at,
+            escalations=state.approvals[event.request_id].escalations + 1,
+        )
+    if isinstance(event, ApprovalWarned):
+        return _with_approval(state, event.request_id, warn_at=None)
+    if isinstance(event, ApprovalGranted | ApprovalDenied | ApprovalExpired):
+        status: ApprovalStatus = (
+            "granted"
+            if isinstance(event, ApprovalGranted)
+            else "denied"
+            if isinstance(event, ApprovalDenied)
+            else "expired"
+        )
+        by = event.by if isinstance(event, ApprovalGranted | ApprovalDenied) else None
+        state = _with_approval(state, event.request_id, status=status, by=by)
+        approval = state.approvals[event.request_id]
+        step = state.steps[approval.step]
+        changes: dict[str, Any] = {"approval_id": None}
+        if status == "granted":
+            changes["cleared"] = step.cleared | {approval.kind}
+        return _with_step(state, approval.step, **changes)
+    if isinstance(event, StepAdmitted):
+        workflow = state.workflow.model_copy(update={"steps": [*state.workflow.steps, event.spec]})
+        steps = dict(state.steps)
+        steps[event.spec.name] = StepState(event.spec.name)
+        return replace(state, workflow=workflow, steps=steps)
+    if isinstance(event, StepRefused):
+        return state
     if isinstance(event, RunCompleted):
         return replace(state, status="completed", output=event.output)
     if isinstance(event, RunFailed):
@@ -177,6 +335,14 @@ def fold(events: list[Event]) -> RunState | None:
     for event in events:
         state = evolve(state, event)
     return state
+
+
+def _with_approval(state: RunState, request_id: str, **changes: Any) -> RunState:
+    if request_id not in state.approvals:
+        raise EvolveError(f"run {state.run_id} has no approval request {request_id!r}")
+    approvals = dict(state.approvals)
+    approvals[request_id] = replace(approvals[request_id], **changes)
+    return replace(state, approvals=approvals)
 
 
 def _with_step(state: RunState, name: str, **changes: Any) -> RunState:

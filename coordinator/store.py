@@ -24,7 +24,7 @@ from eventsourcing.persistence import (
     TrackingRecorder,
 )
 
-from cairn.events import Event, decode_event, encode_event, topic_of
+from cairn.events import Event, decode_event, encode_event, event_class, topic_of
 
 
 class StoreUnavailableError(RuntimeError):
@@ -33,6 +33,20 @@ class StoreUnavailableError(RuntimeError):
 
 class ConcurrencyError(RuntimeError):
     """Another writer appended to one of the runs first (optimistic concurrency)."""
+
+
+@dataclass(frozen=True)
+class StoredRow:
+    """An event as the store holds it: its place, its topic (`Type@version`) and its bytes."""
+
+    run_id: uuid.UUID
+    seq: int
+    topic: str
+    state: bytes
+
+
+class RunNotFoundError(LookupError):
+    """No run in the store matches the given id or prefix (or several do)."""
 
 
 @dataclass(frozen=True)
@@ -148,6 +162,71 @@ class EventStore:
             )
             for n in rows
         ]
+
+    def append_rows(self, rows: Sequence[StoredRow]) -> list[int]:
+        """Store events as given (topic and bytes unchanged, e.g. an imported history that
+        holds older versions) in one transaction; return their log positions."""
+        stored = [StoredEvent(r.run_id, r.seq, r.topic, r.state) for r in rows]
+        try:
+            ids = self._recorder.insert_events(stored)
+        except IntegrityError as exc:
+            raise ConcurrencyError(str(exc)) from exc
+        return list(ids or [])
+
+    def rows(self, run_id: uuid.UUID) -> list[StoredRow]:
+        """A run's events as stored, in the order of their positions in the run."""
+        return [
+            StoredRow(run_id, r.originator_version, r.topic, bytes(r.state))
+            for r in self._recorder.select_events(run_id)
+        ]
+
+    def has_run(self, run_id: uuid.UUID) -> bool:
+        return bool(self._recorder.select_events(run_id, limit=1))
+
+    def run_ids(self, *, started_only: bool = True) -> list[uuid.UUID]:
+        """Runs in the order they were recorded: those with a RunStarted event, or (not
+        `started_only`) every stream in the log, read from the log without decoding."""
+        topics: list[str] = []
+        if started_only:
+            cls = event_class("RunStarted")
+            topics = [f"RunStarted@{v}" for v in range(1, cls.version + 1)]
+        seen: dict[uuid.UUID, None] = {}
+        position = 0
+        while True:
+            rows = self._recorder.select_notifications(
+                start=position, limit=5000, topics=topics, inclusive_of_start=False
+            )
+            if not rows:
+                return list(seen)
+            for n in rows:
+                seen.setdefault(_as_uuid(n.originator_id), None)
+            position = rows[-1].id
+
+    def resolve_run(self, ref: str) -> uuid.UUID:
+        """The run a full id or a unique prefix of one names; RunNotFoundError otherwise."""
+        text = ref.strip().lower()
+        try:
+            run_id = uuid.UUID(text)
+        except ValueError:
+            run_id = None
+        if run_id is not None:
+            if not self.has_run(run_id):
+                raise RunNotFoundError(f"no run {run_id} in the event store ({describe(self.url)})")
+            return run_id
+        if not text or any(c not in "0123456789abcdef-" for c in text):
+            raise RunNotFoundError(f"{ref!r} is not a run id or a prefix of one")
+        matches = [r for r in self.run_ids() if str(r).startswith(text)]
+        if not matches:
+            raise RunNotFoundError(
+                f"no run id starts with {text!r} in the event store ({describe(self.url)})"
+            )
+        if len(matches) > 1:
+            shown = ", ".join(str(m) for m in matches[:5])
+            more = f" and {len(matches) - 5} more" if len(matches) > 5 else ""
+            raise RunNotFoundError(
+                f"{text!r} matches {len(matches)} runs ({shown}{more}): give more of the id"
+            )
+        return matches[0]
 
     def last_position(self) -> int:
         return self._recorder.max_notification_id() or 0

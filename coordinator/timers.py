@@ -15,12 +15,18 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Literal
 
-from cairn.events import Event, RetryScheduled, TaskDispatched
+from cairn.events import (
+    ApprovalEscalated,
+    ApprovalRequested,
+    Event,
+    RetryScheduled,
+    TaskDispatched,
+)
 
 from .decisions import TimerFact
 from .state import RunState
 
-TimerKind = Literal["timeout", "retry"]
+TimerKind = Literal["timeout", "retry", "approval", "approval_warn"]
 
 
 @dataclass(frozen=True, order=True)
@@ -31,10 +37,16 @@ class Timer:
     step: str = field(compare=False)
     attempt: int = field(compare=False)
     kind: TimerKind = field(compare=False)
+    request_id: str | None = field(default=None, compare=False)
 
     def fact(self, at: datetime) -> TimerFact:
         return TimerFact(
-            run_id=self.run_id, step=self.step, attempt=self.attempt, kind=self.kind, at=at
+            run_id=self.run_id,
+            step=self.step,
+            attempt=self.attempt,
+            kind=self.kind,
+            at=at,
+            request_id=self.request_id,
         )
 
 
@@ -49,9 +61,16 @@ class TimerQueue:
         return len(self._heap)
 
     def push(
-        self, due: datetime, run_id: uuid.UUID, step: str, attempt: int, kind: TimerKind
+        self,
+        due: datetime,
+        run_id: uuid.UUID,
+        step: str,
+        attempt: int,
+        kind: TimerKind,
+        request_id: str | None = None,
     ) -> None:
-        heapq.heappush(self._heap, Timer(due, next(self._order), run_id, step, attempt, kind))
+        timer = Timer(due, next(self._order), run_id, step, attempt, kind, request_id)
+        heapq.heappush(self._heap, timer)
 
     def next_due(self) -> datetime | None:
         return self._heap[0].due if self._heap else None
@@ -71,16 +90,22 @@ class TimerQueue:
             self.push(*timer)
 
 
-TimerSpec = tuple[datetime, uuid.UUID, str, int, TimerKind]
+TimerSpec = tuple[datetime, uuid.UUID, str, int, TimerKind, str | None]
 
 
 def timers_for_events(events: Iterable[Event]) -> Iterator[TimerSpec]:
     for event in events:
         if isinstance(event, TaskDispatched):
             due = event.at + timedelta(seconds=event.timeout_s)
-            yield due, event.run_id, event.step, event.attempt, "timeout"
+            yield due, event.run_id, event.step, event.attempt, "timeout", None
         elif isinstance(event, RetryScheduled):
-            yield event.due_at, event.run_id, event.step, event.attempt, "retry"
+            yield event.due_at, event.run_id, event.step, event.attempt, "retry", None
+        elif isinstance(event, ApprovalRequested | ApprovalEscalated):
+            request = event.request_id
+            attempt = getattr(event, "attempt", 0)
+            yield event.due_at, event.run_id, event.step, attempt, "approval", request
+            if event.warn_at is not None:
+                yield event.warn_at, event.run_id, event.step, attempt, "approval_warn", request
 
 
 def timers_for_state(state: RunState) -> Iterator[TimerSpec]:
@@ -89,6 +114,18 @@ def timers_for_state(state: RunState) -> Iterator[TimerSpec]:
     for step in state.steps.values():
         timeout_due = step.timeout_due_at
         if timeout_due is not None:
-            yield timeout_due, state.run_id, step.name, step.attempt, "timeout"
+            yield timeout_due, state.run_id, step.name, step.attempt, "timeout", None
         if step.status == "retry_wait" and step.retry_due_at is not None:
-            yield step.retry_due_at, state.run_id, step.name, step.attempt + 1, "retry"
+            yield step.retry_due_at, state.run_id, step.name, step.attempt + 1, "retry", None
+    for approval in state.pending_approvals():
+        request = approval.request_id
+        yield approval.due_at, state.run_id, approval.step, approval.attempt, "approval", request
+        if approval.warn_at is not None:
+            yield (
+                approval.warn_at,
+                state.run_id,
+                approval.step,
+                approval.attempt,
+                "approval_warn",
+                request,
+            )

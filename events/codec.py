@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import weakref
 from typing import Any
 
 from pydantic import BaseModel
@@ -37,12 +38,15 @@ def decode_event(topic: str, state: bytes, run_id: Any, seq: int) -> Event:
     """Rebuild an event from the store, upcasting older versions to the current model."""
     name, version = parse_topic(topic)
     cls = event_class(name)
-    data: dict[str, Any] = json.loads(state)
+    data = json.loads(state)
+    if not isinstance(data, dict):
+        raise ValueError(f"stored {name} event {seq} of run {run_id} is not a JSON object")
     if version > cls.version:
         raise UnknownEventError(
-            f"event {name} has version {version}, newer than this code's {cls.version}; "
-            "upgrade cairn to read it"
+            f"event {seq} of run {run_id} is {name} version {version}, newer than this code's "
+            f"version {cls.version}: upgrade cairn to read it"
         )
+    stored_hash = link_hash(data, run_id, seq) if version < cls.version else None
     while version < cls.version:
         try:
             upcast = cls.upcasters[version]
@@ -52,13 +56,44 @@ def decode_event(topic: str, state: bytes, run_id: Any, seq: int) -> Event:
         version += 1
     data["run_id"] = run_id
     data["seq"] = seq
-    return cls.model_validate(data)
+    event = cls.model_validate(data)
+    if stored_hash is not None:
+        _remember_stored_hash(event, stored_hash)
+    return event
 
 
 def event_hash(event: Event) -> str:
     """The link to this event in its run's hash chain: SHA-256 over its canonical encoding,
-    run id and position included."""
+    run id and position included.
+
+    For an event read from an older version it is the hash of what was written (the link the
+    next event recorded), not of its upcast form: upgrading the code must not break chains."""
+    stored = _stored_hashes.get(id(event))
+    if stored is not None:
+        return stored
     return hashlib.sha256(canonical_json(event.model_dump(mode="json"))).hexdigest()
+
+
+def link_hash(data: dict[str, Any], run_id: Any, seq: int) -> str:
+    """`event_hash` of a stored event, from its stored JSON object and its place in the store
+    (equal to `event_hash` of the event as it was written, whatever version the code is now)."""
+    return hashlib.sha256(canonical_json({**data, "run_id": str(run_id), "seq": seq})).hexdigest()
+
+
+def was_upcast(event: Event) -> bool:
+    """Whether the event was read from an older version than its class's current one."""
+    return id(event) in _stored_hashes
+
+
+# Hashes of events that were upcast on read, by object identity; an entry goes with its event.
+# (Not a private attribute on the model: that would take part in `==` and survive `model_copy`.)
+_stored_hashes: dict[int, str] = {}
+
+
+def _remember_stored_hash(event: Event, digest: str) -> None:
+    key = id(event)
+    _stored_hashes[key] = digest
+    weakref.finalize(event, _stored_hashes.pop, key, None)
 
 
 def content_hash(value: Any) -> str:

@@ -16,6 +16,10 @@ COORDINATOR_CONSUMER = "cairn-coordinator"
 CMD_START = "cairn.cmd.start"
 CMD_CANCEL = "cairn.cmd.cancel"
 CMD_PING = "cairn.cmd.ping"
+CMD_APPROVE = "cairn.cmd.approve"
+CMD_DENY = "cairn.cmd.deny"
+CMD_BUDGET = "cairn.cmd.budget"
+CMD_APPROVALS = "cairn.cmd.approvals"
 
 # Largest message cairn accepts on any subject; larger payloads go to the DLQ. nats-server's own
 # default `max_payload` is also 1 MiB, so bigger messages are refused before they arrive.

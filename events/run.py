@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 
 from .base import Event, Frozen, register
-from .workflow import WorkflowSpec
+from .workflow import StepSpec, WorkflowSpec
 
 
 class Intent(Frozen):
@@ -41,11 +41,22 @@ class Lineage(Frozen):
     output_hash: str
 
 
+class Budget(Frozen):
+    """What a run may spend. When the next reservation does not fit, the coordinator does not
+    dispatch: it asks for a raise (`ask`) or fails the run (`fail`)."""
+
+    usd: Decimal | None = Field(default=None, ge=0)
+    tokens: int | None = Field(default=None, ge=0)
+    on_exhausted: Literal["ask", "fail"] = "ask"
+
+
 @register
 class RunStarted(Event):
     workflow: WorkflowSpec
     input: dict[str, Any]
     intent: Intent
+    budget: Budget | None = None
+    tenant: str = "default"
 
 
 @register
@@ -84,6 +95,8 @@ class ResultReceived(Event):
     usage: list[Usage] = Field(default_factory=list)
     started_at: datetime
     finished_at: datetime
+    review: str | None = None  # the agent asked for a person to look at its output
+    proposals: list[StepSpec] = Field(default_factory=list)
 
 
 @register
@@ -187,6 +200,120 @@ class RunFailed(Event):
 @register
 class RunCancelled(Event):
     pass
+
+
+ApprovalKind = Literal["before", "cost", "output", "exhausted", "budget", "loop"]
+
+
+class ApprovalContext(Frozen):
+    """What a reviewer needs to decide without digging: why, what is proposed, what it costs."""
+
+    intent: Intent
+    step: str
+    capability: str
+    proposed: Any = None  # the input about to be sent, or the output about to be accepted
+    cost_so_far_usd: Decimal
+    estimate_usd: Decimal | None = None
+    note: str = ""
+
+
+@register
+class ApprovalRequested(Event):
+    request_id: str
+    step: str
+    attempt: int
+    kind: ApprovalKind
+    group: str
+    due_at: datetime
+    warn_at: datetime | None = None
+    context: ApprovalContext
+
+
+@register
+class ApprovalWarned(Event):
+    """The request is about to expire (announced so someone can still act)."""
+
+    request_id: str
+    step: str
+    due_at: datetime
+
+
+@register
+class ApprovalEscalated(Event):
+    request_id: str
+    step: str
+    group: str
+    due_at: datetime
+    warn_at: datetime | None = None
+
+
+@register
+class ApprovalGranted(Event):
+    request_id: str
+    step: str
+    by: str
+
+
+@register
+class ApprovalDenied(Event):
+    request_id: str
+    step: str
+    by: str
+
+
+@register
+class ApprovalExpired(Event):
+    """Nobody decided in time: recorded as expiry, never as a denial."""
+
+    request_id: str
+    step: str
+
+
+@register
+class BudgetReserved(Event):
+    step: str
+    attempt: int
+    amount_usd: Decimal
+
+
+@register
+class BudgetSettled(Event):
+    """The attempt's reservation is released and its actual cost counted."""
+
+    step: str
+    attempt: int
+    reserved_usd: Decimal
+    actual_usd: Decimal
+    actual_tokens: int
+
+
+@register
+class BudgetExhausted(Event):
+    step: str
+    needed_usd: Decimal
+    remaining_usd: Decimal | None
+    remaining_tokens: int | None
+
+
+@register
+class BudgetRaised(Event):
+    usd: Decimal | None
+    tokens: int | None
+    by: str
+
+
+@register
+class StepAdmitted(Event):
+    """An agent proposed a follow-up step and it fits the run's limits."""
+
+    spec: StepSpec
+    proposed_by: str
+
+
+@register
+class StepRefused(Event):
+    name: str
+    proposed_by: str
 
 
 TERMINAL_EVENTS: tuple[type[Event], ...] = (RunCompleted, RunFailed, RunCancelled)

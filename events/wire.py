@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
+from decimal import Decimal
 from typing import Any, Literal
 
 from pydantic import Field
 
 from .base import Frozen
-from .run import Intent, Lineage, Usage
-from .workflow import WorkflowSpec
+from .run import Budget, Intent, Lineage, Usage
+from .workflow import StepSpec, WorkflowSpec
 
 PROTOCOL_VERSION = 1
 
@@ -56,6 +57,10 @@ class TaskResult(Frozen):
     usage: list[Usage] = Field(default_factory=list)
     started_at: datetime
     finished_at: datetime
+    # Set by an agent that wants a person to look at its output before the run uses it.
+    review: str | None = None
+    # Follow-up steps the agent proposes (admitted only if the step may propose, within limits).
+    proposals: list[StepSpec] = Field(default_factory=list, max_length=50)
 
 
 class StartRun(Frozen):
@@ -66,6 +71,8 @@ class StartRun(Frozen):
     workflow: str | WorkflowSpec
     input: dict[str, Any] = Field(default_factory=dict)
     intent: Intent | None = None
+    budget: Budget | None = None
+    tenant: str = Field(default="default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     requested_by: str = "client:cli"
 
 
@@ -78,6 +85,27 @@ class CancelRun(Frozen):
     reason: str = ""
 
 
+class ApprovalDecision(Frozen):
+    """Command on `cairn.cmd.approve` or `cairn.cmd.deny`: decide a step's pending approval."""
+
+    v: Literal[1] = 1
+    run_id: uuid.UUID
+    step: str
+    by: str = Field(min_length=1, max_length=200)
+    reason: str = ""
+
+
+class RaiseBudget(Frozen):
+    """Command on `cairn.cmd.budget`: set a run's budget to new totals."""
+
+    v: Literal[1] = 1
+    run_id: uuid.UUID
+    usd: Decimal | None = Field(default=None, ge=0)
+    tokens: int | None = Field(default=None, ge=0)
+    by: str = Field(min_length=1, max_length=200)
+    reason: str = ""
+
+
 class CommandReply(Frozen):
     """The answer to every command: ok with the run's id, or one clear error."""
 
@@ -85,6 +113,7 @@ class CommandReply(Frozen):
     run_id: uuid.UUID | None = None
     status: str | None = None
     error: str | None = None
+    data: Any = None  # what a query command answers with
 
 
 class DeadLetter(Frozen):

@@ -35,6 +35,29 @@ class RetryPolicy(Frozen):
     retry_on: list[RetryCause] = Field(default_factory=lambda: list(ALL_CAUSES))
 
 
+WEEK_S = 7 * 24 * 3600
+
+
+class ApprovalPolicy(Frozen):
+    """When a person must look before the step goes on, and what happens if nobody does.
+
+    A gate opens before the step when `before` is set, or when the step's cost estimate is over
+    `cost_over_usd`; after it when the agent flags its output for review (`on_flag`). The
+    request goes to `approvers`; when it is not decided within `timeout_s` it moves to the next
+    group of `escalate_to` (with `on_expiry: escalate`), and in the end expires: `deny` treats
+    that as a refusal of the step, `fail` fails the run. Expiry is recorded as expiry, never as a
+    denial."""
+
+    before: bool = False
+    cost_over_usd: Decimal | None = Field(default=None, ge=0)
+    on_flag: bool = True
+    approvers: str = "approvers"
+    timeout_s: float = Field(default=3600.0, gt=0, le=WEEK_S)
+    warn_before_s: float | None = Field(default=None, gt=0, le=WEEK_S)
+    escalate_to: list[str] = Field(default_factory=list)
+    on_expiry: Literal["deny", "fail", "escalate"] = "fail"
+
+
 class StepSpec(Frozen):
     """One declared step: which capability does it, with what input, under which contract."""
 
@@ -46,11 +69,22 @@ class StepSpec(Frozen):
     needs: list[str] | None = None  # default: the step declared before this one
     contract: str | None = None  # output contract "Name@version"
     retry: RetryPolicy = RetryPolicy()
-    timeout_s: float = Field(default=120.0, gt=0, le=7 * 24 * 3600)  # at most a week
-    # When the step has failed for good: fail the run, or skip the step and go on (later steps
-    # that refer to its output then need a `??` default).
-    on_failure: Literal["fail", "skip"] = "fail"
-    cost_estimate_usd: Decimal | None = None
+    timeout_s: float = Field(default=120.0, gt=0, le=WEEK_S)
+    # When the step has failed for good: fail the run, skip the step and go on (later steps
+    # that refer to its output then need a `??` default), or ask a person whether to try again.
+    on_failure: Literal["fail", "skip", "ask"] = "fail"
+    approval: ApprovalPolicy | None = None
+    # May the agent propose follow-up steps? The coordinator admits them within the run's limits.
+    may_propose: bool = False
+    # What one attempt is expected to cost; reserved from the run's budget before dispatch.
+    cost_estimate_usd: Decimal | None = Field(default=None, ge=0)
+
+
+class RunLimits(Frozen):
+    """Guards against runs that loop: steps in all (declared and admitted), attempts in all."""
+
+    max_steps: int = Field(default=50, ge=1, le=10_000)
+    max_attempts: int = Field(default=200, ge=1, le=100_000)
 
 
 class WorkflowSpec(Frozen):
@@ -62,6 +96,7 @@ class WorkflowSpec(Frozen):
     steps: list[StepSpec] = Field(min_length=1)
     # What the run returns; a reference like the step inputs. Default: the last step's output.
     output: Any = None
+    limits: RunLimits = RunLimits()
 
     @field_validator("steps")
     @classmethod

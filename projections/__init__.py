@@ -1,7 +1,9 @@
 """cairn's projections: fold the event log into views of runs, steps, costs and the audit trail.
 
 `ProjectionRunner` keeps the views up to date (exactly once, from a tracked position),
-`rebuild` recreates them from the whole log, and `Views` is the read API.
+`rebuild` recreates them from the whole log, `projection_status` says how far behind they are,
+and `Views` is the read API. `step_provenance` answers "why is this step's output what it is"
+from a run's events.
 """
 
 from .errors import (
@@ -12,27 +14,51 @@ from .errors import (
     ViewsUnavailableError,
 )
 from .projection import RunStatus, StepStatus
+from .provenance import (
+    AttemptRow,
+    ChargeRow,
+    LineageRow,
+    Producer,
+    Provenance,
+    ResultRow,
+    StepEventRow,
+    StepNotFoundError,
+    step_provenance,
+)
 from .queries import CostKey, Views, wait_for_views
-from .rows import AuditRow, CostRow, RunRow, StepRow
-from .runner import DEFAULT_BATCH_SIZE, PROJECTION_NAME, ProjectionRunner, rebuild
+from .rows import AuditRow, CostRow, ProjectionStatus, RunRow, StepRow
+from .runner import DEFAULT_BATCH_SIZE, PROJECTION_NAME, VIEW_NAMES, ProjectionRunner, rebuild
+from .status import projection_status
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
     "PROJECTION_NAME",
+    "VIEW_NAMES",
     "AmbiguousRunError",
+    "AttemptRow",
     "AuditRow",
+    "ChargeRow",
     "CostKey",
     "CostRow",
+    "LineageRow",
+    "Producer",
     "ProjectionConflictError",
     "ProjectionRunner",
+    "ProjectionStatus",
+    "Provenance",
+    "ResultRow",
     "RunNotFoundError",
     "RunRow",
     "RunStatus",
+    "StepEventRow",
+    "StepNotFoundError",
     "StepRow",
     "StepStatus",
     "Views",
     "ViewsMissingError",
     "ViewsUnavailableError",
+    "projection_status",
     "rebuild",
+    "step_provenance",
     "wait_for_views",
 ]

@@ -32,6 +32,7 @@ from cairn.events import (
 )
 
 from .details import describe
+from .filters import time_text
 
 if TYPE_CHECKING:
     from cairn.coordinator.store import LoggedEvent
@@ -163,7 +164,7 @@ class _Folder:
 
     def apply(self, position: int, event: Event) -> None:
         run_id = str(event.run_id)
-        at = event.at.isoformat()
+        at = time_text(event.at)
         run = self._run(run_id, at)
         step: str | None = None
         match event:

@@ -7,7 +7,8 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from datetime import datetime
 from decimal import Decimal
 from types import TracebackType
 from typing import Any, Literal, TypeVar
@@ -15,6 +16,7 @@ from typing import Any, Literal, TypeVar
 from cairn.coordinator.settings import Settings
 
 from .errors import AmbiguousRunError, RunNotFoundError, ViewsMissingError
+from .filters import AuditFilter, actor_match, time_text
 from .projection import RunStatus
 from .rows import AuditRow, CostRow, RunRow, StepRow
 from .runner import PROJECTION_NAME
@@ -111,12 +113,43 @@ class Views:
     def timeline(self, run_id: str | uuid.UUID) -> list[AuditRow]:
         """Every event of a run, in order."""
         key = self.resolve(run_id, must_exist=False)
-        return [AuditRow.model_validate(row) for row in self._read(lambda r: r.audit(key, None))]
+        where = AuditFilter(run_id=key)
+        return [AuditRow.model_validate(row) for row in self._read(lambda r: r.audit(where, None))]
 
-    def audit(self, run_id: str | uuid.UUID | None = None, limit: int = 100) -> list[AuditRow]:
-        """The latest `limit` audit rows (of one run, or of all), oldest first."""
-        key = self.resolve(run_id, must_exist=False) if run_id is not None else None
-        return [AuditRow.model_validate(row) for row in self._read(lambda r: r.audit(key, limit))]
+    def audit(
+        self,
+        run_id: str | uuid.UUID | None = None,
+        limit: int | None = 100,
+        *,
+        actor: str | None = None,
+        types: Iterable[str] = (),
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> list[AuditRow]:
+        """The latest `limit` audit rows that match every filter given, oldest first.
+
+        `limit=None` returns all of them. `actor` is an exact actor ("agent:researcher-1") or,
+        ending in ":" or "*", a prefix ("human:", "agent:researcher*"). `types` are event type
+        names (any of them). `since` and `until` bound the event time, both inclusive; a time
+        without a zone is taken as UTC.
+        """
+        if limit is not None and limit < 0:
+            raise ValueError("limit must be zero or more")
+        exact, prefix = actor_match(actor) if actor is not None else (None, None)
+        where = AuditFilter(
+            run_id=self.resolve(run_id, must_exist=False) if run_id is not None else None,
+            actor=exact,
+            actor_prefix=prefix,
+            actions=tuple(dict.fromkeys(types)),
+            since=time_text(since) if since is not None else None,
+            until=time_text(until) if until is not None else None,
+        )
+        return [AuditRow.model_validate(row) for row in self._read(lambda r: r.audit(where, limit))]
+
+    def event_time(self, position: int) -> datetime | None:
+        """When the event at log `position` was recorded, if the views hold it."""
+        text = self._read(lambda r: r.time_at(position))
+        return datetime.fromisoformat(text) if text is not None else None
 
     def costs(self, by: CostKey = "run", run_id: str | uuid.UUID | None = None) -> list[CostRow]:
         """Charges grouped by run, agent (capability) or model; the largest amount first.

@@ -72,3 +72,23 @@ class AuditRow(Frozen):
     step: str | None
     reason: str
     detail: str
+
+
+class ProjectionStatus(Frozen):
+    """How far one projection's views have followed the event log.
+
+    The views record which log position they reflect, not when they got there: a wall-clock
+    time would make rebuilt views differ from live ones. `last_event_at` is when the last
+    projected event was recorded, `log_last_event_at` when the log's last one was; their
+    difference is how far behind the views are in event time.
+    """
+
+    name: str
+    views: list[str]  # the tables this projection keeps
+    location: str
+    built: bool  # False until a runner or a rebuild has created the views
+    position: int
+    log_position: int
+    lag: int  # log positions not yet projected (events, bar gaps a PostgreSQL log may have)
+    last_event_at: datetime | None
+    log_last_event_at: datetime | None

@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 # The tracking name of the views in the views database. Change it (or rebuild) when the view
 # tables change shape.
 PROJECTION_NAME = "cairn-views"
+# What that projection keeps: one fold writes all of them, in one transaction per batch.
+VIEW_NAMES = ("runs", "steps", "costs", "audit")
 DEFAULT_BATCH_SIZE = 1000
 
 

@@ -19,6 +19,7 @@ from eventsourcing.persistence import InfrastructureFactory, PersistenceError, T
 from eventsourcing.sqlite import SQLiteCursor, SQLiteTrackingRecorder
 
 from .errors import ProjectionConflictError, ViewsMissingError, ViewsUnavailableError
+from .filters import AuditFilter, after_prefix
 from .projection import (
     AuditEntry,
     CostEntry,
@@ -142,8 +143,13 @@ VIEW_STATEMENTS = [
     _create("costs", COST_COLUMNS),
     "CREATE INDEX IF NOT EXISTS costs_by_run ON costs (run_id)",
     _create("audit", AUDIT_COLUMNS),
-    # A run's rows in log order: the index carries the rowid (position) after run_id.
-    "CREATE INDEX IF NOT EXISTS audit_by_run ON audit (run_id)",
+    # The audit filters (`cairn audit --run/--actor/--type/--since`); each index also carries
+    # the rowid (position), the order rows are returned in.
+    "DROP INDEX IF EXISTS audit_by_run",  # superseded by audit_by_run_seq
+    "CREATE INDEX IF NOT EXISTS audit_by_run_seq ON audit (run_id, seq)",
+    "CREATE INDEX IF NOT EXISTS audit_by_actor ON audit (actor)",
+    "CREATE INDEX IF NOT EXISTS audit_by_action ON audit (action)",
+    "CREATE INDEX IF NOT EXISTS audit_by_time ON audit (at)",
 ]
 
 # Whole rows are rewritten: a batch holds each touched row complete in memory anyway.
@@ -266,6 +272,30 @@ def _select_in(c: SQLiteCursor, statement: str, keys: list[str]) -> Iterator[Seq
         yield from c.fetchall()
 
 
+def _audit_where(where: AuditFilter) -> tuple[list[str], list[Any]]:
+    clauses: list[str] = []
+    params: list[Any] = []
+    if where.run_id is not None:
+        clauses.append("run_id=?")
+        params.append(where.run_id)
+    if where.actor is not None:
+        clauses.append("actor=?")
+        params.append(where.actor)
+    if where.actor_prefix:
+        clauses.append("actor >= ? AND actor < ?")
+        params += [where.actor_prefix, after_prefix(where.actor_prefix)]
+    if where.actions:
+        clauses.append(f"action IN ({', '.join('?' * len(where.actions))})")
+        params += where.actions
+    if where.since is not None:
+        clauses.append("at >= ?")
+        params.append(where.since)
+    if where.until is not None:
+        clauses.append("at <= ?")
+        params.append(where.until)
+    return clauses, params
+
+
 def open_sqlite_recorder(env: dict[str, str]) -> SQLiteViewsRecorder:
     """Open (creating if needed) the views file named by eventsourcing settings `env`."""
     path = env["SQLITE_DBNAME"]
@@ -326,20 +356,22 @@ class SQLiteViewsReader:
             run_id,
         )
 
-    def audit(self, run_id: str | None, limit: int | None) -> list[dict[str, Any]]:
-        """Audit rows oldest first: all of them, or the last `limit`."""
-        if run_id is None and limit is None:
-            return self._dicts("SELECT * FROM audit ORDER BY position")
-        if run_id is None:
-            rows = self._dicts("SELECT * FROM audit ORDER BY position DESC LIMIT ?", limit)
-        elif limit is None:
-            return self._dicts("SELECT * FROM audit WHERE run_id=? ORDER BY position", run_id)
-        else:
-            rows = self._dicts(
-                "SELECT * FROM audit WHERE run_id=? ORDER BY position DESC LIMIT ?", run_id, limit
-            )
+    def audit(self, where: AuditFilter, limit: int | None) -> list[dict[str, Any]]:
+        """The audit rows that match `where`, oldest first: all of them, or the last `limit`."""
+        clauses, params = _audit_where(where)
+        statement = "SELECT * FROM audit"
+        if clauses:
+            statement += " WHERE " + " AND ".join(clauses)
+        if limit is None:
+            return self._dicts(statement + " ORDER BY position", *params)
+        rows = self._dicts(statement + " ORDER BY position DESC LIMIT ?", *params, limit)
         rows.reverse()
         return rows
+
+    def time_at(self, position: int) -> str | None:
+        """When the event at log `position` was recorded (None if the views do not hold it)."""
+        rows = self._query("SELECT at FROM audit WHERE position=?", position)
+        return str(rows[0][0]) if rows else None
 
     def charges(self, key: str, run_id: str | None) -> list[tuple[str, int, int, str]]:
         """(key, input tokens, output tokens, amount text) of every charge.

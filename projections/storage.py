@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from cairn.coordinator.store import store_env
 
 from .errors import ViewsUnavailableError
+from .filters import AuditFilter
 from .sqlite_views import SQLiteViewsReader, open_sqlite_recorder
 
 if TYPE_CHECKING:
@@ -43,7 +44,9 @@ class ViewsReader(Protocol):
 
     def steps(self, run_id: str) -> list[dict[str, Any]]: ...
 
-    def audit(self, run_id: str | None, limit: int | None) -> list[dict[str, Any]]: ...
+    def audit(self, where: AuditFilter, limit: int | None) -> list[dict[str, Any]]: ...
+
+    def time_at(self, position: int) -> str | None: ...
 
     def charges(self, key: str, run_id: str | None) -> list[tuple[str, int, int, str]]: ...
 

@@ -24,7 +24,8 @@ def _alive(pid: int) -> bool:
 def test_demo_runs_through_separate_processes_and_leaves_none(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NATS_", "CAIRN_"))}
     proc = subprocess.run(
-        [sys.executable, "-m", "cairn.coordinator.cli", "demo", "--json", "--home", str(tmp_path)],
+        [sys.executable, "-m", "cairn.coordinator.cli", "demo", "--json", "--yes",
+         "--home", str(tmp_path)],
         capture_output=True, text=True, env=env, timeout=110,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
@@ -63,7 +64,7 @@ def test_demo_progress_display(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NATS_", "CAIRN_"))}
     env["COLUMNS"] = "120"
     proc = subprocess.run(
-        [sys.executable, "-m", "cairn.coordinator.cli", "demo", "--home", str(tmp_path)],
+        [sys.executable, "-m", "cairn.coordinator.cli", "demo", "--yes", "--home", str(tmp_path)],
         capture_output=True, text=True, env=env, timeout=110,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
