@@ -9,7 +9,7 @@ from typing import Any, ClassVar, Generic, TypeVar, get_args, get_origin
 
 from pydantic import BaseModel
 
-from cairn.events import Intent, Lineage, TaskEnvelope, Usage
+from cairn.events import Intent, Lineage, StepSpec, TaskEnvelope, Usage
 
 from .llm import Completion, LLMClient
 
@@ -116,6 +116,8 @@ class TaskContext:
         self.delivery = delivery
         self.llm: LLMClient = _MeteredLLM(llm, self)
         self._usage: dict[str, list[int]] = {}
+        self.review: str | None = None
+        self.proposals: list[StepSpec] = []
 
     @property
     def task_id(self) -> str:
@@ -157,6 +159,16 @@ class TaskContext:
         totals = self._usage.setdefault(model, [0, 0])
         totals[0] += input_tokens
         totals[1] += output_tokens
+
+    def request_review(self, note: str) -> None:
+        """Ask for a person to look at this output before the run uses it (the coordinator
+        opens an approval gate; the note tells the reviewer what to look at)."""
+        self.review = note or "the agent asked for a review"
+
+    def propose(self, step: StepSpec) -> None:
+        """Propose a follow-up step; the coordinator admits it only if this step may propose
+        and the run's limits and budget allow."""
+        self.proposals.append(step)
 
     @property
     def usage(self) -> list[Usage]:

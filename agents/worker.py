@@ -36,6 +36,7 @@ from cairn.events import (
     PROTOCOL_VERSION,
     TASKS_STREAM,
     DeadLetter,
+    StepSpec,
     TaskEnvelope,
     TaskError,
     TaskResult,
@@ -483,7 +484,14 @@ class _Worker:
                 log.warning("task %s failed: %s", envelope.task_id, message, exc_info=exc)
             error = TaskError(message=message, retryable=True)
         else:
-            return self._result(envelope, started, output=output, usage=ctx.usage)
+            return self._result(
+                envelope,
+                started,
+                output=output,
+                usage=ctx.usage,
+                review=ctx.review,
+                proposals=ctx.proposals,
+            )
         return self._result(envelope, started, error=error, usage=ctx.usage)
 
     def _result(
@@ -494,6 +502,8 @@ class _Worker:
         output: dict[str, Any] | None = None,
         error: TaskError | None = None,
         usage: list[Usage] | None = None,
+        review: str | None = None,
+        proposals: list[StepSpec] | None = None,
     ) -> TaskResult:
         return TaskResult(
             task_id=envelope.task_id,
@@ -506,6 +516,8 @@ class _Worker:
             usage=usage or [],
             started_at=started,
             finished_at=_now(),
+            review=review,
+            proposals=proposals or [],
         )
 
     def _encode(self, result: TaskResult) -> bytes:

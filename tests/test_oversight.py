@@ -159,3 +159,46 @@ async def test_approval_escalates_then_expires_on_the_coordinators_timers(
         "ApprovalExpired",
         "RunFailed",
     ]
+
+
+SCOUTING = WorkflowSpec.model_validate(
+    {
+        "name": "scouting",
+        "steps": [
+            {"name": "survey", "capability": "scout", "input": {"area": "$input.area"},
+             "may_propose": True},
+            {"name": "check", "capability": "scout",
+             "input": {"area": "$input.area", "unsure": True}, "needs": ["survey"]},
+        ],
+    }
+)  # fmt: skip
+
+
+async def test_agent_proposals_and_review_flags_through_the_sdk(
+    settings: Settings, supervisor: Supervisor, client: CairnClient
+) -> None:
+    from pathlib import Path
+
+    tests_dir = str(Path(__file__).parent)
+    supervisor.start("coordinator", "cairn.coordinator")
+    supervisor.start("agent-scout", "scout_agent", {"PYTHONPATH": tests_dir})
+    await client.wait_ready()
+    run_id = uuid.uuid4()
+    feed = await client.follow(run_id)
+    reply = await client.start_run(SCOUTING, {"area": "hill"}, run_id=run_id)
+    assert reply.ok, reply.error
+    request = await next_of(feed, {"ApprovalRequested"})
+    assert request.type == "ApprovalRequested"
+    assert request.event["kind"] == "output"
+    assert request.event["context"]["note"] == "the count looks too high"
+    decided = await client.approve(run_id, request.event["step"], "ines", "count is right")
+    assert decided.ok, decided.error
+    end = await next_of(feed, set())
+    await feed.close()
+    assert end.type == "RunCompleted"
+    store = EventStore(settings.store)
+    kinds = [e.type_name() for e in store.load(run_id)]
+    assert kinds.count("StepAdmitted") == 1
+    completed = [e.step for e in store.load(run_id) if e.type_name() == "TaskCompleted"]
+    assert sorted(completed) == ["check", "dig", "survey"]
+    store.close()
