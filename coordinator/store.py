@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlparse
+from urllib.parse import parse_qs, unquote, urlparse
 
 from eventsourcing.persistence import (
     ApplicationRecorder,
@@ -61,7 +61,7 @@ def store_env(url: str) -> dict[str, str]:
     """Translate a store URL (a SQLite path or a PostgreSQL DSN) into eventsourcing settings."""
     if url.startswith(("postgresql://", "postgres://")):
         parsed = urlparse(url)
-        return {
+        env = {
             "PERSISTENCE_MODULE": "eventsourcing.postgres",
             "POSTGRES_DBNAME": parsed.path.lstrip("/") or "cairn",
             "POSTGRES_HOST": parsed.hostname or "127.0.0.1",
@@ -70,6 +70,11 @@ def store_env(url: str) -> dict[str, str]:
             "POSTGRES_PASSWORD": unquote(parsed.password or ""),
             "POSTGRES_CONNECT_TIMEOUT": "5",
         }
+        # `?schema=NAME` keeps cairn's tables in their own schema (created if missing).
+        schema = parse_qs(parsed.query).get("schema", [""])[0]
+        if schema:
+            env["POSTGRES_SCHEMA"] = schema
+        return env
     path = url.removeprefix("sqlite:///").removeprefix("sqlite://")
     return {
         "PERSISTENCE_MODULE": "eventsourcing.sqlite",
@@ -97,12 +102,37 @@ def _factory(url: str) -> InfrastructureFactory[Any]:
     try:
         if env["PERSISTENCE_MODULE"] == "eventsourcing.sqlite":
             Path(env["SQLITE_DBNAME"]).parent.mkdir(parents=True, exist_ok=True)
+        elif env.get("POSTGRES_SCHEMA"):
+            _create_schema(env)
         return InfrastructureFactory.construct(env)
     except (PersistenceError, OSError, sqlite3.Error) as exc:
         raise StoreUnavailableError(
             f"cannot open the event store ({describe(url)}): {exc}. "
             "Check the path or DSN in CAIRN_STORE and that the database server is running."
         ) from exc
+
+
+def _create_schema(env: dict[str, str]) -> None:
+    import psycopg
+    from psycopg import sql
+
+    try:
+        with psycopg.connect(
+            dbname=env["POSTGRES_DBNAME"],
+            host=env["POSTGRES_HOST"],
+            port=int(env["POSTGRES_PORT"]),
+            user=env["POSTGRES_USER"],
+            password=env["POSTGRES_PASSWORD"] or None,
+            connect_timeout=int(env["POSTGRES_CONNECT_TIMEOUT"]),
+            autocommit=True,
+        ) as conn:
+            conn.execute(
+                sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(
+                    sql.Identifier(env["POSTGRES_SCHEMA"])
+                )
+            )
+    except psycopg.Error as exc:
+        raise OSError(str(exc).strip()) from exc
 
 
 class EventStore:
