@@ -256,6 +256,9 @@ async def _up(settings: Settings) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
+        from .cli_serve import dashboard_lines, start_dashboard
+
+        dashboard = start_dashboard(sup)
         client = await CairnClient.connect(sup.settings.resolved_nats_url(), "cairn-up")
         try:
             await wait_for_services(sup, client, timeout=30)
@@ -265,6 +268,8 @@ async def _up(settings: Settings) -> None:
         console.print(f"data in {settings.home}, logs in {settings.home / 'logs'}")
         for name, proc in sup.processes.items():
             console.print(f"  {name}: pid {proc.pid}")
+        for line in await dashboard_lines(sup, dashboard):
+            console.print(line, highlight=False, soft_wrap=True)
         console.print(
             'start a run:  cairn run research-report --input \'{"topic": "tides"}\' --wait'
         )
@@ -646,11 +651,14 @@ def costs(
 @projections_app.command("rebuild")
 def projections_rebuild(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     """Drop the views and rebuild them from the event log."""
+    import gc
     import time
 
     from cairn.projections import VIEW_NAMES, ViewsUnavailableError, rebuild
 
     settings = settings_for(home)
+    gc.collect()
+    gc.freeze()  # the process's long-lived objects stay out of the collector's full passes
     started = time.perf_counter()
     try:
         count = rebuild(settings)
@@ -686,7 +694,8 @@ def main() -> None:
     app()
 
 
-from . import cli_audit  # noqa: E402,F401  (registers its commands)
+# One statement, so import sorting leaves it be: each module registers its commands on `app`.
+from . import cli_audit, cli_bench, cli_history, cli_serve  # noqa: E402,F401
 
 if __name__ == "__main__":
     # Under `python -m` this file runs as `__main__`, and the modules imported above register

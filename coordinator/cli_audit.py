@@ -11,7 +11,7 @@ import json
 import sys
 import uuid
 from datetime import UTC, date, datetime, time
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from cairn.projections import AuditRow, Provenance
 
 
-class AuditFormat(str, Enum):
+class AuditFormat(StrEnum):
     table = "table"
     json = "json"
     csv = "csv"
@@ -71,7 +71,9 @@ def audit(
         str | None,
         typer.Option(help="Up to this ISO time or date (inclusive: a date means its whole day)."),
     ] = None,
-    limit: Annotated[int, typer.Option(help="How many rows, the latest; newest last; 0: all.")] = 200,
+    limit: Annotated[
+        int, typer.Option(help="How many rows, the latest; newest last; 0: all.")
+    ] = 200,
     output: Annotated[
         AuditFormat, typer.Option("--format", help="table, json or csv (with a header row).")
     ] = AuditFormat.table,
@@ -142,12 +144,11 @@ def _event_type(name: str) -> str:
     try:
         return event_class(name).type_name()
     except UnknownEventError:
-        pass
-    known = _known_types()
-    for candidate in known:
-        if candidate.lower() == name.lower():
-            return candidate
-    fail(f"--type {name!r} is not an event type; the types are: {', '.join(known)}")
+        known = _known_types()
+    matches = [candidate for candidate in known if candidate.lower() == name.lower()]
+    if not matches:
+        fail(f"--type {name!r} is not an event type; the types are: {', '.join(known)}")
+    return matches[0]
 
 
 def _known_types() -> list[str]:
@@ -366,5 +367,12 @@ def _behind(projected: datetime | None, last: datetime | None) -> str:
         return "none"
     text = projected.strftime("%Y-%m-%d %H:%M:%S")
     if last is not None and last > projected:
-        text += f" ({(last - projected).total_seconds():.1f} s before the log's last)"
+        text += f" ({_span((last - projected).total_seconds())} before the log's last)"
     return text
+
+
+def _span(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= 2 * size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.1f} s"

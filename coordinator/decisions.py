@@ -299,6 +299,7 @@ def _result(state: RunState, fact: ResultFact, policy: Policy) -> list[Event]:
         proposals=result.proposals,
     )
     if state.terminal:
+        _charge_late(d, result, policy)
         d.emit(
             ResultIgnored,
             actor=COORDINATOR,
@@ -316,6 +317,7 @@ def _result(state: RunState, fact: ResultFact, policy: Policy) -> list[Event]:
             why = f"attempt {result.attempt} already ended; attempt {step.attempt + 1} is scheduled"
         else:
             why = f"step is {step.status}"
+        _charge_late(d, result, policy)
         d.emit(
             ResultIgnored,
             actor=COORDINATOR,
@@ -325,33 +327,10 @@ def _result(state: RunState, fact: ResultFact, policy: Policy) -> list[Event]:
         )
         return d.events
 
-    spec = state.workflow.step(result.step)
     # Usage is charged whatever the outcome: the tokens were spent.
-    charged = Decimal(0)
-    tokens = 0
-    for usage in result.usage:
-        amount = policy.prices.charge(usage)
-        charged += amount or 0
-        tokens += usage.input_tokens + usage.output_tokens
-        d.emit(
-            CostCharged,
-            actor=COORDINATOR,
-            reason=(
-                f"priced with table {policy.prices.version}"
-                if amount is not None
-                else f"model {usage.model} is not in price table {policy.prices.version}"
-            ),
-            task_id=result.task_id,
-            step=result.step,
-            capability=spec.capability,
-            agent_id=result.agent_id,
-            model=usage.model,
-            input_tokens=usage.input_tokens,
-            output_tokens=usage.output_tokens,
-            price_table=policy.prices.version,
-            amount_usd=amount if amount is not None else 0,
-        )
+    charged, tokens = _charge(d, result, policy, "")
     _settle(d, result.step, result.attempt, charged, tokens)
+    spec = state.workflow.step(result.step)
 
     duration_ms = (result.finished_at - result.started_at).total_seconds() * 1000
     if result.error is not None or result.output is None:
@@ -428,6 +407,44 @@ def _result(state: RunState, fact: ResultFact, policy: Policy) -> list[Event]:
         return d.events
     _complete(d, result.step, duration_ms, policy)
     return d.events
+
+
+def _charge(d: _Decision, result: TaskResult, policy: Policy, why: str) -> tuple[Decimal, int]:
+    """One CostCharged per model the result reports; returns the amount and the tokens."""
+    spec = d.run.workflow.step(result.step)
+    charged = Decimal(0)
+    tokens = 0
+    for usage in result.usage:
+        amount = policy.prices.charge(usage)
+        charged += amount or 0
+        tokens += usage.input_tokens + usage.output_tokens
+        priced = (
+            f"priced with table {policy.prices.version}"
+            if amount is not None
+            else f"model {usage.model} is not in price table {policy.prices.version}"
+        )
+        d.emit(
+            CostCharged,
+            actor=COORDINATOR,
+            reason=f"{why}; {priced}" if why else priced,
+            task_id=result.task_id,
+            step=result.step,
+            capability=spec.capability,
+            agent_id=result.agent_id,
+            model=usage.model,
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
+            price_table=policy.prices.version,
+            amount_usd=amount if amount is not None else 0,
+        )
+    return charged, tokens
+
+
+def _charge_late(d: _Decision, result: TaskResult, policy: Policy) -> None:
+    """A result that arrives too late still cost its tokens: charge them, once per task. A
+    duplicate of a result already charged is not charged again."""
+    if result.task_id not in d.run.charged_tasks:
+        _charge(d, result, policy, "a late result's tokens were spent all the same")
 
 
 def _complete(d: _Decision, step_name: str, duration_ms: float, policy: Policy) -> None:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Container
 from pathlib import Path
 from types import TracebackType
 
@@ -17,11 +18,18 @@ class EmbeddedServerError(RuntimeError):
     """The embedded server could not be started."""
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+def free_port(avoid: Container[int] = ()) -> int:
+    """A loopback TCP port that is free now and not in `avoid`.
+
+    The port is released before it is returned, so two calls can give the same one: pass the
+    ports already chosen for one server as `avoid`.
+    """
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port: int = s.getsockname()[1]
+        if port not in avoid:
+            return port
 
 
 def nats_server_binary() -> str:
@@ -43,7 +51,7 @@ class EmbeddedNats:
     def __init__(self, store_dir: Path, port: int | None = None, name: str = "cairn") -> None:
         self.store_dir = store_dir
         self.port = port or free_port()
-        self.monitor_port = free_port()
+        self.monitor_port = free_port(avoid={self.port})
         self.name = name
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path = store_dir / "nats-server.log"

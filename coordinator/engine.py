@@ -90,6 +90,8 @@ class Coordinator:
         self.timers = TimerQueue()
         self._timers_changed = asyncio.Event()
         self._lock = asyncio.Lock()
+        self._starts: list[tuple[StartRunFact, asyncio.Future[CommandReply]]] = []
+        self._start_batches: set[asyncio.Task[None]] = set()
 
     # -- recovery ---------------------------------------------------------------------------
 
@@ -144,15 +146,59 @@ class Coordinator:
             budget=command.budget,
             tenant=command.tenant,
         )
+        # Group commit: starts that arrive while a batch is being decided or committed wait
+        # and go into the next transaction together (one commit, not one each).
+        reply: asyncio.Future[CommandReply] = asyncio.get_running_loop().create_future()
+        self._starts.append((fact, reply))
+        if len(self._starts) == 1:
+            self._start_batches.add(task := asyncio.create_task(self._start_batch()))
+            task.add_done_callback(self._start_batches.discard)
+        return await reply
+
+    async def _start_batch(self) -> None:
         async with self._lock:
-            existing = self._state(run_id)
-            if existing is not None:  # the same command again: answer, change nothing
-                return CommandReply(ok=True, run_id=run_id, status=existing.status)
-            events = decide(None, fact, self.policy)
-            state = fold(list(events))
-            assert state is not None
-            await self._commit_and_publish({run_id: state}, events)
-        return CommandReply(ok=True, run_id=run_id, status=state.status)
+            starts, self._starts = self._starts, []
+            try:
+                await self._commit_starts(starts)
+            except ConcurrencyError:
+                # Another writer has one of these run ids: commit them one by one, so only the
+                # start that collides fails.
+                for start in starts:
+                    with contextlib.suppress(ConcurrencyError):
+                        await self._commit_starts([start])
+            except Exception as exc:
+                for _, reply in starts:
+                    if not reply.done():
+                        reply.set_exception(exc)
+
+    async def _commit_starts(
+        self, starts: Sequence[tuple[StartRunFact, asyncio.Future[CommandReply]]]
+    ) -> None:
+        tentative: dict[uuid.UUID, RunState] = {}
+        events: list[Event] = []
+        replies: list[tuple[asyncio.Future[CommandReply], CommandReply]] = []
+        for fact, reply in starts:
+            try:
+                state = tentative.get(fact.run_id) or self._state(fact.run_id)
+                if state is None:  # the same command again answers, and changes nothing
+                    new = decide(None, fact, self.policy)
+                    state = fold(list(new))
+                    assert state is not None
+                    tentative[fact.run_id] = state
+                    events.extend(new)
+            except Exception as exc:  # this start fails alone
+                reply.set_exception(exc)
+                continue
+            replies.append((reply, CommandReply(ok=True, run_id=fact.run_id, status=state.status)))
+        try:
+            await self._commit_and_publish(tentative, events)
+        except ConcurrencyError as exc:
+            if len(starts) == 1 and not starts[0][1].done():
+                starts[0][1].set_exception(exc)
+            raise
+        for reply, answer in replies:
+            if not reply.done():
+                reply.set_result(answer)
 
     async def cancel_run(self, command: CancelRun, at: datetime | None = None) -> CommandReply:
         fact = CancelFact(

@@ -45,15 +45,18 @@ def export_lines(run_id: uuid.UUID, rows: list[StoredRow]) -> Iterator[bytes]:
     ordered = sorted(rows, key=lambda r: r.seq)
     objects = [json.loads(r.state) for r in ordered]
     last = link_hash(objects[-1], run_id, ordered[-1].seq) if ordered else ""
-    yield canonical_json(
-        {
-            "format": FORMAT,
-            "version": FORMAT_VERSION,
-            "run_id": str(run_id),
-            "events": len(ordered),
-            "last_hash": last,
-        }
-    ) + b"\n"
+    yield (
+        canonical_json(
+            {
+                "format": FORMAT,
+                "version": FORMAT_VERSION,
+                "run_id": str(run_id),
+                "events": len(ordered),
+                "last_hash": last,
+            }
+        )
+        + b"\n"
+    )
     for row, data in zip(ordered, objects, strict=True):
         yield canonical_json({"type": row.topic, "seq": row.seq, "event": data}) + b"\n"
 
@@ -105,7 +108,9 @@ def read_history(lines: Iterable[str | bytes], source: str = "<file>") -> Portab
         try:
             events.append(decode_event(topic, row.state, run_id, seq))
         except ValueError as exc:
-            raise PortableError(f"{source}: line {number} ({topic}) does not decode: {exc}") from None
+            raise PortableError(
+                f"{source}: line {number} ({topic}) does not decode: {exc}"
+            ) from None
         rows.append(row)
     if len(rows) != count:
         raise PortableError(f"{source}: the header says {count} events, the file holds {len(rows)}")
@@ -114,7 +119,9 @@ def read_history(lines: Iterable[str | bytes], source: str = "<file>") -> Portab
     chain = check_chain(run_id, rows)
     if not chain.ok:
         first = chain.problems[0]
-        raise PortableError(f"{source}: the hash chain is broken at event {first.seq}: {first.message}")
+        raise PortableError(
+            f"{source}: the hash chain is broken at event {first.seq}: {first.message}"
+        )
     if chain.head != last_hash:
         raise PortableError(
             f"{source}: the last event hashes to {chain.head}, the header says {last_hash} "

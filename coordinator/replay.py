@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
-from pathlib import Path
+from functools import cache
 from typing import Literal
 
 from cairn.events import (
@@ -54,7 +54,7 @@ from .decisions import (
     TimerFact,
     decide,
 )
-from .pricing import PriceTable, PriceTableError, load_price_table
+from .pricing import PriceTable, load_price_table
 from .state import EvolveError, RunState, evolve
 from .workflow import load_contract_modules
 
@@ -115,22 +115,27 @@ def fact_for(state: RunState | None, event: Event) -> Fact | None:
     if state is None:
         return None
     if isinstance(event, ResultReceived):
+        # Rebuilt without validating again: every field comes from a validated event.
         error = event.error
-        result = TaskResult(
+        result = TaskResult.model_construct(
             task_id=event.task_id,
             run_id=event.run_id,
             step=event.step,
             attempt=event.attempt,
             agent_id=event.agent_id,
             output=event.output,
-            error=TaskError(message=error.message, retryable=error.retryable) if error else None,
-            usage=event.usage,
+            error=(
+                TaskError.model_construct(message=error.message, retryable=error.retryable)
+                if error
+                else None
+            ),
+            usage=list(event.usage),
             started_at=event.started_at,
             finished_at=event.finished_at,
             review=event.review,
-            proposals=event.proposals,
+            proposals=list(event.proposals),
         )
-        return ResultFact(result=result, at=event.at)
+        return ResultFact.model_construct(result=result, at=event.at)
     if isinstance(event, RunCancelled):
         return CancelFact(
             run_id=event.run_id, requested_by=event.actor, reason=event.reason, at=event.at
@@ -144,12 +149,16 @@ def fact_for(state: RunState | None, event: Event) -> Fact | None:
             at=event.at,
         )
     if isinstance(event, ApprovalGranted | ApprovalDenied):
+        approve = isinstance(event, ApprovalGranted)
+        # A denial records `reason or "denied"` but decides with "no reason given" when the
+        # person gave none: the recorded default stands for an empty reason.
+        reason = "" if event.reason == ("approved" if approve else "denied") else event.reason
         return ApprovalFact(
             run_id=event.run_id,
             step=event.step,
             by=event.by,
-            approve=isinstance(event, ApprovalGranted),
-            reason=event.reason,
+            approve=approve,
+            reason=reason,
             at=event.at,
         )
     if isinstance(event, BudgetRaised):
@@ -213,7 +222,9 @@ def check_history(events: Sequence[Event], policy: Policy) -> ReplayReport:
     fact_text = ""
     decisions = 0
 
-    def report(divergence: Divergence | None = None, trailing: list[Event] | None = None) -> ReplayReport:
+    def report(
+        divergence: Divergence | None = None, trailing: list[Event] | None = None
+    ) -> ReplayReport:
         return ReplayReport(
             run_id,
             len(events),
@@ -256,9 +267,7 @@ def check_history(events: Sequence[Event], policy: Policy) -> ReplayReport:
             try:
                 decided = decide(state, fact, policy)
             except Rejected as exc:
-                return report(
-                    Divergence("rejected", position, recorded, None, fact_text, str(exc))
-                )
+                return report(Divergence("rejected", position, recorded, None, fact_text, str(exc)))
             except Exception as exc:  # today's code failing on an old fact is a finding
                 return report(
                     Divergence(
@@ -305,7 +314,8 @@ def check_history(events: Sequence[Event], policy: Policy) -> ReplayReport:
                         expected,
                         fact_text,
                         "the fields are equal but encode differently (e.g. 1 and 1.0, or a "
-                        f"decimal's trailing zeros): hash {today[:12]}… against {state.last_hash[:12]}…",
+                        f"decimal's trailing zeros): hash {today[:12]}… against "
+                        f"{state.last_hash[:12]}…",
                     )
                 )
     return report(trailing=decided[next_:])
@@ -344,33 +354,35 @@ def price_tables_named(events: Sequence[Event]) -> list[str]:
 def replay_policy(
     events: Sequence[Event],
     prices: PriceTable | None = None,
+    *,
+    known: Sequence[PriceTable] = (),
     default_estimate_usd: Decimal = Decimal("0.01"),
 ) -> Policy:
     """The policy to re-decide a history with: `prices` when given (e.g. `--prices FILE`), else
-    the shipped price table when it is the version the history's charges name. Output contracts
-    come from the registry."""
+    the table among the shipped one and `known` (e.g. CAIRN_PRICES) whose version the history's
+    charges name. Output contracts come from the registry."""
     load_contract_modules()
     if prices is None:
-        shipped = load_price_table()
+        tables = {t.version: t for t in (*known, _shipped_prices())}
         named = price_tables_named(events)
-        others = [v for v in named if v != shipped.version]
-        if others:
+        missing = [v for v in named if v not in tables]
+        if missing or len(named) > 1:
             raise ReplayPolicyError(
-                f"the history was charged under price table {', '.join(others)}, the shipped one "
-                f"is {shipped.version}: pass that table with --prices FILE"
+                f"the history was charged under price table {', '.join(named)}; "
+                f"the tables at hand are {', '.join(tables)}: pass "
+                f"{'that table' if len(named) == 1 else 'one'} with --prices FILE"
             )
-        prices = shipped
+        prices = tables[named[0]] if named else _shipped_prices()
     return Policy(prices, resolve_contract, default_estimate_usd=default_estimate_usd)
 
 
-def load_prices(path: Path | None) -> PriceTable | None:
-    """The price table at `path`, or None (raises PriceTableError with the reason)."""
-    return load_price_table(path) if path is not None else None
+@cache
+def _shipped_prices() -> PriceTable:
+    return load_price_table()
 
 
 __all__ = [
     "Divergence",
-    "PriceTableError",
     "ReplayPolicyError",
     "ReplayReport",
     "check_history",

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 from faststream import FastStream
 from faststream.nats import NatsBroker, NatsRouter
 from faststream.nats.annotations import NatsMessage
+from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
 from pydantic import BaseModel, ValidationError
 
@@ -51,6 +52,7 @@ from .workflow import WorkflowCatalog
 log = logging.getLogger("cairn.coordinator")
 
 COMMAND_QUEUE = "cairn-coordinator"
+START_WORKERS = 64
 
 C = TypeVar("C", bound=BaseModel)
 
@@ -70,11 +72,13 @@ class CoordinatorRuntime:
         self._stop_timers = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
+        self.result_ack_wait = 30.0
         self._stopping = False
 
     async def start(self) -> None:
         nc = self.broker.connection
         js = nc.jetstream()
+        self.result_ack_wait = float(os.environ.get("CAIRN_RESULT_ACK_WAIT", "30"))
         await declare_streams(js)
         await js.add_consumer(
             RESULTS_STREAM,
@@ -82,7 +86,7 @@ class CoordinatorRuntime:
                 durable_name=COORDINATOR_CONSUMER,
                 ack_policy=AckPolicy.EXPLICIT,
                 # How long a result handed to a coordinator that died stays invisible to the next.
-                ack_wait=float(os.environ.get("CAIRN_RESULT_ACK_WAIT", "30")),
+                ack_wait=self.result_ack_wait,
                 max_deliver=20,
                 max_ack_pending=20000,
                 filter_subject="cairn.result.>",
@@ -106,9 +110,7 @@ class CoordinatorRuntime:
         self._pull = StandingPull(nc, RESULTS_STREAM, COORDINATOR_CONSUMER)
         await self._pull.start()
         self._loop = asyncio.create_task(self._results_loop(), name="results-loop")
-        self._timers = asyncio.create_task(
-            self.coordinator.run_timers(self._stop_timers), name="timers"
-        )
+        self._timers = asyncio.create_task(self._timers_after_catch_up(js), name="timers")
         self.ready.set()
         log.info(
             "coordinator ready: %d active run(s), %d event(s) republished, store %s",
@@ -116,6 +118,28 @@ class CoordinatorRuntime:
             republished,
             self.settings.store,
         )
+
+    async def _timers_after_catch_up(self, js: JetStreamContext) -> None:
+        """Run the timers once the results that arrived while no coordinator ran are decided.
+
+        A step whose result was stored before its deadline must not time out because the
+        coordinator was down: wait until the backlog is read, and until results a dead
+        coordinator held unacked have come back (or their ack wait has passed).
+        """
+        assert self.coordinator is not None
+        deadline = asyncio.get_running_loop().time() + self.result_ack_wait + 1
+        while not self._stop_timers.is_set():
+            try:
+                info = await js.consumer_info(RESULTS_STREAM, COORDINATOR_CONSUMER)
+                backlog = info.num_pending or 0
+                held = info.num_ack_pending or 0
+            except Exception:  # NATS away: keep waiting, the deadline still applies
+                backlog, held = 1, 1
+            late = asyncio.get_running_loop().time() > deadline
+            if backlog == 0 and (held == 0 or late) and self._idle.is_set():
+                break
+            await asyncio.sleep(0.05)
+        await self.coordinator.run_timers(self._stop_timers)
 
     async def _results_loop(self) -> None:
         assert self._pull is not None
@@ -226,7 +250,8 @@ def create_app(settings: Settings) -> FastStream:
             return await rejected(msg, reply.error or f"{what} command refused", reply)
         return reply.model_dump(mode="json")
 
-    @router.subscriber(CMD_START, queue=COMMAND_QUEUE)
+    # Starts handled concurrently, so those that arrive together are committed together.
+    @router.subscriber(CMD_START, queue=COMMAND_QUEUE, max_workers=START_WORKERS)
     async def start_run(msg: NatsMessage) -> dict[str, Any]:
         return await command(msg, "start", StartRun, Coordinator.start_run)
 

@@ -125,6 +125,7 @@ class RunState:
     reserved: dict[tuple[str, int], Decimal] = field(default_factory=dict)
     approvals: dict[str, ApprovalState] = field(default_factory=dict)
     attempts: int = 0  # tasks dispatched in all: a loop guard
+    charged_tasks: frozenset[str] = frozenset()  # tasks whose usage has been charged
 
     @property
     def reserved_usd(self) -> Decimal:
@@ -247,6 +248,7 @@ def evolve(state: RunState | None, event: Event) -> RunState:
             state,
             cost_usd=state.cost_usd + event.amount_usd,
             spent_tokens=state.spent_tokens + event.input_tokens + event.output_tokens,
+            charged_tasks=state.charged_tasks | {event.task_id},
         )
     if isinstance(event, BudgetReserved):
         reserved = dict(state.reserved)

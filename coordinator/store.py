@@ -6,9 +6,11 @@ directory) by default; PostgreSQL when the store URL is a `postgresql://` DSN.
 
 from __future__ import annotations
 
+import fcntl
 import sqlite3
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,6 +114,26 @@ def _factory(url: str) -> InfrastructureFactory[Any]:
         ) from exc
 
 
+@contextmanager
+def _setup_lock(env: dict[str, str]) -> Iterator[None]:
+    if env["PERSISTENCE_MODULE"] != "eventsourcing.sqlite" or ":memory:" in env["SQLITE_DBNAME"]:
+        yield
+        return
+    path = Path(env["SQLITE_DBNAME"] + ".lock")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = path.open("a")
+    except OSError:
+        yield  # an unusable folder: opening the store itself will say so
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _create_schema(env: dict[str, str]) -> None:
     import psycopg
     from psycopg import sql
@@ -140,15 +162,19 @@ class EventStore:
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self._factory = _factory(url)
-        try:
-            self._recorder: ApplicationRecorder = self._factory.application_recorder()
-            self._tracking: TrackingRecorder = self._factory.tracking_recorder()
-        except (PersistenceError, OSError, sqlite3.Error) as exc:
-            raise StoreUnavailableError(
-                f"cannot open the event store ({describe(url)}): {exc}. "
-                "Check the path or DSN in CAIRN_STORE and that the database server is running."
-            ) from exc
+        # eventsourcing sets up a fresh SQLite file (WAL mode, tables, a migration row) in
+        # steps that race when several processes open it at once (`cairn up` does): one at a
+        # time, under a lock file beside the database.
+        with _setup_lock(store_env(url)):
+            self._factory = _factory(url)
+            try:
+                self._recorder: ApplicationRecorder = self._factory.application_recorder()
+                self._tracking: TrackingRecorder = self._factory.tracking_recorder()
+            except (PersistenceError, OSError, sqlite3.Error) as exc:
+                raise StoreUnavailableError(
+                    f"cannot open the event store ({describe(url)}): {exc}. Check the path or "
+                    "DSN in CAIRN_STORE and that the database server is running."
+                ) from exc
 
     def close(self) -> None:
         self._factory.close()

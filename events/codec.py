@@ -58,7 +58,7 @@ def decode_event(topic: str, state: bytes, run_id: Any, seq: int) -> Event:
     data["seq"] = seq
     event = cls.model_validate(data)
     if stored_hash is not None:
-        _remember_stored_hash(event, stored_hash)
+        _remember(event, stored_hash, upcast=True)
     return event
 
 
@@ -67,11 +67,14 @@ def event_hash(event: Event) -> str:
     run id and position included.
 
     For an event read from an older version it is the hash of what was written (the link the
-    next event recorded), not of its upcast form: upgrading the code must not break chains."""
-    stored = _stored_hashes.get(id(event))
-    if stored is not None:
-        return stored
-    return hashlib.sha256(canonical_json(event.model_dump(mode="json"))).hexdigest()
+    next event recorded), not of its upcast form: upgrading the code must not break chains.
+    Computed once per event object (events are immutable; deciding and folding both ask)."""
+    ref = _hashes.get(id(event))
+    if ref is not None and ref() is event:
+        return ref.digest
+    digest = hashlib.sha256(canonical_json(event.model_dump(mode="json"))).hexdigest()
+    _remember(event, digest, upcast=False)
+    return digest
 
 
 def link_hash(data: dict[str, Any], run_id: Any, seq: int) -> str:
@@ -82,18 +85,32 @@ def link_hash(data: dict[str, Any], run_id: Any, seq: int) -> str:
 
 def was_upcast(event: Event) -> bool:
     """Whether the event was read from an older version than its class's current one."""
-    return id(event) in _stored_hashes
+    ref = _hashes.get(id(event))
+    return ref is not None and ref() is event and ref.upcast
 
 
-# Hashes of events that were upcast on read, by object identity; an entry goes with its event.
-# (Not a private attribute on the model: that would take part in `==` and survive `model_copy`.)
-_stored_hashes: dict[int, str] = {}
+class _HashRef(weakref.ref):  # type: ignore[type-arg]
+    """A weak reference to an event that carries its hash; it leaves the cache with the event.
+    (Not a private attribute on the model: that would take part in `==` and in `model_copy`.)"""
+
+    __slots__ = ("digest", "key", "upcast")
+    digest: str
+    key: int
+    upcast: bool
 
 
-def _remember_stored_hash(event: Event, digest: str) -> None:
-    key = id(event)
-    _stored_hashes[key] = digest
-    weakref.finalize(event, _stored_hashes.pop, key, None)
+_hashes: dict[int, _HashRef] = {}
+
+
+def _forget(ref: _HashRef) -> None:
+    if _hashes.get(ref.key) is ref:
+        del _hashes[ref.key]
+
+
+def _remember(event: Event, digest: str, *, upcast: bool) -> None:
+    ref = _HashRef(event, _forget)
+    ref.digest, ref.key, ref.upcast = digest, id(event), upcast
+    _hashes[ref.key] = ref
 
 
 def content_hash(value: Any) -> str:

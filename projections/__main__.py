@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import signal
 import sys
+import time
 from collections.abc import Sequence
 
 from cairn.coordinator.settings import Settings
@@ -41,10 +43,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s"
     )
     settings = Settings.from_env()
+    # What is alive now lives as long as the process: keep it out of the cyclic collector's
+    # full passes, which otherwise walk it again and again while batches come and go (about
+    # a tenth of a rebuild's time).
+    gc.collect()
+    gc.freeze()
     try:
         if args.command == "rebuild":
+            started = time.perf_counter()
             count = rebuild(settings)
-            log.info("rebuilt the views at %s from %d events", settings.views, count)
+            seconds = time.perf_counter() - started
+            log.info(
+                "rebuilt the views at %s from %d events in %.2f s", settings.views, count, seconds
+            )
             return 0
         asyncio.run(_follow(settings))
     except (StoreUnavailableError, ViewsUnavailableError) as exc:

@@ -98,6 +98,8 @@ class StepEventRow(Frozen):
 
     seq: int
     at: datetime
+    # The attempt its task id names, else the step's latest dispatched before it (None before
+    # the first dispatch).
     attempt: int | None
     actor: str
     action: str

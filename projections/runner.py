@@ -145,5 +145,7 @@ def rebuild(settings: Settings, *, batch_size: int = DEFAULT_BATCH_SIZE) -> int:
     meanwhile notices the reset position and continues from wherever the rebuild got to.
     """
     with ProjectionRunner(settings, batch_size=batch_size) as runner:
-        runner._views.drop(runner.name)
-        return runner.run_once()
+        runner._views.drop(runner.name, indexes=False)
+        count = runner.run_once()
+        runner._views.create_indexes()
+        return count

@@ -136,13 +136,18 @@ def _names(columns: tuple[tuple[str, str], ...]) -> str:
     return ", ".join(name for name, _ in columns)
 
 
-VIEW_STATEMENTS = [
+VIEW_TABLE_STATEMENTS = [
     _create("runs", RUN_COLUMNS) + " WITHOUT ROWID",
-    "CREATE INDEX IF NOT EXISTS runs_by_start ON runs (started_at)",
     _create("steps", STEP_COLUMNS, ", PRIMARY KEY (run_id, step)") + " WITHOUT ROWID",
     _create("costs", COST_COLUMNS),
-    "CREATE INDEX IF NOT EXISTS costs_by_run ON costs (run_id)",
     _create("audit", AUDIT_COLUMNS),
+]
+# The secondary indexes. A rebuild creates them after loading the tables, which is several
+# times cheaper than keeping them up to date row by row; a rebuild that dies half way gets
+# them back when the next recorder opens the file (these statements run on every open).
+VIEW_INDEX_STATEMENTS = [
+    "CREATE INDEX IF NOT EXISTS runs_by_start ON runs (started_at)",
+    "CREATE INDEX IF NOT EXISTS costs_by_run ON costs (run_id)",
     # The audit filters (`cairn audit --run/--actor/--type/--since`); each index also carries
     # the rowid (position), the order rows are returned in.
     "DROP INDEX IF EXISTS audit_by_run",  # superseded by audit_by_run_seq
@@ -151,6 +156,7 @@ VIEW_STATEMENTS = [
     "CREATE INDEX IF NOT EXISTS audit_by_action ON audit (action)",
     "CREATE INDEX IF NOT EXISTS audit_by_time ON audit (at)",
 ]
+VIEW_STATEMENTS = VIEW_TABLE_STATEMENTS + VIEW_INDEX_STATEMENTS
 
 # Whole rows are rewritten: a batch holds each touched row complete in memory anyway.
 _UPSERT_RUN = _insert("runs", RUN_COLUMNS, "INSERT OR REPLACE")
@@ -206,15 +212,25 @@ class SQLiteViewsRecorder(SQLiteTrackingRecorder):
             self._write(c, changes)
             self._insert_tracking(c, Tracking(name, batch[-1].position))
 
-    def drop(self, name: str) -> None:
-        """Empty the views: drop and re-create the view tables, forget the tracked position."""
+    def drop(self, name: str, *, indexes: bool = True) -> None:
+        """Empty the views: drop and re-create the view tables, forget the tracked position.
+
+        With `indexes=False` the secondary indexes are left for `create_indexes` (a rebuild
+        creates them once the tables are full).
+        """
         with self.datastore.transaction(commit=True) as c:
             for table in VIEW_TABLES:
                 c.execute(f"DROP TABLE IF EXISTS {table}")
             c.execute("DELETE FROM tracking WHERE application_name=?", (name,))
             # Only the view tables: re-running the tracking table's creation would redo the
             # library's migration bookkeeping.
-            for statement in VIEW_STATEMENTS:
+            for statement in VIEW_STATEMENTS if indexes else VIEW_TABLE_STATEMENTS:
+                c.execute(statement)
+
+    def create_indexes(self) -> None:
+        """Create the views' secondary indexes that do not exist yet."""
+        with self.datastore.transaction(commit=True) as c:
+            for statement in VIEW_INDEX_STATEMENTS:
                 c.execute(statement)
 
     def close(self) -> None:

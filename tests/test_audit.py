@@ -50,6 +50,7 @@ from cairn.projections import (
     StepNotFoundError,
     Views,
     projection_status,
+    rebuild,
     step_provenance,
 )
 
@@ -320,15 +321,21 @@ def test_audit_filters(settings: Settings, logged: list[LoggedEvent]) -> None:
 
 def test_audit_indexes(settings: Settings, logged: list[LoggedEvent]) -> None:
     with sqlite3.connect(settings.views) as conn:
-        indexes = {
-            name: sql
-            for name, sql in conn.execute(
-                "SELECT name, sql FROM sqlite_master WHERE type='index' AND tbl_name='audit'"
-            )
-        }
+        query = "SELECT name, sql FROM sqlite_master WHERE type='index' AND tbl_name='audit'"
+        indexes = dict(conn.execute(query).fetchall())
     conn.close()
-    assert set(indexes) == {"audit_by_run_seq", "audit_by_actor", "audit_by_action", "audit_by_time"}
+    assert set(indexes) == {
+        "audit_by_run_seq",
+        "audit_by_actor",
+        "audit_by_action",
+        "audit_by_time",
+    }
     assert "(run_id, seq)" in indexes["audit_by_run_seq"]
+    # A rebuild loads the tables first and creates the same indexes at the end.
+    rebuild(settings)
+    with sqlite3.connect(settings.views) as conn:
+        assert dict(conn.execute(query).fetchall()) == indexes
+    conn.close()
 
 
 def test_audit_cli_csv_equals_json(settings: Settings, logged: list[LoggedEvent]) -> None:
@@ -454,6 +461,10 @@ def test_why_cli(settings: Settings, logged: list[LoggedEvent]) -> None:
     assert "researcher-2 (attempt 2) with model-a, model-b" in text
     assert "approvals: none" in text
     assert "matches the hash TaskCompleted recorded" in text
+    # A whole run id needs no views: the event store alone answers.
+    no_views = Settings(home=settings.home, views_url=str(settings.home / "none.db"))
+    alone = json.loads(cli(no_views, "why", str(RUN_DONE), "plan", "--json").stdout)
+    assert (alone["status"], alone["output"]) == ("completed", PLAN_OUTPUT)
     missing = cli(settings, "why", "a1", "publish", check=False)
     assert missing.returncode == 2
     assert "has no step 'publish'" in missing.stderr
@@ -488,7 +499,9 @@ def test_projection_status_shows_the_lag(settings: Settings, store: EventStore) 
     rebuilt = json.loads(cli(settings, "projections", "rebuild", "--json").stdout)
     assert rebuilt["events"] == len(events) + 1
     assert rebuilt["seconds"] >= 0
-    assert [s["lag"] for s in json.loads(cli(settings, "projections", "status", "--json").stdout)] == [0]
+    assert [
+        s["lag"] for s in json.loads(cli(settings, "projections", "status", "--json").stdout)
+    ] == [0]
 
 
 def cli(settings: Settings, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -495,3 +495,16 @@ def test_completed_output_comes_from_the_received_result() -> None:
     assert state is not None
     assert state.steps["plan"].output == PLAN
     assert state.steps["plan"].received is None
+
+
+def test_a_late_result_is_charged_once_and_a_duplicate_never() -> None:
+    history = start()
+    usage = [Usage(model="cairn-offline-1", input_tokens=1000, output_tokens=0)]
+    history += step_through(history, result("plan", error=TaskError(message="slow")))
+    # attempt 1 failed and was never charged; its late output arrives with real usage
+    late = step_through(history, result("plan", attempt=1, output=PLAN, usage=usage))
+    assert types(late) == ["ResultReceived", "CostCharged", "ResultIgnored"]
+    assert "late result" in late[1].reason
+    history += late
+    again = step_through(history, result("plan", attempt=1, output=PLAN, usage=usage))
+    assert types(again) == ["ResultReceived", "ResultIgnored"]

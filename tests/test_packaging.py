@@ -48,3 +48,6 @@ def test_wheel_maps_the_four_folders_under_cairn(tmp_path: Path) -> None:
     assert "cairn/coordinator/workflows/research-report.yaml" in names
     assert "cairn/coordinator/prices.yaml" in names
     assert "cairn/agents/planner.py" in names
+    # The dashboard's templates and assets ship with it (no front-end build, no CDN).
+    for asset in ("__main__.py", "templates/run.html", "static/dashboard.js", "static/style.css"):
+        assert f"cairn/projections/http/{asset}" in names

@@ -142,7 +142,10 @@ async def test_a_run_through_processes_on_postgresql(tmp_path: Path) -> None:
     try:
         sup.start_all()
         async with await CairnClient.connect(nats.url) as client:
-            await client.wait_ready(timeout=30)
+            try:
+                await client.wait_ready(timeout=30)
+            except Exception:
+                pytest.fail(f"no coordinator; its log ends:\n{sup.log_tail('coordinator', 30)}")
             run_id = uuid.uuid4()
             feed = await client.follow(run_id)
             reply = await client.start_run("research-report", {"topic": "pg"}, run_id=run_id)
@@ -168,3 +171,64 @@ async def test_a_run_through_processes_on_postgresql(tmp_path: Path) -> None:
         sup.stop_all(timeout=5)
         nats.stop()
         drop_schema(schema)
+
+
+# -- raw rows and run ids (history, export/import, verify) --------------------------------------
+
+
+def started(run: uuid.UUID) -> Event:
+    from cairn.events import Intent, RunStarted, StepSpec, WorkflowSpec
+
+    workflow = WorkflowSpec(name="w", steps=[StepSpec(name="a", capability="x")])
+    return RunStarted(
+        run_id=run, seq=1, at=T0, actor="test", workflow=workflow, input={}, intent=Intent(goal="g")
+    )
+
+
+def test_rows_are_kept_as_given_and_read_back_raw(store: EventStore) -> None:
+    from cairn.coordinator.chain import verify_store
+    from cairn.coordinator.store import StoredRow
+    from cairn.events import canonical_json, encode_event, event_hash
+
+    run = uuid.uuid4()
+    first = started(run)
+    rows = [
+        StoredRow(run, 1, "RunStarted@1", encode_event(first)),
+        StoredRow(run, 2, "RunCancelled@1", canonical_json(
+            {"at": "2026-01-01T00:00:00Z", "actor": "test", "prev_hash": event_hash(first)}
+        )),
+    ]  # fmt: skip
+    positions = store.append_rows(rows)
+    assert len(positions) == 2
+    assert store.rows(run) == rows
+    assert [e.type_name() for e in store.load(run)] == ["RunStarted", "RunCancelled"]
+    assert store.has_run(run)
+    assert not store.has_run(uuid.uuid4())
+    [report] = verify_store(store)
+    assert report.ok, report.problems
+    with pytest.raises(ConcurrencyError):
+        store.append_rows(rows[1:])
+
+
+def test_run_ids_and_prefixes(store: EventStore) -> None:
+    from cairn.coordinator.store import RunNotFoundError
+
+    a = uuid.UUID("abcdef00-0000-4000-8000-000000000001")
+    b = uuid.UUID("abcdef00-0000-4000-8000-000000000002")
+    c = uuid.UUID("12345678-0000-4000-8000-000000000003")
+    headless = uuid.uuid4()  # a stream without RunStarted: counted only when asked
+    store.append([started(b), ev(RunCancelled, headless, 1)])
+    store.append([started(a), started(c)])
+    assert store.run_ids() == [b, a, c]
+    assert store.run_ids(started_only=False) == [b, headless, a, c]
+    assert store.resolve_run("1234") == c
+    assert store.resolve_run(str(a).upper()) == a
+    assert store.resolve_run("abcdef00-0000-4000-8000-000000000002") == b
+    with pytest.raises(RunNotFoundError, match="matches 2 runs"):
+        store.resolve_run("abcdef")
+    with pytest.raises(RunNotFoundError, match="no run id starts with '99'"):
+        store.resolve_run("99")
+    with pytest.raises(RunNotFoundError, match="no run 00000000-"):
+        store.resolve_run(str(uuid.UUID(int=5)))
+    with pytest.raises(RunNotFoundError, match="not a run id"):
+        store.resolve_run("xyz")

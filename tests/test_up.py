@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from cairn.coordinator.embedded import EmbeddedNats
@@ -41,7 +42,12 @@ def test_up_serves_runs_until_interrupted(tmp_path: Path) -> None:
             time.sleep(0.05)
         out = (tmp_path / "up.out").read_text()
         pids = [int(p) for p in re.findall(r"pid (\d+)", out)]
-        assert len(pids) == 6
+        assert len(pids) == 7  # NATS is not a child: coordinator, projections, 4 agents, http
+        dashboard = re.search(r"dashboard: (http://127\.0\.0\.1:\d+)/", out)
+        token = re.search(r"admin token \(saved in .*api-tokens\.yaml\): (\S+)", out)
+        assert dashboard, out
+        assert token, out
+        assert (tmp_path / "api-tokens.yaml").stat().st_mode & 0o777 == 0o600
         assert (tmp_path / "nats.url").read_text().startswith("nats://127.0.0.1:")
 
         run = subprocess.run(
@@ -51,6 +57,13 @@ def test_up_serves_runs_until_interrupted(tmp_path: Path) -> None:
         )  # fmt: skip
         assert run.returncode == 0, run.stderr
         assert json.loads(run.stdout)["status"] == "completed"
+        listed = httpx.get(
+            f"{dashboard[1]}/api/runs",
+            headers={"Authorization": f"Bearer {token[1]}"},
+            timeout=10,
+        )
+        assert listed.status_code == 200, listed.text
+        assert [r["run_id"] for r in listed.json()["runs"]] == [json.loads(run.stdout)["run_id"]]
     finally:
         up.send_signal(signal.SIGINT)
         code = up.wait(30)

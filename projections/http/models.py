@@ -1,0 +1,142 @@
+"""Request bodies and response shapes of the HTTP API (they make its OpenAPI document)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from cairn.projections import AuditRow, CostRow, RunRow, StepRow
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Decide(Body):
+    """Approve or deny the pending request of a step. Who decides is the token's subject."""
+
+    step: str = Field(min_length=1, max_length=200, description="the step waiting at a gate")
+    reason: str = Field(default="", max_length=2000, description="why, for the record")
+
+
+class Cancel(Body):
+    reason: str = Field(default="", max_length=2000, description="why, for the record")
+
+
+class RaiseBudget(Body):
+    """New totals for the run's budget; at least one of `usd` and `tokens`."""
+
+    usd: Decimal | None = Field(default=None, ge=0, max_digits=18, decimal_places=10)
+    tokens: int | None = Field(default=None, ge=0)
+    reason: str = Field(default="", max_length=2000)
+
+    @model_validator(mode="after")
+    def _something(self) -> RaiseBudget:
+        if self.usd is None and self.tokens is None:
+            raise ValueError("give usd, tokens or both: the budget's new totals")
+        return self
+
+
+class CommandResult(BaseModel):
+    """The coordinator's answer to a command that it carried out."""
+
+    ok: bool
+    run_id: uuid.UUID | None
+    status: str | None
+    by: str = Field(description="who the command was sent as (the token's subject)")
+
+
+class RunsPage(BaseModel):
+    runs: list[RunRow]
+    limit: int
+    offset: int
+    more: bool = Field(description="whether a next page (offset + limit) has runs")
+
+
+class BudgetView(BaseModel):
+    """The run's budget as last set (at start or by BudgetRaised) and what it has spent."""
+
+    usd: Decimal | None
+    tokens: int | None
+    on_exhausted: str
+    spent_usd: Decimal
+    spent_tokens: int
+    remaining_usd: Decimal | None
+
+
+class Approval(BaseModel):
+    """A pending approval request, as the coordinator lists it."""
+
+    model_config = ConfigDict(extra="allow")
+
+    run_id: uuid.UUID
+    workflow: str
+    goal: str
+    step: str
+    kind: str
+    group: str
+    due_at: datetime
+    cost_so_far_usd: Decimal
+
+
+class RunDetail(BaseModel):
+    run: RunRow
+    steps: list[StepRow]
+    timeline: list[AuditRow]
+    outputs: dict[str, Any] = Field(description="each completed step's accepted output")
+    budget: BudgetView | None
+    approvals: list[Approval] | None = Field(
+        description="this run's pending approvals; null when the coordinator cannot be asked"
+    )
+    approvals_error: str | None = None
+    position: int = Field(description="the log position the views reflected")
+
+
+class DayCost(BaseModel):
+    day: str
+    amount_usd: Decimal
+    charges: int
+
+
+class CostsReply(BaseModel):
+    by: Literal["run", "agent", "model"]
+    rows: list[CostRow]
+    total: Decimal
+    by_day: list[DayCost]
+
+
+class AgentRow(BaseModel):
+    """One capability's shared JetStream consumer (`cairn-agent-<capability>`).
+
+    - `live`: some replica is pulling or working (one that died mid-task still counts until
+      its tasks' ack deadline, `CAIRN_AGENT_ACK_WAIT`, passes).
+    - `waiting_pulls`: open pull requests (`num_waiting`); each idle pull loop of a live
+      replica keeps one open, so > 0 means some replica is asking for work now. Requests expire
+      and are renewed every couple of seconds, so the number flickers.
+    - `in_flight`: tasks delivered and not yet acked (`num_ack_pending`): being worked on, or
+      held by a replica that died until their ack deadline passes.
+    - `queued`: tasks in the stream not yet delivered (`num_pending`).
+    - `replicas_estimate`: ceil((waiting_pulls + in_flight) / concurrency), assuming each
+      replica runs `concurrency` pull loops (`CAIRN_AGENT_CONCURRENCY`, default 4).
+    - `last_delivered_at` / `last_acked_at`: the consumer's last delivery and last ack.
+    """
+
+    capability: str
+    consumer: str
+    live: bool
+    waiting_pulls: int
+    in_flight: int
+    queued: int
+    redelivered: int
+    replicas_estimate: int
+    last_delivered_at: datetime | None
+    last_acked_at: datetime | None
+
+
+class AgentsReply(BaseModel):
+    agents: list[AgentRow]
+    concurrency: int = Field(description="pull loops per replica assumed for the estimate")
