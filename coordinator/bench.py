@@ -688,7 +688,7 @@ def step_rows(scale: Scale, live: LiveFigures, floor: float | None) -> list[Row]
     note = (
         f"three-step runs in a closed loop: {t['steps_in_window']:,} steps completed in "
         f"{t['window_s']:g} s after warm-up; {t['results_per_batch']:.1f} results per batch, "
-        f"{t['commits_per_step']:.2f} commits per step (run starts commit one by one)"
+        f"{t['commits_per_step']:.2f} commits per step"
     )
     rows.append(row("throughput", measure, live.steps_per_s, "/s", at_least=3000, note=note))
     cpu = live.cpu_ms_per_step
@@ -736,7 +736,8 @@ def memory_rows(scale: Scale, live: LiveFigures) -> list[Row]:
         (
             f"coordinator RSS, {live.finished_end:,} finished runs",
             live.rss_finished_end,
-            "at the end of the throughput run",
+            "at the end of the throughput run; each step's timeout timer stays queued until "
+            "it is due (60 s here), done or not",
         ),
         (
             f"coordinator RSS, + {runs:,} active runs",

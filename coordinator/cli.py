@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
 
-from cairn.events import Budget, WorkflowSpec
+from cairn.events import Budget, Usage, WorkflowSpec
 
 from .client import CairnClient, CoordinatorUnavailableError
 from .demo import (
@@ -618,31 +618,62 @@ def show(
 
 @app.command()
 def costs(
-    by: Annotated[str, typer.Option(help="Group by run, agent or model.")] = "run",
+    by: Annotated[str, typer.Option(help="Group by run, agent, model, tenant or day.")] = "run",
     run: Annotated[str | None, typer.Option(help="Only this run (id or prefix).")] = None,
+    prices: Annotated[
+        Path | None,
+        typer.Option(help="Recompute the amounts from the recorded tokens with this table."),
+    ] = None,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Cost totals from the recorded charges."""
-    if by not in ("run", "agent", "model"):
-        fail("--by must be run, agent or model")
+    """Cost totals from the recorded charges (or recomputed under another price table)."""
+    if by not in ("run", "agent", "model", "tenant", "day"):
+        fail("--by must be run, agent, model, tenant or day")
+    reprice = None
+    table_version = None
+    if prices is not None:
+        from .pricing import PriceTableError, load_price_table
+
+        try:
+            table = load_price_table(prices)
+        except PriceTableError as exc:
+            fail(str(exc))
+        table_version = table.version
+
+        def reprice(model: str, input_tokens: int, output_tokens: int) -> Decimal | None:
+            usage = Usage(model=model, input_tokens=input_tokens, output_tokens=output_tokens)
+            return table.charge(usage)
+
     views = _views(settings_for(home))
     run_id = _resolve(views, run) if run else None
-    rows = views.costs(by=by, run_id=run_id)
+    rows = views.costs(by=by, run_id=run_id, reprice=reprice)
     total = sum((r.amount_usd for r in rows), Decimal(0))
+    unpriced = sum(r.unpriced for r in rows)
     if as_json:
-        print_json({"by": by, "rows": [r.model_dump(mode="json") for r in rows], "total": total})
+        print_json(
+            {
+                "by": by,
+                "rows": [r.model_dump(mode="json") for r in rows],
+                "total": total,
+                "price_table": table_version,
+                "unpriced": unpriced,
+            }
+        )
         return
-    table = Table(title=f"costs by {by}")
+    title = f"costs by {by}" + (f" under price table {table_version}" if table_version else "")
+    out = Table(title=title)
     for col in (by, "charges", "input tokens", "output tokens", "USD"):
-        table.add_column(col)
+        out.add_column(col)
     for r in rows:
         key = r.key[:8] if by == "run" else r.key
-        table.add_row(
+        out.add_row(
             key, str(r.charges), f"{r.input_tokens:,}", f"{r.output_tokens:,}", str(r.amount_usd)
         )
-    table.caption = f"total ${total}"
-    console.print(table)
+    out.caption = f"total ${total}" + (
+        f" ({unpriced} charges of models the table does not price count as $0)" if unpriced else ""
+    )
+    console.print(out)
 
 
 # `cairn audit` lives in cli_audit.py, with `cairn why` and `cairn projections status`.

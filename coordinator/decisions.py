@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, Literal
@@ -796,7 +796,7 @@ def _decision(state: RunState, fact: ApprovalFact, policy: Policy) -> list[Event
         d.emit(
             ApprovalDenied,
             actor=actor,
-            reason=fact.reason or "denied",
+            reason=fact.reason or "no reason given",
             request_id=approval.request_id,
             step=fact.step,
             by=fact.by,
@@ -816,11 +816,7 @@ def _resume(d: _Decision, step_name: str, kind: str, attempt: int, why: str) -> 
     if kind == "output":
         _complete(d, step_name, 0.0, d.policy)
     elif kind in ("exhausted", "loop"):
-        # One more attempt than the policy allowed, with what went wrong to repair.
-        d.state = replace(
-            d.run,
-            steps={**d.run.steps, step_name: replace(step, extra_attempts=step.extra_attempts + 1)},
-        )
+        # One more attempt than the policy allowed (the grant added it), with what went wrong.
         _begin(d, step_name, attempt + 1, f"another attempt {why}", list(step.repair))
     else:  # before, cost, budget: the dispatch that was held
         _begin(d, step_name, attempt, why, list(step.repair))

@@ -310,6 +310,8 @@ def evolve(state: RunState | None, event: Event) -> RunState:
         changes: dict[str, Any] = {"approval_id": None}
         if status == "granted":
             changes["cleared"] = step.cleared | {approval.kind}
+            if approval.kind in ("exhausted", "loop"):
+                changes["extra_attempts"] = step.extra_attempts + 1  # one more try granted
         return _with_step(state, approval.step, **changes)
     if isinstance(event, StepAdmitted):
         workflow = state.workflow.model_copy(update={"steps": [*state.workflow.steps, event.spec]})

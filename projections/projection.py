@@ -66,6 +66,7 @@ class RunState:
     output: str | None  # RunCompleted.output as canonical JSON
     last_seq: int
     last_position: int
+    tenant: str
 
 
 @dataclass(slots=True)
@@ -100,6 +101,8 @@ class CostEntry(NamedTuple):
     input_tokens: int
     output_tokens: int
     price_table: str
+    tenant: str
+    day: str  # the charge's date (UTC), for costs per tenant per day
     amount_usd: Decimal
 
 
@@ -207,6 +210,8 @@ class _Folder:
                         event.input_tokens,
                         event.output_tokens,
                         event.price_table,
+                        run.tenant,
+                        at[:10],
                         amount,
                     )
                 )
@@ -232,6 +237,7 @@ class _Folder:
                 workflow = event.workflow
                 run.workflow = workflow.name
                 run.workflow_version = workflow.version
+                run.tenant = event.tenant
                 run.goal = event.intent.goal
                 run.status = "running"
                 run.started_at = at
@@ -328,6 +334,7 @@ def _new_run(run_id: str, at: str) -> RunState:
         output=None,
         last_seq=0,
         last_position=0,
+        tenant="default",
     )
 
 

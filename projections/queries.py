@@ -22,9 +22,15 @@ from .rows import AuditRow, CostRow, RunRow, StepRow
 from .runner import PROJECTION_NAME
 from .storage import ViewsReader, open_reader
 
-CostKey = Literal["run", "agent", "model"]
+CostKey = Literal["run", "agent", "model", "tenant", "day"]
 # "agent" groups by capability: replicas of one agent kind share it, their ids do not.
-_COST_COLUMNS: dict[str, str] = {"run": "run_id", "agent": "capability", "model": "model"}
+_COST_COLUMNS: dict[str, str] = {
+    "run": "run_id",
+    "agent": "capability",
+    "model": "model",
+    "tenant": "tenant",
+    "day": "day",
+}
 _PREFIX = re.compile(r"^[0-9a-f-]+$")
 
 T = TypeVar("T")
@@ -151,28 +157,46 @@ class Views:
         text = self._read(lambda r: r.time_at(position))
         return datetime.fromisoformat(text) if text is not None else None
 
-    def costs(self, by: CostKey = "run", run_id: str | uuid.UUID | None = None) -> list[CostRow]:
-        """Charges grouped by run, agent (capability) or model; the largest amount first.
+    def costs(
+        self,
+        by: CostKey = "run",
+        run_id: str | uuid.UUID | None = None,
+        reprice: Callable[[str, int, int], Decimal | None] | None = None,
+    ) -> list[CostRow]:
+        """Charges grouped by run, agent (capability), model, tenant or day; the largest first.
 
-        Sums are exact: amounts are added as decimals, never as floats.
+        Sums are exact: amounts are added as decimals, never as floats. With `reprice`
+        (model, input tokens, output tokens → amount, or None for a model it does not price)
+        the amounts are recomputed from the recorded tokens, e.g. under another price table:
+        a query, not a migration. Unpriced charges count as 0 and are reported in `unpriced`.
         """
         column = _COST_COLUMNS.get(by)
         if column is None:
-            raise ValueError(f"costs can be grouped by run, agent or model, not {by!r}")
+            raise ValueError(f"costs can be grouped by {', '.join(_COST_COLUMNS)}, not {by!r}")
         key = self.resolve(run_id, must_exist=False) if run_id is not None else None
         totals: dict[str, list[Any]] = {}
-        for group, input_tokens, output_tokens, amount in self._read(
-            lambda r: r.charges(column, key)
+        for group, model, input_tokens, output_tokens, amount in self._read(
+            lambda r: r.charge_details(column, key)
         ):
-            total = totals.setdefault(group, [0, 0, Decimal(0), 0])
+            total = totals.setdefault(group, [0, 0, Decimal(0), 0, 0])
             total[0] += input_tokens
             total[1] += output_tokens
-            total[2] += Decimal(amount)
+            if reprice is None:
+                total[2] += Decimal(amount)
+            else:
+                price = reprice(model, input_tokens, output_tokens)
+                if price is None:
+                    total[4] += 1
+                else:
+                    total[2] += price
             total[3] += 1
         rows = [
-            CostRow(key=k, input_tokens=t[0], output_tokens=t[1], amount_usd=t[2], charges=t[3])
+            CostRow(
+                key=k, input_tokens=t[0], output_tokens=t[1], amount_usd=t[2], charges=t[3],
+                unpriced=t[4],
+            )
             for k, t in totals.items()
-        ]
+        ]  # fmt: skip
         rows.sort(key=lambda row: (-row.amount_usd, row.key))
         return rows
 

@@ -32,6 +32,7 @@ class RunRow(Frozen):
     output: Any  # RunCompleted.output, None until the run completes
     last_seq: int
     last_position: int
+    tenant: str = "default"
 
 
 class StepRow(Frozen):
@@ -51,13 +52,14 @@ class StepRow(Frozen):
 
 
 class CostRow(Frozen):
-    """Charges summed over one key: a run id, an agent capability or a model."""
+    """Charges summed over one key: a run id, an agent capability, a model, a tenant or a day."""
 
     key: str
     input_tokens: int
     output_tokens: int
     amount_usd: Decimal
     charges: int
+    unpriced: int = 0  # charges a recomputation's price table did not cover
 
 
 class AuditRow(Frozen):

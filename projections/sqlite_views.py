@@ -65,6 +65,7 @@ RUN_COLUMNS = _layout(
         "output": "TEXT",  # JSON
         "last_seq": "INTEGER NOT NULL",
         "last_position": "INTEGER NOT NULL",
+        "tenant": "TEXT NOT NULL",
     },
 )
 STEP_COLUMNS = _layout(
@@ -98,6 +99,8 @@ COST_COLUMNS = _layout(
         "input_tokens": "INTEGER NOT NULL",
         "output_tokens": "INTEGER NOT NULL",
         "price_table": "TEXT NOT NULL",
+        "tenant": "TEXT NOT NULL",
+        "day": "TEXT NOT NULL",
         "amount_usd": "TEXT NOT NULL",  # exact decimal
     },
 )
@@ -172,7 +175,11 @@ _RECENT_RUNS_WITH_STATUS = (
 )
 _CHARGES_BY = {
     column: f"SELECT {column}, input_tokens, output_tokens, amount_usd FROM costs"  # noqa: S608
-    for column in ("run_id", "capability", "model")
+    for column in ("run_id", "capability", "model", "tenant", "day")
+}
+_CHARGE_DETAILS = {
+    column: f"SELECT {column}, model, input_tokens, output_tokens, amount_usd FROM costs"  # noqa: S608
+    for column in ("run_id", "capability", "model", "tenant", "day")
 }
 # A write that changes nothing, issued first so the transaction holds SQLite's write lock
 # before it reads the tracked position and the rows it will fold into (no stale snapshot).
@@ -226,6 +233,33 @@ class SQLiteViewsRecorder(SQLiteTrackingRecorder):
             # library's migration bookkeeping.
             for statement in VIEW_STATEMENTS if indexes else VIEW_TABLE_STATEMENTS:
                 c.execute(statement)
+
+    def reset(self) -> None:
+        """Drop every view table and every projection's position: the runner rebuilds them."""
+        with self.datastore.transaction(commit=True) as c:
+            for table in VIEW_TABLES:
+                c.execute(f"DROP TABLE IF EXISTS {table}")
+            c.execute(
+                "DELETE FROM tracking WHERE application_name != ?",
+                (self.table_migration_identifier,),
+            )
+            for statement in VIEW_STATEMENTS:
+                c.execute(statement)
+
+    def layout_matches(self) -> bool:
+        """Whether the view tables in the file have the columns this code writes (a file
+        from an older cairn may not: then the views are dropped and rebuilt from the log)."""
+        expected = {
+            "runs": RUN_COLUMNS, "steps": STEP_COLUMNS, "costs": COST_COLUMNS,
+            "audit": AUDIT_COLUMNS,
+        }  # fmt: skip
+        with self.datastore.transaction(commit=False) as c:
+            for table, columns in expected.items():
+                c.execute(f"PRAGMA table_info({table})")
+                found = [row[1] for row in c.fetchall()]
+                if found != [name for name, _ in columns]:
+                    return False
+        return True
 
     def create_indexes(self) -> None:
         """Create the views' secondary indexes that do not exist yet."""
@@ -325,6 +359,8 @@ def open_sqlite_recorder(env: dict[str, str]) -> SQLiteViewsRecorder:
             "Check the path in CAIRN_VIEWS and that its folder is writable."
         ) from exc
     assert isinstance(recorder, SQLiteViewsRecorder)
+    if not recorder.layout_matches():
+        recorder.reset()
     return recorder
 
 
@@ -403,6 +439,16 @@ class SQLiteViewsReader:
         else:
             rows = self._query(statement + " WHERE run_id=?", run_id)
         return [(str(r[0]), int(r[1]), int(r[2]), str(r[3])) for r in rows]
+
+    def charge_details(self, key: str, run_id: str | None) -> list[tuple[str, str, int, int, str]]:
+        """(key, model, input tokens, output tokens, amount text) of every charge: what a
+        recomputation under another price table needs."""
+        statement = _CHARGE_DETAILS[key]
+        if run_id is None:
+            rows = self._query(statement)
+        else:
+            rows = self._query(statement + " WHERE run_id=?", run_id)
+        return [(str(r[0]), str(r[1]), int(r[2]), int(r[3]), str(r[4])) for r in rows]
 
     def _dicts(self, statement: str, *params: Any) -> list[dict[str, Any]]:
         return [dict(row) for row in self._query(statement, *params)]

@@ -52,6 +52,10 @@ class ViewsReader(Protocol):
 
     def charges(self, key: str, run_id: str | None) -> list[tuple[str, int, int, str]]: ...
 
+    def charge_details(
+        self, key: str, run_id: str | None
+    ) -> list[tuple[str, str, int, int, str]]: ...
+
     def close(self) -> None: ...
 
 

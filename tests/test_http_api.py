@@ -390,3 +390,43 @@ async def test_deny_cancel_and_budget_are_sent_as_the_token_subject(
             str(cancelled): "cancelled",
             str(poor): "completed",
         }
+
+
+def test_tokens_come_from_the_first_configured_source(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cairn.projections.http import Role, TokenConfigError, load_tokens
+
+    monkeypatch.delenv("CAIRN_API_TOKENS", raising=False)
+    monkeypatch.delenv("CAIRN_API_TOKENS_FILE", raising=False)
+    home = tmp_path / "home"
+    # Nothing configured: a token file is made under the home, owner-only, with one admin.
+    made = load_tokens(home)
+    path = home / "api-tokens.yaml"
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert made.source == f"the token file {path}"
+    assert [g.role for g in made.grants.values()] == [Role.admin]
+    assert load_tokens(home).grants == made.grants  # kept, not made again
+
+    monkeypatch.setenv("CAIRN_API_TOKENS", json.dumps(TOKENS))
+    from_env = load_tokens(home)
+    grant = from_env.lookup(APPROVER)
+    assert grant is not None
+    assert (grant.subject, grant.role) == ("maria", Role.approver)
+    assert from_env.lookup(APPROVER[:-1]) is None
+
+    file = tmp_path / "tokens.yaml"
+    file.write_text(f"{VIEWER}: {{subject: victor, role: viewer}}\n")
+    assert load_tokens(home, file).lookup(VIEWER) is not None  # --tokens wins
+    for text, message in (
+        ("short: {subject: x, role: admin}", "at least 16 characters"),
+        (f"{VIEWER}: {{subject: x, role: boss}}", "role 'boss' of 'x' is not one of"),
+        (f"{VIEWER}: {{role: admin}}", "subject is invalid"),
+        ("[1, 2]", "must map each token"),
+        (f"{VIEWER}: [", "not valid YAML or JSON"),
+    ):
+        file.write_text(text)
+        with pytest.raises(TokenConfigError, match=message):
+            load_tokens(home, file)
+    with pytest.raises(TokenConfigError, match="cannot read the token file"):
+        load_tokens(home, tmp_path / "missing.yaml")

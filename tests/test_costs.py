@@ -1,0 +1,121 @@
+"""Cost views per tenant and per day, recomputation under another price table as a query, and
+views files of an older layout rebuilt on open."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import uuid
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+from cairn.coordinator.decisions import Policy, ResultFact, StartRunFact, decide, task_id
+from cairn.coordinator.pricing import PriceTable, load_price_table
+from cairn.coordinator.settings import Settings
+from cairn.coordinator.state import fold
+from cairn.coordinator.store import EventStore
+from cairn.coordinator.workflow import parse_workflow
+from cairn.events import Event, Intent, TaskResult, Usage
+from cairn.events.contracts import resolve_contract
+from cairn.projections import ProjectionRunner, Views
+from cairn.projections.storage import open_recorder
+
+POLICY = Policy(load_price_table(), resolve_contract)
+WORKFLOW = parse_workflow({"name": "w", "steps": [{"name": "a", "capability": "writer"}]})
+DAY1 = datetime(2026, 3, 1, 23, 0, tzinfo=UTC)
+DAY2 = DAY1 + timedelta(hours=2)  # the next day (UTC)
+
+
+def run(tenant: str, at: datetime, tokens: int, model: str = "cairn-offline-1") -> list[Event]:
+    run_id = uuid.uuid4()
+    start = StartRunFact(
+        run_id=run_id, workflow=WORKFLOW, input={}, intent=Intent(goal="g"),
+        requested_by="client:t", at=at, tenant=tenant,
+    )  # fmt: skip
+    events = decide(None, start, POLICY)
+    result = TaskResult(
+        task_id=task_id(run_id, "a", 1), run_id=run_id, step="a", attempt=1, agent_id="w-1",
+        output={"ok": 1}, usage=[Usage(model=model, input_tokens=tokens, output_tokens=tokens)],
+        started_at=at, finished_at=at,
+    )  # fmt: skip
+    state = fold(events)
+    assert state is not None
+    return events + decide(state, ResultFact(result=result, at=at), POLICY)
+
+
+def project(settings: Settings, *histories: list[Event]) -> Views:
+    store = EventStore(settings.store)
+    for history in histories:
+        store.append(history)
+    store.close()
+    with ProjectionRunner(settings) as runner:
+        runner.run_once()
+    return Views(settings.views)
+
+
+def test_costs_per_tenant_and_per_day_are_exact(tmp_path: Path) -> None:
+    settings = Settings(home=tmp_path)
+    views = project(
+        settings,
+        run("acme", DAY1, 1_000_000),  # $0.50 + $1.50
+        run("acme", DAY2, 1_000),  # $0.002
+        run("globex", DAY2, 3),  # $0.000006
+    )
+    by_tenant = {r.key: r.amount_usd for r in views.costs(by="tenant")}
+    assert by_tenant == {"acme": Decimal("2.002"), "globex": Decimal("0.000006")}
+    by_day = {r.key: r.amount_usd for r in views.costs(by="day")}
+    assert by_day == {"2026-03-01": Decimal("2"), "2026-03-02": Decimal("0.002006")}
+    assert sum(by_day.values()) == sum(by_tenant.values()) == views.cost_total()
+
+
+def test_recomputing_under_another_price_table_is_a_query(tmp_path: Path) -> None:
+    settings = Settings(home=tmp_path)
+    views = project(settings, run("acme", DAY1, 1_000_000), run("acme", DAY1, 10, "mystery"))
+    recorded = views.cost_total()
+    cheaper = PriceTable.model_validate(
+        {"version": "2027-01", "models": {"cairn-offline-1": {"input_per_mtok": "0.10",
+                                                              "output_per_mtok": "0.20"}}}
+    )  # fmt: skip
+
+    def reprice(model: str, i: int, o: int) -> Decimal | None:
+        return cheaper.charge(Usage(model=model, input_tokens=i, output_tokens=o))
+
+    rows = views.costs(by="model", reprice=reprice)
+    amounts = {r.key: (r.amount_usd, r.unpriced) for r in rows}
+    assert amounts == {"cairn-offline-1": (Decimal("0.3"), 0), "mystery": (Decimal(0), 1)}
+    assert views.cost_total() == recorded  # the record itself is unchanged
+
+    table = tmp_path / "prices.yaml"
+    table.write_text(
+        'version: "2027-01"\nmodels:\n  cairn-offline-1: {input_per_mtok: "0.10", '
+        'output_per_mtok: "0.20"}\n'
+    )
+    env = {**os.environ, **settings.env()}
+    proc = subprocess.run(
+        [sys.executable, "-m", "cairn.coordinator.cli", "costs", "--by", "model",
+         "--prices", str(table), "--json"],
+        capture_output=True, text=True, env=env, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["price_table"] == "2027-01"
+    assert Decimal(out["total"]) == Decimal("0.3")
+    assert out["unpriced"] == 1
+
+
+def test_views_of_an_older_layout_are_rebuilt_from_the_log(tmp_path: Path) -> None:
+    settings = Settings(home=tmp_path)
+    views = project(settings, run("acme", DAY1, 1000))
+    assert views.cost_total() == Decimal("0.002")
+    with sqlite3.connect(settings.views) as db:  # what an older cairn left: no tenant column
+        db.execute("ALTER TABLE costs DROP COLUMN tenant")
+    recorder = open_recorder(settings.views)  # notices, empties, forgets the position
+    recorder.close()
+    with ProjectionRunner(settings) as runner:
+        assert runner.position() == 0
+        runner.run_once()
+    assert Views(settings.views).costs(by="tenant")[0].key == "acme"
