@@ -38,6 +38,14 @@ def decode_event(topic: str, state: bytes, run_id: Any, seq: int) -> Event:
     """Rebuild an event from the store, upcasting older versions to the current model."""
     name, version = parse_topic(topic)
     cls = event_class(name)
+    if version == cls.version and state[:1] == b"{" and len(state) > 2:
+        # The common case, about twice as fast: pydantic parses the stored bytes directly,
+        # with the place in the store spliced in front of the stored fields.
+        head = b'{"run_id":"%s","seq":%d,' % (str(run_id).encode(), seq)
+        try:
+            return cls.model_validate_json(head + state[1:])
+        except ValueError:
+            pass  # fall through to the general path, which names what is wrong
     data = json.loads(state)
     if not isinstance(data, dict):
         raise ValueError(f"stored {name} event {seq} of run {run_id} is not a JSON object")
