@@ -779,7 +779,8 @@ def peer_rows(live: LiveFigures, peers: dict[str, dict[str, Any]]) -> list[Row]:
         if cairn_p50 is None:
             rows.append(not_measured("peers", f"cairn ÷ {label}", "×", "no cairn figure"))
         else:
-            rows.append(row("peers", f"cairn ÷ {label}, p50", cairn_p50 / p50, "×"))
+            note = "below 1: cairn's step is the shorter, though it crosses two processes"
+            rows.append(row("peers", f"cairn ÷ {label}, p50", cairn_p50 / p50, "×", note=note))
     return rows
 
 

@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
 
-from cairn.events import Budget, Usage, WorkflowSpec
+from cairn.events import Budget, CommandReply, Usage, WorkflowSpec
 
 from .client import CairnClient, CoordinatorUnavailableError
 from .demo import (
@@ -93,6 +93,19 @@ def print_json(data: Any) -> None:
         raise TypeError(f"cannot encode {type(value).__name__}")
 
     sys.stdout.write(json.dumps(data, default=default, indent=2) + "\n")
+
+
+def send_command(
+    settings: Settings, call: Callable[[CairnClient], Awaitable[CommandReply]]
+) -> dict[str, Any]:
+    """Send one command to the coordinator over NATS; its reply as JSON-able data."""
+
+    async def go() -> dict[str, Any]:
+        async with await CairnClient.connect(settings.resolved_nats_url()) as client:
+            reply = await call(client)
+            return reply.model_dump(mode="json")
+
+    return run_async(go())
 
 
 def settings_for(home: Path | None) -> Settings:
@@ -390,12 +403,7 @@ def cancel(
         fail(f"{run!r} is not a run id (a UUID)")
     settings = settings_for(home)
 
-    async def go() -> dict[str, Any]:
-        async with await CairnClient.connect(settings.resolved_nats_url()) as client:
-            reply = await client.cancel_run(run_id, reason)
-            return reply.model_dump(mode="json")
-
-    reply = run_async(go())
+    reply = send_command(settings, lambda client: client.cancel_run(run_id, reason))
     if as_json:
         print_json(reply)
     elif reply["ok"]:
@@ -475,12 +483,9 @@ def _decide(run: str, step: str, by: str, reason: str, home: Path | None, deny: 
     settings = settings_for(home)
     run_id = _run_id(settings, run)
 
-    async def go() -> dict[str, Any]:
-        async with await CairnClient.connect(settings.resolved_nats_url()) as client:
-            reply = await client.approve(run_id, step, by, reason, deny=deny)
-            return reply.model_dump(mode="json")
-
-    reply = run_async(go())
+    reply = send_command(
+        settings, lambda client: client.approve(run_id, step, by, reason, deny=deny)
+    )
     if not reply["ok"]:
         fail(reply["error"], code=1)
     console.print(f"{'denied' if deny else 'approved'} {step} of run {run_id} as {by}")
@@ -531,12 +536,9 @@ def budget_raise(
     except ArithmeticError:
         fail(f"--usd must be an amount like 2.50, not {usd!r}")
 
-    async def go() -> dict[str, Any]:
-        async with await CairnClient.connect(settings.resolved_nats_url()) as client:
-            reply = await client.raise_budget(run_id, by, amount, tokens, reason)
-            return reply.model_dump(mode="json")
-
-    reply = run_async(go())
+    reply = send_command(
+        settings, lambda client: client.raise_budget(run_id, by, amount, tokens, reason)
+    )
     if not reply["ok"]:
         fail(reply["error"], code=1)
     console.print(f"budget of run {run_id} raised by {by}")

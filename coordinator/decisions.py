@@ -944,6 +944,7 @@ def _dispatch(d: _Decision, step_name: str, attempt: int, reason: str, repair: l
             error=str(exc),
         )
         return
+    ancestors = _ancestors(run.workflow, step_name)
     lineage = [
         Lineage(
             step=name,
@@ -952,7 +953,7 @@ def _dispatch(d: _Decision, step_name: str, attempt: int, reason: str, repair: l
             output_hash=run.steps[name].output_hash or "",
         )
         for name in [s.name for s in run.workflow.steps]
-        if run.steps[name].status == "completed" and name in _ancestors(run.workflow, step_name)
+        if run.steps[name].status == "completed" and name in ancestors
     ]
     d.emit(
         TaskDispatched,

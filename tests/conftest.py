@@ -56,3 +56,14 @@ async def wait_until(predicate: object, timeout: float = 10.0, what: str = "cond
         if loop.time() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(0.02)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this pid still exists (reaped children do not)."""
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

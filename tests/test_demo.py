@@ -10,14 +10,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+from conftest import process_alive
 
 
 @pytest.mark.timeout(120)
@@ -47,7 +40,7 @@ def test_demo_runs_through_separate_processes_and_leaves_none(tmp_path: Path) ->
         "nats-server",
     }
     assert len(set(processes.values())) == 7
-    assert not [name for name, pid in processes.items() if _alive(pid)]
+    assert not [name for name, pid in processes.items() if process_alive(pid)]
     assert not (tmp_path / "nats.url").exists()  # the embedded server is gone, so is its URL
     # The record outlives the processes: the query commands read it without NATS.
     shown = subprocess.run(

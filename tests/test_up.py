@@ -13,16 +13,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import process_alive
 
 from cairn.coordinator.embedded import EmbeddedNats
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 @pytest.mark.timeout(120)
@@ -69,7 +62,7 @@ def test_up_serves_runs_until_interrupted(tmp_path: Path) -> None:
         code = up.wait(30)
         log.close()
     assert code == 0, (tmp_path / "up.out").read_text()
-    assert not [pid for pid in pids if _alive(pid)]
+    assert not [pid for pid in pids if process_alive(pid)]
     assert not (tmp_path / "nats.url").exists()
 
 
