@@ -52,7 +52,7 @@ from .decisions import (
 from .outbox import Outbox
 from .state import RunState, evolve, fold
 from .store import ConcurrencyError, EventStore, LoggedEvent
-from .timers import TimerQueue
+from .timers import Timer, TimerQueue
 from .workflow import WorkflowCatalog, WorkflowError, check_workflow
 
 log = logging.getLogger("cairn.coordinator")
@@ -353,6 +353,20 @@ class Coordinator:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._timers_changed.wait(), max(wait, 0.001))
 
+    def _timer_matters(self, timer: Timer) -> bool:
+        state = self.runs.get(timer.run_id)
+        if state is None or state.terminal:
+            return False
+        if timer.kind in ("approval", "approval_warn"):
+            approval = state.approvals.get(timer.request_id or "")
+            return approval is not None and approval.status == "pending"
+        step = state.steps.get(timer.step)
+        if step is None:
+            return False
+        if timer.kind == "timeout":
+            return step.status == "dispatched" and step.attempt == timer.attempt
+        return step.status == "retry_wait" and step.attempt + 1 == timer.attempt
+
     async def fire(self, facts: Sequence[TimerFact]) -> None:
         async with self._lock:
             tentative: dict[uuid.UUID, RunState] = {}
@@ -404,6 +418,8 @@ class Coordinator:
         logged = [LoggedEvent(p, e) for p, e in zip(positions, events, strict=True)]
         before = self.timers.next_due()
         self.timers.add_for_events(events)
+        if len(self.timers) > 1000 + 8 * len(self.runs):
+            self.timers.compact(self._timer_matters)
         if self.timers.next_due() != before:
             self._timers_changed.set()
         self.stats.events += len(events)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Literal
@@ -71,6 +71,12 @@ class TimerQueue:
     ) -> None:
         timer = Timer(due, next(self._order), run_id, step, attempt, kind, request_id)
         heapq.heappush(self._heap, timer)
+
+    def compact(self, live: Callable[[Timer], bool]) -> None:
+        """Drop the timers `live` says no longer matter (their step moved on, their run ended),
+        so memory follows the active runs, not how many tasks ran lately."""
+        self._heap = [t for t in self._heap if live(t)]
+        heapq.heapify(self._heap)
 
     def next_due(self) -> datetime | None:
         return self._heap[0].due if self._heap else None

@@ -508,3 +508,14 @@ def test_a_late_result_is_charged_once_and_a_duplicate_never() -> None:
     history += late
     again = step_through(history, result("plan", attempt=1, output=PLAN, usage=usage))
     assert types(again) == ["ResultReceived", "ResultIgnored"]
+
+
+def test_timer_queue_compaction_keeps_only_what_matters() -> None:
+    from cairn.coordinator.timers import TimerQueue
+
+    queue = TimerQueue()
+    for i in range(10):
+        queue.push(T0 + timedelta(seconds=i), RUN, f"s{i}", 1, "timeout")
+    queue.compact(lambda t: t.step in ("s3", "s7"))
+    assert len(queue) == 2
+    assert [t.step for t in queue.due(T0 + timedelta(seconds=60))] == ["s3", "s7"]
