@@ -619,3 +619,63 @@ def _print_chain(r: ChainReport) -> None:
         )
     if len(r.problems) > 1:
         _say(f"  (and {len(r.problems) - 1} more problem(s) after it)")
+
+
+@app.command("diff")
+def diff_command(
+    run_a: RunArg,
+    run_b: RunArg,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Where two runs' decisions, outputs and costs differ, step by step."""
+    from .rundiff import diff_runs
+
+    settings = settings_for(home)
+    store = _open_store(settings)
+    try:
+        first, second = _resolve(store, run_a), _resolve(store, run_b)
+        result = diff_runs(_load(store, first), _load(store, second))
+    finally:
+        store.close()
+    if as_json:
+        print_json(
+            {
+                "runs": [str(first), str(second)],
+                "status": list(result.status),
+                "cost_usd": [str(c) for c in result.cost_usd],
+                "events": list(result.events),
+                "first_divergence": (
+                    None
+                    if result.first_divergence is None
+                    else dict(zip(("seq", "a", "b"), result.first_divergence, strict=True))
+                ),
+                "steps": [jsonable(row) for row in result.steps],
+            }
+        )
+        return
+    console.print(
+        f"[bold]A[/] {first} · {result.status[0]} · ${result.cost_usd[0]} · {result.events[0]} "
+        f"events\n[bold]B[/] {second} · {result.status[1]} · ${result.cost_usd[1]} · "
+        f"{result.events[1]} events"
+    )
+    if result.first_divergence is None:
+        console.print("the decisions agree as far as the shorter history goes")
+    else:
+        seq, a, b = result.first_divergence
+        console.print(f"first different decision at event {seq}: A {a}, B {b}")
+    table = Table(title="steps (A | B)")
+    for col in ("step", "status", "tries", "agents", "models", "output", "cost (USD)"):
+        table.add_column(col)
+    for row in result.steps:
+        same = "same" if row.same_output else f"{row.output_hash[0][:8]} | {row.output_hash[1][:8]}"
+        table.add_row(
+            row.step,
+            " | ".join(row.status),
+            f"{row.attempts[0]} | {row.attempts[1]}",
+            " | ".join(row.agents),
+            " | ".join(row.models),
+            same,
+            f"{row.cost_usd[0]} | {row.cost_usd[1]}",
+        )
+    console.print(table)
