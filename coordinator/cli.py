@@ -447,6 +447,44 @@ def _run_id(settings: Settings, ref: str) -> uuid.UUID:
     return uuid.UUID(_resolve(_views(settings), ref))
 
 
+@app.command()
+def fork(
+    run: Annotated[str, typer.Argument(help="The run to fork (id or unique prefix).")],
+    at: Annotated[int, typer.Option("--at", help="Fork from the state right after this event.")],
+    override: Annotated[
+        list[str] | None,
+        typer.Option(help="STEP=FILE: take this JSON file as the step's output (repeatable)."),
+    ] = None,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """A new run from a run's state after event SEQ, without paying again for the steps done
+    by then; an override replaces a step's output and the steps built from it run again."""
+    settings = settings_for(home)
+    parent = _run_id(settings, run)
+    overrides: dict[str, dict[str, Any]] = {}
+    for item in override or []:
+        step, sep, path = item.partition("=")
+        if not sep or not step or not path:
+            fail(f"--override takes STEP=FILE, not {item!r}")
+        try:
+            data = json.loads(Path(path).read_text())
+        except OSError as exc:
+            fail(f"cannot read {path}: {exc.strerror}")
+        except json.JSONDecodeError as exc:
+            fail(f"{path} is not valid JSON: {exc}")
+        if not isinstance(data, dict):
+            fail(f"{path} must hold a JSON object (the step's output)")
+        overrides[step] = data
+    reply = send_command(settings, lambda client: client.fork_run(parent, at, overrides))
+    if not reply["ok"]:
+        fail(reply["error"], code=1)
+    if as_json:
+        print_json(reply)
+    else:
+        console.print(f"forked run {parent} at event {at} as run {reply['run_id']}")
+
+
 AsOpt = Annotated[str, typer.Option("--as", help="Your name, recorded as who decided.")]
 ReasonOpt = Annotated[str, typer.Option(help="Why, for the record.")]
 
@@ -728,7 +766,7 @@ def main() -> None:
 
 
 # One statement, so import sorting leaves it be: each module registers its commands on `app`.
-from . import cli_audit, cli_bench, cli_history, cli_serve  # noqa: E402,F401
+from . import cli_audit, cli_bench, cli_history, cli_protocol, cli_serve  # noqa: E402,F401
 
 if __name__ == "__main__":
     # Under `python -m` this file runs as `__main__`, and the modules imported above register

@@ -20,6 +20,7 @@ from cairn.events import (
     CMD_BUDGET,
     CMD_CANCEL,
     CMD_DENY,
+    CMD_FORK,
     CMD_PING,
     CMD_START,
     ApprovalDecision,
@@ -27,6 +28,7 @@ from cairn.events import (
     CancelRun,
     CommandReply,
     EventNotice,
+    ForkRun,
     Intent,
     RaiseBudget,
     StartRun,
@@ -120,6 +122,22 @@ class CairnClient:
     ) -> CommandReply:
         command = CancelRun(run_id=run_id, reason=reason, requested_by=requested_by)
         data = await self._request(CMD_CANCEL, command.model_dump_json().encode(), 10.0)
+        return CommandReply.model_validate(data)
+
+    async def fork_run(
+        self,
+        parent: uuid.UUID,
+        at_seq: int,
+        overrides: dict[str, dict[str, Any]] | None = None,
+        *,
+        run_id: uuid.UUID | None = None,
+        requested_by: str = "client:cli",
+    ) -> CommandReply:
+        command = ForkRun(
+            parent_run_id=parent, at_seq=at_seq, overrides=overrides or {},
+            run_id=run_id or uuid.uuid4(), requested_by=requested_by,
+        )  # fmt: skip
+        data = await self._request(CMD_FORK, command.model_dump_json().encode(), 10.0)
         return CommandReply.model_validate(data)
 
     async def approve(

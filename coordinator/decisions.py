@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, Literal
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from cairn.events import (
     ApprovalContext,
@@ -29,12 +29,15 @@ from cairn.events import (
     BudgetRaised,
     BudgetReserved,
     BudgetSettled,
+    CarriedOutput,
     ContractViolated,
     CostCharged,
     Event,
+    ForkOrigin,
     Frozen,
     Intent,
     Lineage,
+    OutputCarried,
     ReportedError,
     ResultIgnored,
     ResultReceived,
@@ -73,6 +76,8 @@ class StartRunFact(Frozen):
     at: datetime
     budget: Budget | None = None
     tenant: str = "default"
+    forked_from: ForkOrigin | None = None
+    carried: dict[str, CarriedOutput] = Field(default_factory=dict)
 
 
 class ResultFact(Frozen):
@@ -256,7 +261,20 @@ def _start(state: RunState | None, fact: StartRunFact, policy: Policy) -> list[E
         intent=fact.intent,
         budget=fact.budget,
         tenant=fact.tenant,
+        forked_from=fact.forked_from,
+        carried=fact.carried,
     )
+    for spec in fact.workflow.steps:
+        carried = fact.carried.get(spec.name)
+        if carried is not None:
+            d.emit(
+                OutputCarried,
+                actor=COORDINATOR,
+                reason=f"taken over from {carried.source}",
+                step=spec.name,
+                output_hash=content_hash(carried.output),
+                source=carried.source,
+            )
     _advance(d, policy)
     return d.events
 
@@ -974,6 +992,11 @@ def _dispatch(d: _Decision, step_name: str, attempt: int, reason: str, repair: l
 
 def _dependencies(workflow: WorkflowSpec, step_name: str) -> set[str]:
     return set(workflow.needs_of(step_name)) | referenced_steps(workflow.step(step_name).input)
+
+
+def descendants(workflow: WorkflowSpec, step_name: str) -> set[str]:
+    """Every step built from the step's output, directly or through another step."""
+    return {s.name for s in workflow.steps if step_name in _ancestors(workflow, s.name)}
 
 
 def _ancestors(workflow: WorkflowSpec, step_name: str) -> set[str]:

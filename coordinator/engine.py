@@ -25,8 +25,11 @@ from cairn.events import (
     MAX_PAYLOAD_BYTES,
     ApprovalDecision,
     CancelRun,
+    CarriedOutput,
     CommandReply,
     Event,
+    ForkOrigin,
+    ForkRun,
     Intent,
     RaiseBudget,
     StartRun,
@@ -48,6 +51,7 @@ from .decisions import (
     StartRunFact,
     TimerFact,
     decide,
+    descendants,
 )
 from .outbox import Outbox
 from .state import RunState, evolve, fold
@@ -199,6 +203,66 @@ class Coordinator:
         for reply, answer in replies:
             if not reply.done():
                 reply.set_result(answer)
+
+    async def fork_run(self, command: ForkRun, at: datetime | None = None) -> CommandReply:
+        """Start a new run from a run's state after event `at_seq`: completed steps' outputs
+        are taken over (not paid for again), overrides replace outputs, and every step built
+        from an overridden one runs again."""
+        parent = self.store.load(command.parent_run_id)
+        if not parent:
+            return CommandReply(ok=False, error=f"unknown run {command.parent_run_id}")
+        if command.at_seq > len(parent):
+            return CommandReply(
+                ok=False,
+                error=f"run {command.parent_run_id} has {len(parent)} events, not {command.at_seq}",
+            )
+        state = fold(parent[: command.at_seq])
+        assert state is not None
+        workflow = state.workflow
+        carried: dict[str, CarriedOutput] = {}
+        for name, step in state.steps.items():
+            if step.status == "completed" and step.output is not None:
+                carried[name] = CarriedOutput(
+                    output=step.output,
+                    source=f"run {state.run_id} step {name} attempt {step.attempt}",
+                )
+        for name, output in command.overrides.items():
+            if name not in state.steps:
+                return CommandReply(ok=False, error=f"run has no step {name!r} to override")
+            spec = workflow.step(name)
+            if spec.contract:
+                try:
+                    self.policy.contract(spec.contract).model_validate(output)
+                except ValidationError as exc:
+                    return CommandReply(
+                        ok=False,
+                        error=validation_reason(exc, f"the override of {name} ({spec.contract})"),
+                    )
+            for later in descendants(workflow, name):
+                carried.pop(later, None)  # built from the old output: they run again
+            carried[name] = CarriedOutput(
+                output=output, source=f"override by {command.requested_by}"
+            )
+        fact = StartRunFact(
+            run_id=command.run_id or uuid.uuid4(),
+            workflow=workflow,
+            input=state.input,
+            intent=state.intent,
+            requested_by=command.requested_by,
+            at=at or datetime.now(UTC),
+            budget=state.budget,
+            tenant=state.tenant,
+            forked_from=ForkOrigin(run_id=command.parent_run_id, seq=command.at_seq),
+            carried=carried,
+        )
+        async with self._lock:
+            if self._state(fact.run_id) is not None:
+                return CommandReply(ok=False, error=f"run {fact.run_id} already exists")
+            events = decide(None, fact, self.policy)
+            new = fold(list(events))
+            assert new is not None
+            await self._commit_and_publish({fact.run_id: new}, events)
+        return CommandReply(ok=True, run_id=fact.run_id, status=new.status)
 
     async def cancel_run(self, command: CancelRun, at: datetime | None = None) -> CommandReply:
         fact = CancelFact(

@@ -111,6 +111,8 @@ def fact_for(state: RunState | None, event: Event) -> Fact | None:
             at=event.at,
             budget=event.budget,
             tenant=event.tenant,
+            forked_from=event.forked_from,
+            carried=event.carried,
         )
     if state is None:
         return None

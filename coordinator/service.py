@@ -25,6 +25,7 @@ from cairn.events import (
     CMD_BUDGET,
     CMD_CANCEL,
     CMD_DENY,
+    CMD_FORK,
     CMD_PING,
     CMD_START,
     COORDINATOR_CONSUMER,
@@ -33,6 +34,7 @@ from cairn.events import (
     ApprovalDecision,
     CancelRun,
     CommandReply,
+    ForkRun,
     RaiseBudget,
     StartRun,
 )
@@ -264,6 +266,10 @@ def create_app(settings: Settings) -> FastStream:
 
     async def deny(coordinator: Coordinator, command: ApprovalDecision) -> CommandReply:
         return await coordinator.decide_approval(command, approve=False)
+
+    @router.subscriber(CMD_FORK, queue=COMMAND_QUEUE)
+    async def fork_run(msg: NatsMessage) -> dict[str, Any]:
+        return await command(msg, "fork", ForkRun, Coordinator.fork_run)
 
     @router.subscriber(CMD_APPROVE, queue=COMMAND_QUEUE)
     async def approve_step(msg: NatsMessage) -> dict[str, Any]:

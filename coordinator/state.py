@@ -24,6 +24,7 @@ from cairn.events import (
     CostCharged,
     Event,
     Intent,
+    OutputCarried,
     ResultIgnored,
     ResultReceived,
     RetryScheduled,
@@ -126,6 +127,7 @@ class RunState:
     approvals: dict[str, ApprovalState] = field(default_factory=dict)
     attempts: int = 0  # tasks dispatched in all: a loop guard
     charged_tasks: frozenset[str] = frozenset()  # tasks whose usage has been charged
+    input_carried: dict[str, dict[str, Any]] = field(default_factory=dict)  # a fork's outputs
 
     @property
     def reserved_usd(self) -> Decimal:
@@ -177,6 +179,7 @@ def evolve(state: RunState | None, event: Event) -> RunState:
             last_hash=event_hash(event),
             budget=event.budget,
             tenant=event.tenant,
+            input_carried={name: c.output for name, c in event.carried.items()},
         )
     if state is None:
         raise EvolveError(f"{event.type_name()} before RunStarted in run {event.run_id}")
@@ -313,6 +316,16 @@ def evolve(state: RunState | None, event: Event) -> RunState:
             if approval.kind in ("exhausted", "loop"):
                 changes["extra_attempts"] = step.extra_attempts + 1  # one more try granted
         return _with_step(state, approval.step, **changes)
+    if isinstance(event, OutputCarried):
+        carried = state.input_carried.get(event.step)
+        return _with_step(
+            state,
+            event.step,
+            status="completed",
+            output=carried,
+            output_hash=event.output_hash,
+            agent_id=event.source,
+        )
     if isinstance(event, StepAdmitted):
         workflow = state.workflow.model_copy(update={"steps": [*state.workflow.steps, event.spec]})
         steps = dict(state.steps)

@@ -20,6 +20,7 @@ CMD_APPROVE = "cairn.cmd.approve"
 CMD_DENY = "cairn.cmd.deny"
 CMD_BUDGET = "cairn.cmd.budget"
 CMD_APPROVALS = "cairn.cmd.approvals"
+CMD_FORK = "cairn.cmd.fork"
 
 # Largest message cairn accepts on any subject; larger payloads go to the DLQ. nats-server's own
 # default `max_payload` is also 1 MiB, so bigger messages are refused before they arrive.

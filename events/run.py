@@ -9,6 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, Literal
+from uuid import UUID
 
 from pydantic import Field
 
@@ -50,6 +51,18 @@ class Budget(Frozen):
     on_exhausted: Literal["ask", "fail"] = "ask"
 
 
+class CarriedOutput(Frozen):
+    """A step output a forked run starts with instead of paying for the step again."""
+
+    output: dict[str, Any]
+    source: str  # where it came from: "run <id> step <name> attempt <n>", or an override
+
+
+class ForkOrigin(Frozen):
+    run_id: UUID
+    seq: int
+
+
 @register
 class RunStarted(Event):
     workflow: WorkflowSpec
@@ -57,6 +70,17 @@ class RunStarted(Event):
     intent: Intent
     budget: Budget | None = None
     tenant: str = "default"
+    forked_from: ForkOrigin | None = None
+    carried: dict[str, CarriedOutput] = Field(default_factory=dict)
+
+
+@register
+class OutputCarried(Event):
+    """A forked run takes over a step's output (from its parent, or an override)."""
+
+    step: str
+    output_hash: str
+    source: str
 
 
 @register

@@ -85,6 +85,19 @@ class CancelRun(Frozen):
     reason: str = ""
 
 
+class ForkRun(Frozen):
+    """Command on `cairn.cmd.fork`: a new run that starts from a run's state after event
+    `at_seq`, taking over the outputs of the steps completed by then (and `overrides`, which
+    replace a step's output and make the steps built from it run again)."""
+
+    v: Literal[1] = 1
+    parent_run_id: uuid.UUID
+    at_seq: int = Field(ge=1)
+    overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    run_id: uuid.UUID | None = None
+    requested_by: str = "client:cli"
+
+
 class ApprovalDecision(Frozen):
     """Command on `cairn.cmd.approve` or `cairn.cmd.deny`: decide a step's pending approval."""
 

@@ -1,0 +1,106 @@
+"""`cairn fork`: retry from the point a run went wrong, without paying again for what was done."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from cairn.coordinator.client import TERMINAL_TYPES, CairnClient
+from cairn.coordinator.processes import Supervisor
+from cairn.coordinator.settings import Settings
+from cairn.coordinator.store import EventStore
+from cairn.events import CostCharged, OutputCarried, RunStarted, TaskCompleted
+
+pytestmark = pytest.mark.timeout(90)
+
+
+async def follow_to_end(client: CairnClient, run_id: uuid.UUID, feed: object) -> str:
+    kinds: list[str] = []
+    while not kinds or kinds[-1] not in TERMINAL_TYPES:
+        kinds.append((await feed.next(timeout=30)).type)  # type: ignore[attr-defined]
+    return kinds[-1]
+
+
+async def test_fork_takes_over_done_steps_and_reruns_what_an_override_invalidates(
+    settings: Settings, supervisor: Supervisor, client: CairnClient, tmp_path: Path
+) -> None:
+    supervisor.start_all()
+    await client.wait_ready()
+    parent = uuid.uuid4()
+    feed = await client.follow(parent)
+    assert (await client.start_run("research-report", {"topic": "moss"}, run_id=parent)).ok
+    assert await follow_to_end(client, parent, feed) == "RunCompleted"
+    await feed.close()
+    store = EventStore(settings.store)
+    history = store.load(parent)
+    research_done = next(
+        e.seq for e in history if isinstance(e, TaskCompleted) and e.step == "research"
+    )
+
+    fixed = {
+        "findings": [{"question": "what is moss?", "answer": "a small plant", "confidence": 1}]
+    }
+    override = tmp_path / "research.json"
+    override.write_text(json.dumps(fixed))
+    env = {**os.environ, **settings.env()}
+    proc = subprocess.run(
+        [sys.executable, "-m", "cairn.coordinator.cli", "fork", str(parent), "--at",
+         str(research_done), "--override", f"research={override}", "--json"],
+        capture_output=True, text=True, env=env, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    child = uuid.UUID(json.loads(proc.stdout)["run_id"])
+    deadline = asyncio.get_running_loop().time() + 30
+    while True:  # poll the store: the fork was started by another process
+        events = store.load(child)
+        if events and events[-1].type_name() in TERMINAL_TYPES:
+            break
+        assert asyncio.get_running_loop().time() < deadline, [e.type_name() for e in events]
+        await asyncio.sleep(0.05)
+    kinds = [e.type_name() for e in events]
+    assert kinds[-1] == "RunCompleted", kinds
+    started = events[0]
+    assert isinstance(started, RunStarted)
+    assert started.forked_from is not None
+    assert started.forked_from.run_id == parent
+    carried = {e.step: e.source for e in events if isinstance(e, OutputCarried)}
+    assert set(carried) == {"plan", "research"}
+    assert carried["research"].startswith("override by")
+    charged_steps = {e.step for e in events if isinstance(e, CostCharged)}
+    assert charged_steps == {"write", "review"}  # plan and research were not paid again
+    write_input = next(
+        e.input
+        for e in events
+        if e.type_name() == "TaskDispatched" and e.step == "write"  # type: ignore[attr-defined]
+    )
+    assert write_input["findings"] == fixed["findings"]
+
+    # A forked run replays like any other: its carried outputs are part of its start.
+    from cairn.coordinator.decisions import Policy
+    from cairn.coordinator.pricing import load_price_table
+    from cairn.coordinator.replay import check_history
+    from cairn.coordinator.workflow import load_contract_modules
+    from cairn.events.contracts import resolve_contract
+
+    load_contract_modules()
+
+    report = check_history(events, Policy(load_price_table(), resolve_contract))
+    assert report.ok, report.divergence
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"findings": []}))
+    refused = subprocess.run(
+        [sys.executable, "-m", "cairn.coordinator.cli", "fork", str(parent), "--at", "3",
+         "--override", f"research={bad}"],
+        capture_output=True, text=True, env=env, timeout=60,
+    )  # fmt: skip
+    assert refused.returncode == 1
+    assert "Research@1" in refused.stderr
+    store.close()
