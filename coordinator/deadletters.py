@@ -44,6 +44,17 @@ def _where(loc: tuple[int | str, ...]) -> str:
     return ".".join(parts) or "(root)"
 
 
+def non_finite_reason(message: BaseModel, what: str) -> str | None:
+    """The dead-letter reason for a message holding NaN or ±Infinity, or None when it holds none."""
+    where = non_finite_number(message)
+    if where is None:
+        return None
+    return (
+        f"{what} is not valid JSON: {where} is NaN, Infinity or out of range "
+        "(JSON numbers must be finite)"
+    )
+
+
 def non_finite_number(message: BaseModel) -> str | None:
     """Where a validated message holds NaN or ±Infinity (`(root)` or a dotted path), if anywhere.
 

@@ -522,7 +522,7 @@ def _refusal(run: RunState, spec: StepSpec, policy: Policy) -> str | None:
         except LookupError as exc:
             return str(exc)
     remaining = run.remaining_usd
-    estimate = spec.cost_estimate_usd or policy.default_estimate_usd
+    estimate = _estimate(spec, policy)
     if remaining is not None and estimate > remaining:
         return f"its estimate ${estimate} does not fit the remaining budget ${remaining}"
     return None
@@ -644,7 +644,7 @@ def _begin(d: _Decision, step_name: str, attempt: int, reason: str, repair: list
             error="attempt limit reached",
         )
         return
-    estimate = spec.cost_estimate_usd or policy.default_estimate_usd
+    estimate = _estimate(spec, policy)
     gate = spec.approval
     if gate is not None and attempt == 1:
         kind: ApprovalKind | None = None
@@ -713,6 +713,11 @@ def _begin(d: _Decision, step_name: str, attempt: int, reason: str, repair: list
     _dispatch(d, step_name, attempt, reason, repair)
 
 
+def _estimate(spec: StepSpec, policy: Policy) -> Decimal:
+    """What one attempt of the step is expected to cost: its own estimate, or the default."""
+    return spec.cost_estimate_usd or policy.default_estimate_usd
+
+
 def _settle(d: _Decision, step_name: str, attempt: int, actual: Decimal, tokens: int) -> None:
     reserved = d.run.reserved.get((step_name, attempt))
     if reserved is None:
@@ -750,7 +755,7 @@ def _request_approval(
         request_id = f"{base}:{n}"
     due = d.at + timedelta(seconds=gate.timeout_s)
     warn = due - timedelta(seconds=gate.warn_before_s) if gate.warn_before_s else None
-    estimate = spec.cost_estimate_usd or (policy or d.policy).default_estimate_usd
+    estimate = _estimate(spec, policy or d.policy)
     d.emit(
         ApprovalRequested,
         actor=COORDINATOR,
@@ -811,20 +816,16 @@ def _decision(state: RunState, fact: ApprovalFact, policy: Policy) -> list[Event
         )
         _resume(d, approval.step, approval.kind, approval.attempt, f"approved by {fact.by}")
     else:
+        reason = fact.reason or "no reason given"
         d.emit(
             ApprovalDenied,
             actor=actor,
-            reason=fact.reason or "no reason given",
+            reason=reason,
             request_id=approval.request_id,
             step=fact.step,
             by=fact.by,
         )
-        _refuse(
-            d,
-            approval.step,
-            approval.kind,
-            f"denied by {fact.by}: {fact.reason or 'no reason given'}",
-        )
+        _refuse(d, approval.step, approval.kind, f"denied by {fact.by}: {reason}")
     return d.events
 
 

@@ -39,7 +39,7 @@ from cairn.events import (
 )
 
 from .crashpoints import crash_point
-from .deadletters import DeadLetters, non_finite_number, validation_reason
+from .deadletters import DeadLetters, non_finite_reason, validation_reason
 from .decisions import (
     ApprovalFact,
     BudgetFact,
@@ -387,13 +387,9 @@ class Coordinator:
         except ValidationError as exc:
             await self._dead_letter(msg, validation_reason(exc, "result"))
             return None
-        where = non_finite_number(result)
-        if where is not None:
-            await self._dead_letter(
-                msg,
-                f"result is not valid JSON: {where} is NaN, Infinity or out of range "
-                "(JSON numbers must be finite)",
-            )
+        not_finite = non_finite_reason(result, "result")
+        if not_finite is not None:
+            await self._dead_letter(msg, not_finite)
             return None
         return result
 

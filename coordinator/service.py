@@ -40,7 +40,7 @@ from cairn.events import (
 )
 from cairn.events.contracts import resolve_contract
 
-from .deadletters import DeadLetters, non_finite_number, validation_reason
+from .deadletters import DeadLetters, non_finite_reason, validation_reason
 from .decisions import Policy
 from .engine import Coordinator
 from .nats_client import declare_streams, unreachable_message
@@ -230,13 +230,9 @@ def create_app(settings: Settings) -> FastStream:
             parsed = model.model_validate_json(msg.body)
         except ValidationError as exc:
             return await rejected(msg, validation_reason(exc, f"{what} command"))
-        where = non_finite_number(parsed)
-        if where is not None:
-            return await rejected(
-                msg,
-                f"{what} command is not valid JSON: {where} is NaN, Infinity or out of range "
-                "(JSON numbers must be finite)",
-            )
+        not_finite = non_finite_reason(parsed, f"{what} command")
+        if not_finite is not None:
+            return await rejected(msg, not_finite)
         try:
             reply = await carry_out(await engine(), parsed)
         except Exception as exc:

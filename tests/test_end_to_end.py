@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from chaos import table_rows
 
 from cairn.coordinator.client import TERMINAL_TYPES, CairnClient
 from cairn.coordinator.pricing import load_price_table
@@ -67,17 +68,6 @@ def cli(settings: Settings, *args: str, check: bool = True) -> subprocess.Comple
     if check:
         assert proc.returncode == 0, proc.stderr + proc.stdout
     return proc
-
-
-def table_rows(path: str) -> dict[str, list[tuple[Any, ...]]]:
-    import sqlite3
-
-    with sqlite3.connect(path) as db:
-        names = [
-            r[0]
-            for r in db.execute("SELECT name FROM sqlite_master WHERE type='table' ORDER BY name")
-        ]
-        return {n: sorted(db.execute(f"SELECT * FROM {n}").fetchall(), key=repr) for n in names}
 
 
 async def test_example_workflow_through_agent_processes(
