@@ -116,7 +116,12 @@ def _factory(url: str) -> InfrastructureFactory[Any]:
 
 @contextmanager
 def _setup_lock(env: dict[str, str]) -> Iterator[None]:
-    if env["PERSISTENCE_MODULE"] != "eventsourcing.sqlite" or ":memory:" in env["SQLITE_DBNAME"]:
+    """Hold a lock across processes while the store's schema and tables are set up."""
+    if env["PERSISTENCE_MODULE"] == "eventsourcing.postgres":
+        with _postgres_setup_lock(env):
+            yield
+        return
+    if ":memory:" in env["SQLITE_DBNAME"]:
         yield
         return
     path = Path(env["SQLITE_DBNAME"] + ".lock")
@@ -134,20 +139,52 @@ def _setup_lock(env: dict[str, str]) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+# PostgreSQL's `CREATE SCHEMA/TABLE IF NOT EXISTS` race when two sessions run them at once
+# (a unique violation in the catalogue): processes starting together take turns under an
+# advisory lock. An unreachable server is left for opening the store to report.
+_SETUP_LOCK_KEY = 0x636169726E  # "cairn"
+
+
+@contextmanager
+def _postgres_setup_lock(env: dict[str, str]) -> Iterator[None]:
+    try:
+        import psycopg
+    except ImportError:
+        yield  # opening the store says how to install PostgreSQL support
+        return
+    try:
+        conn = _postgres_connect(env)
+    except psycopg.Error:
+        yield
+        return
+    with conn:
+        conn.execute("SELECT pg_advisory_lock(%s)", (_SETUP_LOCK_KEY,))
+        try:
+            yield
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (_SETUP_LOCK_KEY,))
+
+
+def _postgres_connect(env: dict[str, str]) -> Any:
+    import psycopg
+
+    return psycopg.connect(
+        dbname=env["POSTGRES_DBNAME"],
+        host=env["POSTGRES_HOST"],
+        port=int(env["POSTGRES_PORT"]),
+        user=env["POSTGRES_USER"],
+        password=env["POSTGRES_PASSWORD"] or None,
+        connect_timeout=int(env["POSTGRES_CONNECT_TIMEOUT"]),
+        autocommit=True,
+    )
+
+
 def _create_schema(env: dict[str, str]) -> None:
     import psycopg
     from psycopg import sql
 
     try:
-        with psycopg.connect(
-            dbname=env["POSTGRES_DBNAME"],
-            host=env["POSTGRES_HOST"],
-            port=int(env["POSTGRES_PORT"]),
-            user=env["POSTGRES_USER"],
-            password=env["POSTGRES_PASSWORD"] or None,
-            connect_timeout=int(env["POSTGRES_CONNECT_TIMEOUT"]),
-            autocommit=True,
-        ) as conn:
+        with _postgres_connect(env) as conn:
             conn.execute(
                 sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(
                     sql.Identifier(env["POSTGRES_SCHEMA"])

@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -66,6 +67,34 @@ def store(store_url: str) -> Iterator[EventStore]:
 
 def ev(cls: type[Event], run: uuid.UUID, seq: int, **fields: object) -> Event:
     return cls(run_id=run, seq=seq, at=T0, actor="test", **fields)
+
+
+def test_processes_opening_a_fresh_store_at_once_all_succeed(store_url: str) -> None:
+    """`cairn up` opens the store from several processes at the same moment; setting up the
+    schema and tables must not race (PostgreSQL's `IF NOT EXISTS` does, unguarded)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    n = 6
+    barrier = ctx.Barrier(n)
+    errors = ctx.Queue()
+    procs = [ctx.Process(target=_open_store, args=(store_url, barrier, errors)) for _ in range(n)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0] * n
+    assert [errors.get(timeout=5) for _ in procs] == [None] * n
+
+
+def _open_store(url: str, barrier: Any, errors: Any) -> None:
+    barrier.wait(30)  # all set up to here: open at the same moment
+    try:
+        EventStore(url).close()
+    except Exception as exc:  # reported to the test, which names it
+        errors.put(repr(exc))
+    else:
+        errors.put(None)
 
 
 def test_append_then_load_gives_the_same_events(store: EventStore) -> None:
