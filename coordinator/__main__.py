@@ -10,6 +10,7 @@ from .nats_client import NatsUnavailableError, connect
 from .service import create_app
 from .settings import Settings
 from .store import EventStore, StoreUnavailableError
+from .tenants import TenantLimitsError, load_tenant_limits, tenant_limits_path
 
 
 async def _preflight(settings: Settings) -> None:
@@ -17,6 +18,7 @@ async def _preflight(settings: Settings) -> None:
     nc = await connect(settings.resolved_nats_url(), "cairn-preflight", reconnect=False)
     await nc.close()
     EventStore(settings.store).close()
+    load_tenant_limits(tenant_limits_path(settings.home))
 
 
 def main() -> None:
@@ -24,7 +26,7 @@ def main() -> None:
     settings = Settings.from_env()
     try:
         asyncio.run(_preflight(settings))
-    except (NatsUnavailableError, StoreUnavailableError) as exc:
+    except (NatsUnavailableError, StoreUnavailableError, TenantLimitsError) as exc:
         print(f"cairn coordinator: {exc}", file=sys.stderr)
         sys.exit(2)
     asyncio.run(create_app(settings).run())

@@ -716,6 +716,67 @@ def costs(
     console.print(out)
 
 
+@app.command()
+def tenants(
+    day: Annotated[
+        str | None, typer.Option(help="A UTC day as YYYY-MM-DD (default: today).")
+    ] = None,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Each tenant's daily limit (tenants.yaml) and what it was charged on a day (UTC)."""
+    from datetime import UTC, date, datetime
+
+    from .tenants import ANY_TENANT, TenantLimitsError, load_tenant_limits, tenant_limits_path
+
+    settings = settings_for(home)
+    try:
+        when = date.fromisoformat(day) if day else datetime.now(UTC).date()
+    except ValueError:
+        fail(f"--day {day!r} is not a date: give it as YYYY-MM-DD")
+    path = tenant_limits_path(settings.home)
+    try:
+        limits = load_tenant_limits(path)
+    except TenantLimitsError as exc:
+        fail(str(exc))
+    charged = {r.key: r for r in _views(settings).costs(by="tenant", day=when.isoformat())}
+    rows = []
+    for name in sorted((set(limits) - {ANY_TENANT}) | set(charged)):
+        limit = limits.get(name) or limits.get(ANY_TENANT)
+        row = charged.get(name)
+        spent = row.amount_usd if row else Decimal(0)
+        tokens = row.input_tokens + row.output_tokens if row else 0
+        rows.append(
+            {
+                "tenant": name,
+                "daily_usd": limit.daily_usd if limit else None,
+                "daily_tokens": limit.daily_tokens if limit else None,
+                "charged_usd": spent,
+                "tokens": tokens,
+                "left_usd": (
+                    limit.daily_usd - spent if limit and limit.daily_usd is not None else None
+                ),
+            }
+        )
+    if as_json:
+        print_json({"day": when.isoformat(), "limits": str(path), "tenants": rows})
+        return
+    out = Table(title=f"tenants on {when.isoformat()} (UTC)")
+    for col in ("tenant", "daily limit", "charged", "left", "tokens", "daily tokens"):
+        out.add_column(col)
+    for r in rows:
+        out.add_row(
+            str(r["tenant"]),
+            "-" if r["daily_usd"] is None else f"${r['daily_usd']}",
+            f"${r['charged_usd']}",
+            "-" if r["left_usd"] is None else f"${r['left_usd']}",
+            f"{r['tokens']:,}",
+            "-" if r["daily_tokens"] is None else f"{r['daily_tokens']:,}",
+        )
+    out.caption = f"limits from {path}" + ("" if limits else " (no file: no tenant is limited)")
+    console.print(out)
+
+
 # `cairn audit` lives in cli_audit.py, with `cairn why` and `cairn projections status`.
 
 

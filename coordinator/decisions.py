@@ -147,6 +147,19 @@ class Policy:
     prices: PriceTable
     contract: Callable[[str], type[BaseModel]]
     default_estimate_usd: Decimal = Decimal("0.01")
+    # What the run's tenant may still spend today, when it has a daily limit: a fact from
+    # outside the run, given by the coordinator's ledger for each decision (and by the record
+    # itself on replay).
+    tenant: TenantAllowance | None = None
+
+
+@dataclass(frozen=True)
+class TenantAllowance:
+    """The rest of a tenant's daily limit at the moment of a decision: its limit less today's
+    charges and the reservations still open across all its runs. None: no limit of that kind."""
+
+    usd: Decimal | None
+    tokens: int | None
 
 
 def task_id(run_id: uuid.UUID, step: str, attempt: int) -> str:
@@ -164,6 +177,7 @@ class _Decision:
         self.at = at
         self.policy = policy
         self.events: list[Event] = []
+        self.tenant_reserved = Decimal(0)  # set aside from the tenant's allowance so far
 
     @property
     def next_seq(self) -> int:
@@ -701,7 +715,19 @@ def _begin(d: _Decision, step_name: str, attempt: int, reason: str, repair: list
                 error=f"budget exhausted before step {step_name}",
             )
         return
-    if run.budget is not None:
+    allowance = policy.tenant
+    tenant_usd = tenant_tokens = None
+    if allowance is not None:
+        tenant_tokens = allowance.tokens
+        if allowance.usd is not None:
+            tenant_usd = allowance.usd - d.tenant_reserved
+        short = (tenant_usd is not None and estimate > tenant_usd) or (
+            tenant_tokens is not None and tenant_tokens <= 0
+        )
+        if short and not _tenant_cleared(run, step_name, attempt):
+            _tenant_exhausted(d, step_name, attempt, estimate, tenant_usd, tenant_tokens)
+            return
+    if run.budget is not None or allowance is not None:
         d.emit(
             BudgetReserved,
             actor=COORDINATOR,
@@ -709,8 +735,66 @@ def _begin(d: _Decision, step_name: str, attempt: int, reason: str, repair: list
             step=step_name,
             attempt=attempt,
             amount_usd=estimate,
+            tenant_available_usd=tenant_usd,
+            tenant_available_tokens=tenant_tokens,
         )
+        d.tenant_reserved += estimate
     _dispatch(d, step_name, attempt, reason, repair)
+
+
+def _tenant_cleared(run: RunState, step_name: str, attempt: int) -> bool:
+    """A person let this attempt run over its tenant's daily limit."""
+    return any(
+        a.kind == "tenant"
+        and a.status == "granted"
+        and a.step == step_name
+        and a.attempt == attempt
+        for a in run.approvals.values()
+    )
+
+
+def _tenant_exhausted(
+    d: _Decision,
+    step_name: str,
+    attempt: int,
+    estimate: Decimal,
+    usd: Decimal | None,
+    tokens: int | None,
+) -> None:
+    run = d.run
+    d.emit(
+        BudgetExhausted,
+        actor=COORDINATOR,
+        reason=(
+            f"step {step_name} needs ${estimate}, tenant {run.tenant} has ${usd} left today"
+            if usd is not None and estimate > usd
+            else f"tenant {run.tenant} has used its daily tokens"
+        ),
+        step=step_name,
+        needed_usd=estimate,
+        remaining_usd=run.remaining_usd,
+        remaining_tokens=run.remaining_tokens,
+        scope="tenant",
+        tenant_available_usd=usd,
+        tenant_available_tokens=tokens,
+    )
+    if run.budget is None or run.budget.on_exhausted == "ask":
+        _request_approval(
+            d, step_name, attempt, "tenant", proposed=None,
+            note=(
+                f"tenant {run.tenant}'s daily limit is reached: approve to let this step run "
+                "over it, deny to fail the run"
+            ),
+            policy=d.policy,
+        )  # fmt: skip
+    else:
+        d.emit(
+            RunFailed,
+            actor=COORDINATOR,
+            reason=f"tenant {run.tenant}'s daily limit is reached; the run fails closed",
+            step=step_name,
+            error=f"tenant daily limit reached before step {step_name}",
+        )
 
 
 def _estimate(spec: StepSpec, policy: Policy) -> Decimal:

@@ -14,8 +14,8 @@ import contextlib
 import logging
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from nats.aio.msg import Msg
@@ -56,6 +56,7 @@ from .decisions import (
 from .outbox import Outbox
 from .state import RunState, evolve, fold
 from .store import ConcurrencyError, EventStore, LoggedEvent
+from .tenants import TenantLedger, TenantLimits
 from .timers import Timer, TimerQueue
 from .workflow import WorkflowCatalog, WorkflowError, check_workflow
 
@@ -83,9 +84,12 @@ class Coordinator:
         catalog: WorkflowCatalog,
         outbox: Outbox,
         dead_letters: DeadLetters,
+        tenant_limits: TenantLimits | None = None,
     ) -> None:
         self.store = store
         self.policy = policy
+        self.tenant_limits = tenant_limits
+        self.ledger = TenantLedger()
         self.catalog = catalog
         self.outbox = outbox
         self.dead_letters = dead_letters
@@ -103,10 +107,15 @@ class Coordinator:
         """Rebuild the state of every unfinished run from the log."""
         states: dict[uuid.UUID, RunState] = {}
         position = 0
+        self.ledger = TenantLedger()
+        counts_from = datetime.now(UTC).date() - timedelta(days=1)  # tenants' days that matter
         while batch := self.store.read_log(position, limit=5000):
             for item in batch:
-                run_id = item.event.run_id
-                states[run_id] = evolve(states.get(run_id), item.event)
+                event = item.event
+                state = states[event.run_id] = evolve(states.get(event.run_id), event)
+                if event.at.date() >= counts_from:
+                    self.ledger.stage([event], state.tenant)
+            self.ledger.commit()
             position = batch[-1].position
         self.runs = {run_id: s for run_id, s in states.items() if not s.terminal}
         self.timers = TimerQueue()
@@ -185,7 +194,7 @@ class Coordinator:
             try:
                 state = tentative.get(fact.run_id) or self._state(fact.run_id)
                 if state is None:  # the same command again answers, and changes nothing
-                    new = decide(None, fact, self.policy)
+                    new = self._decide(None, fact, fact.tenant)
                     state = fold(list(new))
                     assert state is not None
                     tentative[fact.run_id] = state
@@ -258,7 +267,7 @@ class Coordinator:
         async with self._lock:
             if self._state(fact.run_id) is not None:
                 return CommandReply(ok=False, error=f"run {fact.run_id} already exists")
-            events = decide(None, fact, self.policy)
+            events = self._decide(None, fact, fact.tenant)
             new = fold(list(events))
             assert new is not None
             await self._commit_and_publish({fact.run_id: new}, events)
@@ -326,7 +335,7 @@ class Coordinator:
             if state is None:
                 return CommandReply(ok=False, run_id=run_id, error=f"unknown run {run_id}")
             try:
-                events = decide(state, fact, self.policy)
+                events = self._decide(state, fact, state.tenant)
             except Rejected as exc:
                 return CommandReply(ok=False, run_id=run_id, error=str(exc))
             for event in events:
@@ -351,7 +360,7 @@ class Coordinator:
                     await self._dead_letter(msg, f"result for unknown run {result.run_id}")
                     continue
                 try:
-                    new = decide(state, ResultFact(result=result, at=at), self.policy)
+                    new = self._decide(state, ResultFact(result=result, at=at), state.tenant)
                 except Rejected as exc:
                     await self._dead_letter(msg, str(exc))
                     continue
@@ -435,7 +444,7 @@ class Coordinator:
                 state = tentative.get(fact.run_id) or self.runs.get(fact.run_id)
                 if state is None:
                     continue  # the run ended since the timer was set
-                new = decide(state, fact, self.policy)
+                new = self._decide(state, fact, state.tenant)
                 for event in new:
                     state = evolve(state, event)
                 if new:
@@ -451,6 +460,19 @@ class Coordinator:
                     self.runs.pop(run_id, None)
 
     # -- shared -----------------------------------------------------------------------------
+
+    def _decide(self, state: RunState | None, fact: Fact, tenant: str) -> list[Event]:
+        """`decide`, with what the run's tenant has left today when it has a daily limit; the
+        decision's spending is staged in the ledger until its events are stored."""
+        policy = self.policy
+        limit = self.tenant_limits.get(tenant) if self.tenant_limits is not None else None
+        if limit is not None:
+            allowance = self.ledger.allowance(tenant, fact.at.date(), limit)
+            if allowance is not None:
+                policy = replace(policy, tenant=allowance)
+        events = decide(state, fact, policy)
+        self.ledger.stage(events, tenant)
+        return events
 
     def _state(self, run_id: uuid.UUID) -> RunState | None:
         state = self.runs.get(run_id)
@@ -468,7 +490,12 @@ class Coordinator:
         if not events:
             return []
         crash_point("before-commit")
-        positions = self.store.append(events)
+        try:
+            positions = self.store.append(events)
+        except BaseException:
+            self.ledger.rollback()
+            raise
+        self.ledger.commit()
         crash_point("after-commit")
         for run_id, state in states.items():
             if state.terminal:

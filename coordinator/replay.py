@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from functools import cache
 from typing import Literal
@@ -28,7 +28,9 @@ from cairn.events import (
     ApprovalExpired,
     ApprovalGranted,
     ApprovalWarned,
+    BudgetExhausted,
     BudgetRaised,
+    BudgetReserved,
     CostCharged,
     Event,
     ResultReceived,
@@ -51,6 +53,7 @@ from .decisions import (
     Rejected,
     ResultFact,
     StartRunFact,
+    TenantAllowance,
     TimerFact,
     decide,
 )
@@ -197,6 +200,37 @@ def fact_for(state: RunState | None, event: Event) -> Fact | None:
     return None
 
 
+def recorded_allowances(events: Sequence[Event]) -> dict[int, TenantAllowance]:
+    """What each decision was told its tenant had left today, keyed by the 1-based position
+    of the event that began the decision. The allowance came from outside the run, so it is
+    read back from the record: the first reservation or tenant exhaustion of the decision
+    holds it (no reservation had yet been set aside from it)."""
+    if not any(_allowance_in(e) for e in events):
+        return {}
+    found: dict[int, TenantAllowance] = {}
+    state: RunState | None = None
+    head: int | None = None
+    for position, event in enumerate(events, start=1):
+        if fact_for(state, event) is not None:
+            head = position
+        allowance = _allowance_in(event)
+        if allowance is not None and head is not None:
+            found.setdefault(head, allowance)
+        try:
+            state = evolve(state, event)
+        except EvolveError:
+            break  # check_history names a history that does not fold
+    return found
+
+
+def _allowance_in(event: Event) -> TenantAllowance | None:
+    if isinstance(event, BudgetReserved | BudgetExhausted) and (
+        event.tenant_available_usd is not None or event.tenant_available_tokens is not None
+    ):
+        return TenantAllowance(usd=event.tenant_available_usd, tokens=event.tenant_available_tokens)
+    return None
+
+
 def describe_fact(fact: Fact) -> str:
     if isinstance(fact, StartRunFact):
         return f"start of run {fact.run_id} by {fact.requested_by}"
@@ -236,6 +270,7 @@ def check_history(events: Sequence[Event], policy: Policy) -> ReplayReport:
             trailing or [],
         )
 
+    allowances = recorded_allowances(events)
     for position, recorded in enumerate(events, start=1):
         if next_ < len(decided):
             expected = decided[next_]
@@ -267,7 +302,10 @@ def check_history(events: Sequence[Event], policy: Policy) -> ReplayReport:
             fact_text = describe_fact(fact)
             decisions += 1
             try:
-                decided = decide(state, fact, policy)
+                allowance = allowances.get(position)
+                decided = decide(
+                    state, fact, policy if allowance is None else replace(policy, tenant=allowance)
+                )
             except Rejected as exc:
                 return report(Divergence("rejected", position, recorded, None, fact_text, str(exc)))
             except Exception as exc:  # today's code failing on an old fact is a finding

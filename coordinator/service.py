@@ -49,6 +49,7 @@ from .pricing import load_price_table
 from .pull import StandingPull
 from .settings import Settings
 from .store import EventStore
+from .tenants import TenantLimits, tenant_limits_path
 from .workflow import WorkflowCatalog
 
 log = logging.getLogger("cairn.coordinator")
@@ -105,7 +106,12 @@ class CoordinatorRuntime:
         save_interval = min(float(os.environ.get("CAIRN_OUTBOX_SAVE_INTERVAL", "1")), 60.0)
         outbox = Outbox(nc, js, self.store, save_interval_s=save_interval)
         self.coordinator = Coordinator(
-            self.store, policy, catalog, outbox, DeadLetters(js, "coordinator")
+            self.store,
+            policy,
+            catalog,
+            outbox,
+            DeadLetters(js, "coordinator"),
+            TenantLimits(tenant_limits_path(self.settings.home)),
         )
         active = self.coordinator.recover()
         republished = await self.coordinator.catch_up()

@@ -6,15 +6,18 @@ Who decided is in `actor`: "coordinator" for policy decisions, "agent:<id>" for 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 from uuid import UUID
 
 from pydantic import Field
 
 from .base import Event, Frozen, register
 from .workflow import StepSpec, WorkflowSpec
+
+Upcasters = dict[int, Callable[[dict[str, Any]], dict[str, Any]]]
 
 
 class Intent(Frozen):
@@ -226,7 +229,7 @@ class RunCancelled(Event):
     pass
 
 
-ApprovalKind = Literal["before", "cost", "output", "exhausted", "budget", "loop"]
+ApprovalKind = Literal["before", "cost", "output", "exhausted", "budget", "tenant", "loop"]
 
 
 class ApprovalContext(Frozen):
@@ -293,11 +296,24 @@ class ApprovalExpired(Event):
     step: str
 
 
+def _no_tenant_allowance(data: dict[str, Any]) -> dict[str, Any]:
+    return {**data, "tenant_available_usd": None, "tenant_available_tokens": None}
+
+
 @register
 class BudgetReserved(Event):
+    """The step's estimate is set aside before dispatch. When the run's tenant has a daily
+    limit, what the tenant had left at that moment is recorded too: it came from outside the
+    run, and replay needs it to decide the same way."""
+
+    version: ClassVar[int] = 2
+    upcasters: ClassVar[Upcasters] = {1: _no_tenant_allowance}
+
     step: str
     attempt: int
     amount_usd: Decimal
+    tenant_available_usd: Decimal | None = None
+    tenant_available_tokens: int | None = None
 
 
 @register
@@ -313,10 +329,21 @@ class BudgetSettled(Event):
 
 @register
 class BudgetExhausted(Event):
+    """The next reservation does not fit: the run's budget (`scope="run"`) or its tenant's
+    daily limit (`scope="tenant"`, with what the tenant had left)."""
+
+    version: ClassVar[int] = 2
+    upcasters: ClassVar[Upcasters] = {
+        1: lambda data: {**_no_tenant_allowance(data), "scope": "run"}
+    }
+
     step: str
     needed_usd: Decimal
     remaining_usd: Decimal | None
     remaining_tokens: int | None
+    scope: Literal["run", "tenant"] = "run"
+    tenant_available_usd: Decimal | None = None
+    tenant_available_tokens: int | None = None
 
 
 @register

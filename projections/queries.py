@@ -162,6 +162,7 @@ class Views:
         by: CostKey = "run",
         run_id: str | uuid.UUID | None = None,
         reprice: Callable[[str, int, int], Decimal | None] | None = None,
+        day: str | None = None,
     ) -> list[CostRow]:
         """Charges grouped by run, agent (capability), model, tenant or day; the largest first.
 
@@ -169,6 +170,7 @@ class Views:
         (model, input tokens, output tokens → amount, or None for a model it does not price)
         the amounts are recomputed from the recorded tokens, e.g. under another price table:
         a query, not a migration. Unpriced charges count as 0 and are reported in `unpriced`.
+        `day` (YYYY-MM-DD, UTC) keeps the charges of that day only.
         """
         column = _COST_COLUMNS.get(by)
         if column is None:
@@ -176,7 +178,7 @@ class Views:
         key = self.resolve(run_id, must_exist=False) if run_id is not None else None
         totals: dict[str, list[Any]] = {}
         for group, model, input_tokens, output_tokens, amount in self._read(
-            lambda r: r.charge_details(column, key)
+            lambda r: r.charge_details(column, key, day)
         ):
             total = totals.setdefault(group, [0, 0, Decimal(0), 0, 0])
             total[0] += input_tokens

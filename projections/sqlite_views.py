@@ -440,14 +440,18 @@ class SQLiteViewsReader:
             rows = self._query(statement + " WHERE run_id=?", run_id)
         return [(str(r[0]), int(r[1]), int(r[2]), str(r[3])) for r in rows]
 
-    def charge_details(self, key: str, run_id: str | None) -> list[tuple[str, str, int, int, str]]:
-        """(key, model, input tokens, output tokens, amount text) of every charge: what a
-        recomputation under another price table needs."""
+    def charge_details(
+        self, key: str, run_id: str | None, day: str | None = None
+    ) -> list[tuple[str, str, int, int, str]]:
+        """(key, model, input tokens, output tokens, amount text) of every charge (of one run,
+        of one UTC day): what a recomputation under another price table needs."""
         statement = _CHARGE_DETAILS[key]
-        if run_id is None:
-            rows = self._query(statement)
-        else:
-            rows = self._query(statement + " WHERE run_id=?", run_id)
+        where = {"run_id": run_id, "day": day}
+        params = [v for v in where.values() if v is not None]
+        conditions = [f"{column}=?" for column, v in where.items() if v is not None]
+        if conditions:
+            statement += " WHERE " + " AND ".join(conditions)
+        rows = self._query(statement, *params)
         return [(str(r[0]), str(r[1]), int(r[2]), int(r[3]), str(r[4])) for r in rows]
 
     def _dicts(self, statement: str, *params: Any) -> list[dict[str, Any]]:
