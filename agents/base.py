@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 import uuid
 from abc import ABC, abstractmethod
@@ -11,6 +12,7 @@ from pydantic import BaseModel
 
 from cairn.events import Intent, Lineage, StepSpec, TaskEnvelope, Usage
 
+from .errors import NonRetryableError
 from .llm import Completion, LLMClient
 
 In = TypeVar("In", bound=BaseModel)
@@ -80,23 +82,46 @@ def check_agent(agent: Agent[Any, Any]) -> None:
 
 
 class _MeteredLLM:
-    """Wraps the process's LLM client so every call's usage lands on the task's context."""
+    """Wraps the process's LLM client so every call uses the model the task names (if any)
+    and its usage lands on the task's context."""
 
     def __init__(self, inner: LLMClient, ctx: TaskContext) -> None:
         self._inner = inner
         self._ctx = ctx
 
-    async def complete(self, system: str, prompt: str, *, max_tokens: int = 512) -> Completion:
-        completion = await self._inner.complete(system, prompt, max_tokens=max_tokens)
+    async def complete(
+        self, system: str, prompt: str, *, max_tokens: int = 512, model: str | None = None
+    ) -> Completion:
+        model = model or self._ctx.model
+        if model is None:
+            completion = await self._inner.complete(system, prompt, max_tokens=max_tokens)
+        elif _takes_model(self._inner):
+            call: Any = self._inner.complete  # the protocol leaves `model` optional
+            completion = await call(system, prompt, max_tokens=max_tokens, model=model)
+        else:
+            raise NonRetryableError(
+                f"step {self._ctx.step} asks for model {model!r}, but this agent's LLM client "
+                f"({type(self._inner).__name__}) cannot switch models: give its complete() a "
+                "`model` parameter"
+            )
         self._ctx.report_usage(completion.model, completion.input_tokens, completion.output_tokens)
         return completion
+
+
+def _takes_model(client: LLMClient) -> bool:
+    try:
+        parameters = inspect.signature(client.complete).parameters.values()
+    except (TypeError, ValueError):
+        return True  # cannot tell: let the call say
+    return any(p.name == "model" or p.kind is p.VAR_KEYWORD for p in parameters)
 
 
 class TaskContext:
     """Everything a handler knows about its task besides the input itself.
 
     - `envelope`: the whole `TaskEnvelope` (intent, lineage, step, attempt, repair, ...).
-    - `llm`: the process's LLM client; its usage is reported with the result automatically.
+    - `llm`: the process's LLM client, using the step's `model` when it names one; its usage
+      is reported with the result automatically.
     - `report_usage(...)`: report other metered model use (a second client, an embedding call).
     - `agent_id`: this worker's id, `<capability>-<random>`.
     - `delivery`: how often NATS has delivered this task message (above 1: a redelivery,
@@ -142,6 +167,11 @@ class TaskContext:
     @property
     def lineage(self) -> list[Lineage]:
         return self.envelope.lineage
+
+    @property
+    def model(self) -> str | None:
+        """The model the step asks for instead of the agent's default; None: the default."""
+        return self.envelope.model
 
     @property
     def repair(self) -> list[str]:

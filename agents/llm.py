@@ -43,7 +43,11 @@ class Completion(Frozen):
 @runtime_checkable
 class LLMClient(Protocol):
     """Anything that completes a system + user prompt. Implementations must be safe to call
-    concurrently and to call again after an error."""
+    concurrently and to call again after an error.
+
+    `model` names the model to use instead of the client's default (a workflow step may name
+    one); a client that cannot switch models may leave the parameter out, and then serves only
+    steps that name none."""
 
     async def complete(self, system: str, prompt: str, *, max_tokens: int = 512) -> Completion:
         """Answer `prompt` under the instructions in `system`, in at most `max_tokens` tokens."""
@@ -96,19 +100,24 @@ class OfflineModel:
     It rephrases the prompt's own key words into a few plain sentences, seeded by a hash of
     the system and user prompt, so the same call always gives the same text. Token counts are
     estimated from text length (~4 characters per token), so cost reporting has numbers to
-    work with.
+    work with. Asked for another `model`, it stands in for that one: the seed includes the
+    name, and the completion (and so the usage) is reported under it.
     """
 
     model = OFFLINE_MODEL
 
-    async def complete(self, system: str, prompt: str, *, max_tokens: int = 512) -> Completion:
+    async def complete(
+        self, system: str, prompt: str, *, max_tokens: int = 512, model: str | None = None
+    ) -> Completion:
         """Return a deterministic rephrasing of `prompt`'s words."""
         if max_tokens < 1:
             raise ValueError("max_tokens must be at least 1")
-        text = offline_text(system, prompt, max_tokens)
+        name = model or self.model
+        seed = system if name == self.model else f"{name}\x00{system}"
+        text = offline_text(seed, prompt, max_tokens)
         return Completion(
             text=text,
-            model=self.model,
+            model=name,
             input_tokens=estimate_tokens(system) + estimate_tokens(prompt),
             output_tokens=estimate_tokens(text),
         )
@@ -171,11 +180,14 @@ class OpenAICompatibleClient:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.AsyncClient(headers=headers, timeout=timeout, transport=transport)
 
-    async def complete(self, system: str, prompt: str, *, max_tokens: int = 512) -> Completion:
-        """Ask the model; raise `LLMError` (retryable) or `LLMPermanentError` with a clear
-        message when it cannot answer."""
+    async def complete(
+        self, system: str, prompt: str, *, max_tokens: int = 512, model: str | None = None
+    ) -> Completion:
+        """Ask the model (`model`, or the client's own); raise `LLMError` (retryable) or
+        `LLMPermanentError` with a clear message when it cannot answer."""
+        name = model or self.model
         body: dict[str, Any] = {
-            "model": self.model,
+            "model": name,
             "messages": [
                 {"role": "system", "content": system},
                 {"role": "user", "content": prompt},
@@ -189,7 +201,7 @@ class OpenAICompatibleClient:
             except httpx.TimeoutException:
                 error: LLMError = LLMError(
                     f"LLM request to {self.url} timed out after {self.timeout:g}s "
-                    f"(model {self.model}); raise CAIRN_LLM_TIMEOUT or check the server"
+                    f"(model {name}); raise CAIRN_LLM_TIMEOUT or check the server"
                 )
                 delay = None
             except httpx.TransportError as exc:
@@ -197,8 +209,8 @@ class OpenAICompatibleClient:
                 delay = None
             else:
                 if response.status_code < 400:
-                    return self._parse(response, system, prompt)
-                error = self._http_error(response)
+                    return self._parse(response, system, prompt, name)
+                error = self._http_error(response, name)
                 if isinstance(error, LLMPermanentError):
                     raise error
                 delay = _retry_after(response)
@@ -207,7 +219,7 @@ class OpenAICompatibleClient:
             attempt += 1
             await asyncio.sleep(delay if delay is not None else 0.5 * 2 ** (attempt - 1))
 
-    def _http_error(self, response: httpx.Response) -> LLMError:
+    def _http_error(self, response: httpx.Response, model: str) -> LLMError:
         detail = _error_detail(response)
         message = (
             f"LLM at {self.url} answered HTTP {response.status_code} "
@@ -217,12 +229,13 @@ class OpenAICompatibleClient:
         if status in (401, 403):
             return LLMPermanentError(f"{message} (check CAIRN_LLM_API_KEY)")
         if status == 404:
-            return LLMPermanentError(f"{message} (check CAIRN_LLM_BASE_URL and CAIRN_LLM_MODEL)")
+            where = "CAIRN_LLM_MODEL" if model == self.model else f"the step's model {model!r}"
+            return LLMPermanentError(f"{message} (check CAIRN_LLM_BASE_URL and {where})")
         if status in (408, 409, 425, 429) or status >= 500:
             return LLMError(message)
         return LLMPermanentError(message)
 
-    def _parse(self, response: httpx.Response, system: str, prompt: str) -> Completion:
+    def _parse(self, response: httpx.Response, system: str, prompt: str, model: str) -> Completion:
         try:
             data = response.json()
             content = data["choices"][0]["message"]["content"]
@@ -232,15 +245,15 @@ class OpenAICompatibleClient:
                 f"{response.text[:200]!r}"
             ) from None
         if not isinstance(content, str):
-            raise LLMError(f"LLM at {self.url} returned no text content (model {self.model})")
+            raise LLMError(f"LLM at {self.url} returned no text content (model {model})")
         usage = data.get("usage") or {}
         prompt_tokens = usage.get("prompt_tokens")
         completion_tokens = usage.get("completion_tokens")
         return Completion(
             text=content,
-            # The configured name, not the server's dated snapshot ("gpt-4o-mini-2024-07-18"):
+            # The name asked for, not the server's dated snapshot ("gpt-4o-mini-2024-07-18"):
             # it is what price tables and budgets are keyed on.
-            model=self.model,
+            model=model,
             # Some compatible servers omit usage; an estimate keeps cost tracking honest.
             input_tokens=prompt_tokens
             if isinstance(prompt_tokens, int)

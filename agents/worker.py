@@ -29,7 +29,13 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import APIError, BadRequestError, NotFoundError, ServiceUnavailableError
 from pydantic import BaseModel, ValidationError
 
-from cairn.coordinator.nats_client import NatsUnavailableError, connect, declare_streams
+from cairn.coordinator.nats_auth import NatsEndpoint, agent_role
+from cairn.coordinator.nats_client import (
+    NatsUnavailableError,
+    connect,
+    declare_streams,
+    display_url,
+)
 from cairn.coordinator.settings import Settings
 from cairn.events import (
     MAX_PAYLOAD_BYTES,
@@ -163,7 +169,7 @@ async def declare_agent_consumer(
 
 async def run_worker(
     agent: Agent[Any, Any],
-    settings_or_url: Settings | str | None,
+    settings_or_url: Settings | NatsEndpoint | str | None,
     *,
     concurrency: int = DEFAULT_CONCURRENCY,
     ack_wait: float = DEFAULT_ACK_WAIT,
@@ -177,8 +183,9 @@ async def run_worker(
 ) -> None:
     """Serve `agent` until `stop` is set (or the task running this is cancelled).
 
-    Connects to NATS (`NatsUnavailableError` if it cannot), declares cairn's streams and the
-    capability's consumer, then runs `concurrency` independent pull loops. `on_ready(agent_id)`
+    Connects to NATS (`NatsUnavailableError` if it cannot; with `Settings`, as the
+    capability's role `agent-<capability>`), declares cairn's streams and the capability's
+    consumer, then runs `concurrency` independent pull loops. `on_ready(agent_id)`
     is called once the consumer is bound. On stop: no new fetches, in-flight tasks get
     `shutdown_grace` seconds to finish (unfinished ones are handed back, never acked), then
     the connection is drained. `llm` defaults to `llm_from_env()` (closed on exit; a client
@@ -191,21 +198,22 @@ async def run_worker(
         max_deliver=max_deliver,
         shutdown_grace=shutdown_grace,
     )
-    url = (
-        settings_or_url.resolved_nats_url()
+    capability = agent.capability
+    endpoint = (
+        settings_or_url.nats_endpoint(agent_role(capability))
         if isinstance(settings_or_url, Settings)
         else settings_or_url
     )
-    capability = agent.capability
     agent_id = agent_id or new_agent_id(capability)
     owned_llm = llm is None
     client = llm if llm is not None else llm_from_env()
     nc: Client | None = None
     subs: list[JetStreamContext.PullSubscription] = []
     try:
-        nc = await connect(url, name=f"cairn-agent-{agent_id}")
+        nc = await connect(endpoint, name=f"cairn-agent-{agent_id}")
         js = nc.jetstream()
-        await _declare(js, capability, options, url)
+        url = endpoint.url if isinstance(endpoint, NatsEndpoint) else endpoint
+        await _declare(js, capability, options, display_url(url))
         consumer = agent_consumer(capability)
         # One subscription (inbox) per loop, so no loop ever reads another's pull responses.
         for _ in range(options.concurrency):
@@ -238,14 +246,15 @@ async def _declare(
     js: JetStreamContext, capability: str, options: WorkerOptions, url: str | None
 ) -> None:
     try:
-        await declare_streams(js)
+        await declare_streams(js, update=False)
         await declare_agent_consumer(
             js, capability, ack_wait=options.ack_wait, max_deliver=options.max_deliver
         )
     except (ServiceUnavailableError, nats.errors.NoRespondersError, nats.errors.TimeoutError):
         raise NatsUnavailableError(
             f"NATS at {url} does not answer JetStream requests: start nats-server with "
-            "JetStream enabled (-js), or use `cairn up`"
+            "JetStream enabled (-js), or use `cairn up` (a permissions violation logged "
+            f"above means the credentials are not those of {agent_role(capability)})"
         ) from None
     except APIError as exc:
         raise AgentConfigError(
@@ -658,9 +667,10 @@ def main(
     """Run one agent as a process: the body of an agent module's `__main__`.
 
     NATS comes from `Settings.from_env()` (`NATS_URL`, or the embedded server that `cairn up`
-    started); worker options from `CAIRN_AGENT_*` and the model from `CAIRN_LLM*`. SIGTERM
-    and SIGINT stop it gracefully (exit 0). A NATS server that cannot be reached, or wrong
-    configuration, is one line on stderr and exit status 2.
+    started), connecting as the user `agent-<capability>`; worker options from
+    `CAIRN_AGENT_*` and the model from `CAIRN_LLM*`. SIGTERM and SIGINT stop it gracefully
+    (exit 0). A NATS server that cannot be reached, or wrong configuration, is one line on
+    stderr and exit status 2.
     """
     _configure_logging()
     try:
@@ -681,7 +691,7 @@ async def _serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    url = settings.resolved_nats_url()
+    url = display_url(settings.resolved_nats_url())
     agent_id = new_agent_id(agent.capability)
     log.info(
         "starting agent %s (%s): NATS %s, LLM %s, concurrency %d, ack_wait %gs, max_deliver %d",
@@ -696,7 +706,7 @@ async def _serve(
     try:
         await run_worker(
             agent,
-            url,
+            settings,
             concurrency=options.concurrency,
             ack_wait=options.ack_wait,
             max_deliver=options.max_deliver,

@@ -5,7 +5,8 @@ from .client import CairnClient, CoordinatorUnavailableError, EventFeed
 from .decisions import CancelFact, Policy, Rejected, ResultFact, StartRunFact, decide
 from .embedded import EmbeddedNats, EmbeddedServerError
 from .engine import Coordinator
-from .nats_client import NatsUnavailableError, connect, declare_streams
+from .nats_auth import NatsEndpoint
+from .nats_client import NatsAuthError, NatsUnavailableError, connect, declare_streams
 from .pricing import PriceTable, load_price_table
 from .service import create_app
 from .settings import Settings
@@ -24,6 +25,8 @@ __all__ = [
     "EventFeed",
     "EventStore",
     "LoggedEvent",
+    "NatsAuthError",
+    "NatsEndpoint",
     "NatsUnavailableError",
     "Policy",
     "PriceTable",

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import sys
 
+from .nats_auth import ROLE_COORDINATOR
 from .nats_client import NatsUnavailableError, connect
 from .service import create_app
 from .settings import Settings
@@ -15,7 +16,8 @@ from .tenants import TenantLimitsError, load_tenant_limits, tenant_limits_path
 
 async def _preflight(settings: Settings) -> None:
     """Fail with one clear sentence when NATS or the store cannot be reached."""
-    nc = await connect(settings.resolved_nats_url(), "cairn-preflight", reconnect=False)
+    endpoint = settings.nats_endpoint(ROLE_COORDINATOR)
+    nc = await connect(endpoint, "cairn-preflight", reconnect=False)
     await nc.close()
     EventStore(settings.store).close()
     load_tenant_limits(tenant_limits_path(settings.home))

@@ -4,6 +4,10 @@ Each event records `prev_hash`, the hash of the run's event before it (`""` for 
 edit, a deletion or a reordering of stored events breaks a link. The check works on the stored
 bytes, not on decoded events, so it holds across upgrades that upcast old versions.
 
+Outputs the store keeps apart (by content hash) are part of the event they were taken from: the
+rows checked here have them put back, and one whose bytes no longer match its hash, or that is
+missing, is a broken link of that event.
+
 A chain cannot show an edit of its *last* event (nothing links to it yet); `head` is that hash,
 to be kept somewhere else (an export's header records it) when the tail must be protected too.
 """
@@ -27,7 +31,9 @@ ProblemKind = Literal["link", "gap", "start", "unreadable"]
 @dataclass(frozen=True)
 class ChainProblem:
     """One broken place in a run's chain. For a `link`, `expected` is the hash of the event
-    before and `found` the `prev_hash` this event recorded."""
+    before and `found` the `prev_hash` this event recorded; for an output kept apart (`blob`
+    names where it belongs), the hash it was stored under and the hash of its bytes now (""
+    when it is missing)."""
 
     run_id: uuid.UUID
     seq: int
@@ -35,6 +41,7 @@ class ChainProblem:
     message: str
     expected: str | None = None
     found: str | None = None
+    blob: str | None = None
 
 
 @dataclass(frozen=True)
@@ -53,8 +60,8 @@ def check_chain(run_id: uuid.UUID, rows: Sequence[StoredRow]) -> ChainReport:
     """Check one run's stored events (in the order of their positions) link up from 1 to n."""
     problems: list[ChainProblem] = []
 
-    def problem(seq: int, kind: ProblemKind, message: str, **hashes: str) -> None:
-        problems.append(ChainProblem(run_id, seq, kind, message, **hashes))
+    def problem(seq: int, kind: ProblemKind, message: str, **details: str) -> None:
+        problems.append(ChainProblem(run_id, seq, kind, message, **details))
 
     expected: str | None = ""  # the hash the next event must record; None: not computable
     previous = 0
@@ -87,6 +94,15 @@ def check_chain(run_id: uuid.UUID, rows: Sequence[StoredRow]) -> ChainReport:
             problem(row.seq, "unreadable", f"event {row.seq} cannot be read: {exc}")
             expected = None
             continue
+        for broken in row.broken:
+            problem(
+                row.seq,
+                "link",
+                f"event {row.seq} ({name}): {broken.message}",
+                expected=broken.expected,
+                found=broken.found or "",
+                blob=broken.path,
+            )
         if row.seq == 1 and name != "RunStarted":
             problem(row.seq, "start", f"the run's first event is {name}, not RunStarted")
         found = data.get("prev_hash", "")

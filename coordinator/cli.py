@@ -101,7 +101,7 @@ def send_command(
     """Send one command to the coordinator over NATS; its reply as JSON-able data."""
 
     async def go() -> dict[str, Any]:
-        async with await CairnClient.connect(settings.resolved_nats_url()) as client:
+        async with await CairnClient.connect(settings.nats_endpoint()) as client:
             reply = await call(client)
             return reply.model_dump(mode="json")
 
@@ -180,7 +180,7 @@ async def _demo(
                 "started as separate processes: "
                 + ", ".join(f"{n} (pid {p.pid})" for n, p in sup.processes.items())
             )
-        client = await CairnClient.connect(sup.settings.resolved_nats_url(), "cairn-demo")
+        client = await CairnClient.connect(sup.settings.nats_endpoint(), "cairn-demo")
         try:
             await wait_for_services(sup, client, timeout=30)
             result = await run_and_follow(
@@ -272,7 +272,7 @@ async def _up(settings: Settings) -> None:
         from .cli_serve import dashboard_lines, start_dashboard
 
         dashboard = start_dashboard(sup)
-        client = await CairnClient.connect(sup.settings.resolved_nats_url(), "cairn-up")
+        client = await CairnClient.connect(sup.settings.nats_endpoint(), "cairn-up")
         try:
             await wait_for_services(sup, client, timeout=30)
         finally:
@@ -362,7 +362,7 @@ async def _run(
     budget: Budget | None = None,
     tenant: str = "default",
 ) -> dict[str, Any]:
-    async with await CairnClient.connect(settings.resolved_nats_url()) as client:
+    async with await CairnClient.connect(settings.nats_endpoint()) as client:
         if not wait:
             reply = await client.start_run(spec, data, budget=budget, tenant=tenant)
             if not reply.ok:
@@ -455,11 +455,19 @@ def fork(
         list[str] | None,
         typer.Option(help="STEP=FILE: take this JSON file as the step's output (repeatable)."),
     ] = None,
+    set_model: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set-model",
+            help="STEP=NAME: run this step again with the model NAME (repeatable).",
+        ),
+    ] = None,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """A new run from a run's state after event SEQ, without paying again for the steps done
-    by then; an override replaces a step's output and the steps built from it run again."""
+    by then; an override replaces a step's output, a model runs a step again with another
+    model, and the steps built from either run again."""
     settings = settings_for(home)
     parent = _run_id(settings, run)
     overrides: dict[str, dict[str, Any]] = {}
@@ -476,7 +484,15 @@ def fork(
         if not isinstance(data, dict):
             fail(f"{path} must hold a JSON object (the step's output)")
         overrides[step] = data
-    reply = send_command(settings, lambda client: client.fork_run(parent, at, overrides))
+    models: dict[str, str] = {}
+    for item in set_model or []:
+        step, sep, model = item.partition("=")
+        if not sep or not step.strip() or not model.strip():
+            fail(f"--set-model takes STEP=NAME (a step and a model), not {item!r}")
+        models[step.strip()] = model.strip()
+    reply = send_command(
+        settings, lambda client: client.fork_run(parent, at, overrides, models=models)
+    )
     if not reply["ok"]:
         fail(reply["error"], code=1)
     if as_json:
@@ -495,7 +511,7 @@ def approvals(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     settings = settings_for(home)
 
     async def go() -> list[dict[str, Any]]:
-        async with await CairnClient.connect(settings.resolved_nats_url()) as client:
+        async with await CairnClient.connect(settings.nats_endpoint()) as client:
             return await client.approvals()
 
     pending = run_async(go())
@@ -827,7 +843,7 @@ def main() -> None:
 
 
 # One statement, so import sorting leaves it be: each module registers its commands on `app`.
-from . import cli_audit, cli_bench, cli_history, cli_protocol, cli_serve  # noqa: E402,F401
+from . import cli_audit, cli_bench, cli_history, cli_nats, cli_protocol, cli_serve  # noqa: E402,F401
 
 if __name__ == "__main__":
     # Under `python -m` this file runs as `__main__`, and the modules imported above register

@@ -603,6 +603,7 @@ def _chain_json(r: ChainReport) -> dict[str, Any]:
                 "message": p.message,
                 "expected": p.expected,
                 "found": p.found,
+                "blob": p.blob,
             }
             for p in r.problems[:50]
         ],
@@ -612,7 +613,12 @@ def _chain_json(r: ChainReport) -> dict[str, Any]:
 def _print_chain(r: ChainReport) -> None:
     first = r.problems[0]
     _say(f"run {r.run_id}: broken at event {first.seq}: {first.message}", "bold red")
-    if first.expected is not None:
+    if first.blob is not None:
+        _say(
+            f"  {first.blob} stored as sha256 {first.expected}\n"
+            f"  its bytes now hash to  {first.found or '(missing)'}"
+        )
+    elif first.expected is not None:
         _say(
             f"  expected prev_hash {first.expected or '(empty)'}\n"
             f"  found    prev_hash {first.found or '(empty)'}"

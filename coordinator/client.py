@@ -36,6 +36,7 @@ from cairn.events import (
     event_subject,
 )
 
+from .nats_auth import NatsEndpoint
 from .nats_client import connect
 
 TERMINAL_TYPES = frozenset({"RunCompleted", "RunFailed", "RunCancelled"})
@@ -52,8 +53,11 @@ class CairnClient:
         self.nc = nc
 
     @classmethod
-    async def connect(cls, url: str | None, name: str = "cairn-client") -> CairnClient:
-        return cls(await connect(url, name))
+    async def connect(
+        cls, target: NatsEndpoint | str | None, name: str = "cairn-client"
+    ) -> CairnClient:
+        """Connect to an endpoint (`Settings.nats_endpoint()`: URL and credentials) or a URL."""
+        return cls(await connect(target, name))
 
     async def close(self) -> None:
         await self.nc.close()
@@ -130,11 +134,12 @@ class CairnClient:
         at_seq: int,
         overrides: dict[str, dict[str, Any]] | None = None,
         *,
+        models: dict[str, str] | None = None,
         run_id: uuid.UUID | None = None,
         requested_by: str = "client:cli",
     ) -> CommandReply:
         command = ForkRun(
-            parent_run_id=parent, at_seq=at_seq, overrides=overrides or {},
+            parent_run_id=parent, at_seq=at_seq, overrides=overrides or {}, models=models or {},
             run_id=run_id or uuid.uuid4(), requested_by=requested_by,
         )  # fmt: skip
         data = await self._request(CMD_FORK, command.model_dump_json().encode(), 10.0)

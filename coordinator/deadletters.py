@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections import Counter
 from collections.abc import Iterable
 from datetime import UTC, datetime
@@ -44,8 +45,16 @@ def _where(loc: tuple[int | str, ...]) -> str:
     return ".".join(parts) or "(root)"
 
 
-def non_finite_reason(message: BaseModel, what: str) -> str | None:
-    """The dead-letter reason for a message holding NaN or ±Infinity, or None when it holds none."""
+# What a number that parses to NaN or ±Infinity must contain in the raw JSON: the words, an
+# exponent, or more digits than a finite float has. Most messages have none: no walk needed.
+_MAYBE_NON_FINITE = re.compile(rb"NaN|Infinity|\d[eE]|\d{308}")
+
+
+def non_finite_reason(message: BaseModel, what: str, raw: bytes | None = None) -> str | None:
+    """The dead-letter reason for a message holding NaN or ±Infinity, or None when it holds none.
+    With the `raw` JSON it was parsed from, most messages are cleared without a walk."""
+    if raw is not None and _MAYBE_NON_FINITE.search(raw) is None:
+        return None
     where = non_finite_number(message)
     if where is None:
         return None

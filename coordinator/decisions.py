@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -166,6 +167,22 @@ def task_id(run_id: uuid.UUID, step: str, attempt: int) -> str:
     return f"{run_id}:{step}:{attempt}"
 
 
+class Decided(list[Event]):
+    """A decision's events, with the run's state right after them (folded while deciding)."""
+
+    state: RunState | None = None
+
+
+def decide_with_state(
+    state: RunState | None, fact: Fact, policy: Policy
+) -> tuple[list[Event], RunState | None]:
+    """`decide`, and the state its events lead to, without folding them a second time."""
+    events = decide(state, fact, policy)
+    if events and isinstance(events, Decided):
+        return events, events.state
+    return events, state
+
+
 class _Decision:
     """Builds a list of events, evolving a private copy of the state as it goes."""
 
@@ -176,7 +193,7 @@ class _Decision:
         self.run_id = run_id
         self.at = at
         self.policy = policy
-        self.events: list[Event] = []
+        self.events = Decided()
         self.tenant_reserved = Decimal(0)  # set aside from the tenant's allowance so far
 
     @property
@@ -191,7 +208,7 @@ class _Decision:
             prev_hash=self.state.last_hash if self.state else "",
             **fields,
         )
-        self.state = evolve(self.state, event)
+        self.state = self.events.state = evolve(self.state, event)
         self.events.append(event)
 
     @property
@@ -1072,11 +1089,43 @@ def _dispatch(d: _Decision, step_name: str, attempt: int, reason: str, repair: l
         contract=spec.contract,
         repair=repair,
         timeout_s=spec.timeout_s,
+        model=spec.model,
     )
 
 
-def _dependencies(workflow: WorkflowSpec, step_name: str) -> set[str]:
-    return set(workflow.needs_of(step_name)) | referenced_steps(workflow.step(step_name).input)
+def _dependencies(workflow: WorkflowSpec, step_name: str) -> frozenset[str]:
+    """The steps a step needs: declared (or the one before it) and referenced by its input.
+    Worked out once per workflow object: every decision asks, for every pending step."""
+    ref = _shapes.get(id(workflow))
+    if ref is None or ref() is not workflow:
+        ref = _Shape(workflow, _forget_shape)
+        ref.key = id(workflow)
+        ref.deps = {
+            s.name: frozenset(workflow.needs_of(s.name)) | referenced_steps(s.input)
+            for s in workflow.steps
+        }
+        _shapes[ref.key] = ref
+    deps = ref.deps.get(step_name)
+    if deps is None:
+        raise KeyError(step_name)
+    return deps
+
+
+class _Shape(weakref.ref):  # type: ignore[type-arg]
+    """A weak reference to a workflow that carries its steps' dependencies; it leaves the
+    cache with the workflow (workflows are frozen, so what is worked out stays true)."""
+
+    __slots__ = ("deps", "key")
+    deps: dict[str, frozenset[str]]
+    key: int
+
+
+_shapes: dict[int, _Shape] = {}
+
+
+def _forget_shape(ref: _Shape) -> None:
+    if _shapes.get(ref.key) is ref:
+        del _shapes[ref.key]
 
 
 def descendants(workflow: WorkflowSpec, step_name: str) -> set[str]:

@@ -46,13 +46,24 @@ def nats_server_binary() -> str:
 
 
 class EmbeddedNats:
-    """Start and stop one JetStream-enabled nats-server on free loopback ports."""
+    """Start and stop one JetStream-enabled nats-server on free loopback ports.
 
-    def __init__(self, store_dir: Path, port: int | None = None, name: str = "cairn") -> None:
+    `config` is a nats-server configuration file (users and permissions, see `nats_auth`);
+    the address, ports and store given here take precedence over what it says.
+    """
+
+    def __init__(
+        self,
+        store_dir: Path,
+        port: int | None = None,
+        name: str = "cairn",
+        config: Path | None = None,
+    ) -> None:
         self.store_dir = store_dir
         self.port = port or free_port()
         self.monitor_port = free_port(avoid={self.port})
         self.name = name
+        self.config = config
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path = store_dir / "nats-server.log"
 
@@ -64,6 +75,7 @@ class EmbeddedNats:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         args = [
             nats_server_binary(),
+            *(["-c", str(self.config)] if self.config is not None else []),
             "-a", "127.0.0.1",
             "-p", str(self.port),
             "-m", str(self.monitor_port),

@@ -50,7 +50,7 @@ from .decisions import (
     ResultFact,
     StartRunFact,
     TimerFact,
-    decide,
+    decide_with_state,
     descendants,
 )
 from .outbox import Outbox
@@ -194,8 +194,7 @@ class Coordinator:
             try:
                 state = tentative.get(fact.run_id) or self._state(fact.run_id)
                 if state is None:  # the same command again answers, and changes nothing
-                    new = self._decide(None, fact, fact.tenant)
-                    state = fold(list(new))
+                    new, state = self._decide(None, fact, fact.tenant)
                     assert state is not None
                     tentative[fact.run_id] = state
                     events.extend(new)
@@ -215,8 +214,9 @@ class Coordinator:
 
     async def fork_run(self, command: ForkRun, at: datetime | None = None) -> CommandReply:
         """Start a new run from a run's state after event `at_seq`: completed steps' outputs
-        are taken over (not paid for again), overrides replace outputs, and every step built
-        from an overridden one runs again."""
+        are taken over (not paid for again), overrides replace outputs, steps given another
+        model run again with it, and every step built from an overridden or re-run one runs
+        again."""
         parent = self.store.load(command.parent_run_id)
         if not parent:
             return CommandReply(ok=False, error=f"unknown run {command.parent_run_id}")
@@ -252,6 +252,25 @@ class Coordinator:
             carried[name] = CarriedOutput(
                 output=output, source=f"override by {command.requested_by}"
             )
+        for name, model in command.models.items():
+            if name not in state.steps:
+                return CommandReply(ok=False, error=f"run has no step {name!r} to set a model for")
+            if name in command.overrides:
+                return CommandReply(
+                    ok=False,
+                    error=f"step {name!r} has both an override and a model: an overridden "
+                    "output is not produced by any model; give one or the other",
+                )
+            for later in {name, *descendants(workflow, name)} - command.overrides.keys():
+                carried.pop(later, None)  # runs again with the new model, or built from it
+            workflow = workflow.model_copy(
+                update={
+                    "steps": [
+                        s.model_copy(update={"model": model}) if s.name == name else s
+                        for s in workflow.steps
+                    ]
+                }
+            )
         fact = StartRunFact(
             run_id=command.run_id or uuid.uuid4(),
             workflow=workflow,
@@ -261,14 +280,15 @@ class Coordinator:
             at=at or datetime.now(UTC),
             budget=state.budget,
             tenant=state.tenant,
-            forked_from=ForkOrigin(run_id=command.parent_run_id, seq=command.at_seq),
+            forked_from=ForkOrigin(
+                run_id=command.parent_run_id, seq=command.at_seq, models=command.models
+            ),
             carried=carried,
         )
         async with self._lock:
             if self._state(fact.run_id) is not None:
                 return CommandReply(ok=False, error=f"run {fact.run_id} already exists")
-            events = self._decide(None, fact, fact.tenant)
-            new = fold(list(events))
+            events, new = self._decide(None, fact, fact.tenant)
             assert new is not None
             await self._commit_and_publish({fact.run_id: new}, events)
         return CommandReply(ok=True, run_id=fact.run_id, status=new.status)
@@ -335,11 +355,11 @@ class Coordinator:
             if state is None:
                 return CommandReply(ok=False, run_id=run_id, error=f"unknown run {run_id}")
             try:
-                events = self._decide(state, fact, state.tenant)
+                events, after = self._decide(state, fact, state.tenant)
             except Rejected as exc:
                 return CommandReply(ok=False, run_id=run_id, error=str(exc))
-            for event in events:
-                state = evolve(state, event)
+            assert after is not None
+            state = after
             await self._commit_and_publish({run_id: state}, events)
         return CommandReply(ok=True, run_id=run_id, status=state.status)
 
@@ -360,12 +380,12 @@ class Coordinator:
                     await self._dead_letter(msg, f"result for unknown run {result.run_id}")
                     continue
                 try:
-                    new = self._decide(state, ResultFact(result=result, at=at), state.tenant)
+                    new, after = self._decide(state, ResultFact(result=result, at=at), state.tenant)
                 except Rejected as exc:
                     await self._dead_letter(msg, str(exc))
                     continue
-                for event in new:
-                    state = evolve(state, event)
+                assert after is not None
+                state = after
                 tentative[result.run_id] = state
                 events.extend(new)
             try:
@@ -396,7 +416,7 @@ class Coordinator:
         except ValidationError as exc:
             await self._dead_letter(msg, validation_reason(exc, "result"))
             return None
-        not_finite = non_finite_reason(result, "result")
+        not_finite = non_finite_reason(result, "result", msg.data)
         if not_finite is not None:
             await self._dead_letter(msg, not_finite)
             return None
@@ -444,10 +464,9 @@ class Coordinator:
                 state = tentative.get(fact.run_id) or self.runs.get(fact.run_id)
                 if state is None:
                     continue  # the run ended since the timer was set
-                new = self._decide(state, fact, state.tenant)
-                for event in new:
-                    state = evolve(state, event)
-                if new:
+                new, after = self._decide(state, fact, state.tenant)
+                if new and after is not None:
+                    state = after
                     tentative[fact.run_id] = state
                     events.extend(new)
             self.stats.timers_fired += len(facts)
@@ -461,18 +480,21 @@ class Coordinator:
 
     # -- shared -----------------------------------------------------------------------------
 
-    def _decide(self, state: RunState | None, fact: Fact, tenant: str) -> list[Event]:
-        """`decide`, with what the run's tenant has left today when it has a daily limit; the
-        decision's spending is staged in the ledger until its events are stored."""
+    def _decide(
+        self, state: RunState | None, fact: Fact, tenant: str
+    ) -> tuple[list[Event], RunState | None]:
+        """`decide` and the state it leads to, told what the run's tenant has left today when
+        it has a daily limit; the decision's spending is staged in the ledger until its events
+        are stored."""
         policy = self.policy
         limit = self.tenant_limits.get(tenant) if self.tenant_limits is not None else None
         if limit is not None:
             allowance = self.ledger.allowance(tenant, fact.at.date(), limit)
             if allowance is not None:
                 policy = replace(policy, tenant=allowance)
-        events = decide(state, fact, policy)
+        events, after = decide_with_state(state, fact, policy)
         self.ledger.stage(events, tenant)
-        return events
+        return events, after
 
     def _state(self, run_id: uuid.UUID) -> RunState | None:
         state = self.runs.get(run_id)

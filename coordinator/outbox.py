@@ -24,6 +24,7 @@ from cairn.events import (
     event_subject,
     task_subject,
 )
+from cairn.events.codec import event_json
 
 from .store import EventStore, LoggedEvent
 
@@ -47,7 +48,14 @@ def envelope_of(event: TaskDispatched) -> TaskEnvelope:
         contract=event.contract,
         repair=event.repair,
         timeout_s=event.timeout_s,
+        model=event.model,
     )
+
+
+def envelope_bytes(envelope: TaskEnvelope) -> bytes:
+    """The envelope as published: `model` only when the step names one, so agents that know
+    nothing of it keep taking the tasks that do not need it."""
+    return envelope.model_dump_json(exclude=None if envelope.model else {"model"}).encode()
 
 
 def notice_of(logged: LoggedEvent) -> EventNotice:
@@ -61,14 +69,14 @@ def notice_of(logged: LoggedEvent) -> EventNotice:
 
 
 def notice_bytes(logged: LoggedEvent) -> bytes:
-    """`notice_of(logged)` as JSON, written directly: the event is encoded once, by pydantic's
-    serializer, instead of dumped to a dict, validated into the notice and encoded again."""
+    """`notice_of(logged)` as JSON, written directly around the event's canonical JSON, which
+    storing it has already produced (an event is encoded once for all its uses)."""
     event = logged.event
     return b'{"position":%d,"event_id":"%s","type":"%s","event":%s}' % (
         logged.position,
         str(event.event_id).encode(),
         event.type_name().encode(),
-        event.model_dump_json().encode(),
+        event_json(event),
     )
 
 
@@ -120,7 +128,7 @@ class Outbox:
                 acks.append(
                     await self._js.publish_async(
                         task_subject(event.capability),
-                        envelope_of(event).model_dump_json().encode(),
+                        envelope_bytes(envelope_of(event)),
                         headers={"Nats-Msg-Id": str(event.event_id)},
                     )
                 )

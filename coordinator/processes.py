@@ -13,8 +13,18 @@ from typing import IO
 
 from cairn.agents import EXAMPLE_AGENTS as _EXAMPLES
 
-from .embedded import EmbeddedNats
-from .settings import Settings
+from .embedded import EmbeddedNats, EmbeddedServerError
+from .nats_auth import (
+    AGENT_ROLE_PREFIX,
+    PASSWORD_ENV,
+    ROLE_ADMIN,
+    ROLE_COORDINATOR,
+    USER_ENV,
+    NatsCredentialsError,
+    credentials_path,
+    embedded_deployment,
+)
+from .settings import CREDS_ENV, Settings
 
 EXAMPLE_AGENTS = tuple(_EXAMPLES)
 
@@ -26,33 +36,68 @@ def service_modules(agents: tuple[str, ...] = EXAMPLE_AGENTS) -> dict[str, str]:
     return modules
 
 
+def process_role(name: str) -> str | None:
+    """The NATS role a supervised process connects as (None: it does not use NATS)."""
+    if name == ROLE_COORDINATOR or name.startswith(AGENT_ROLE_PREFIX):
+        return name
+    if name == "http":
+        return ROLE_ADMIN
+    return None
+
+
 @dataclass
 class Supervisor:
-    """Runs services as child processes, each logging to `<home>/logs/<name>.log`."""
+    """Runs services as child processes, each logging to `<home>/logs/<name>.log`.
+
+    `credentials`: a directory `cairn nats-config` wrote (or the embedded server's); each
+    child gets its role's file as CAIRN_NATS_CREDS. Unset, children inherit this process's
+    NATS settings.
+    """
 
     settings: Settings
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     nats: EmbeddedNats | None = None
+    credentials: Path | None = None
     _logs: list[IO[bytes]] = field(default_factory=list)
 
     def ensure_nats(self) -> str:
-        """Use NATS_URL when set; otherwise start the embedded server and record its URL."""
+        """Use NATS_URL when set; otherwise start the embedded server, with a user per role
+        (made once under `<home>/nats-auth`), and record its URL."""
         if self.settings.nats_url:
             return self.settings.nats_url
-        self.nats = EmbeddedNats(self.settings.home / "nats").start()
+        try:
+            auth = embedded_deployment(self.settings.home, EXAMPLE_AGENTS)
+        except NatsCredentialsError as exc:
+            raise EmbeddedServerError(
+                f"the embedded server's users cannot be set up: {exc}"
+            ) from None
+        self.credentials = auth.directory
+        self.nats = EmbeddedNats(self.settings.home / "nats", config=auth.config).start()
         self.settings.home.mkdir(parents=True, exist_ok=True)
         self.settings.nats_url_file.write_text(self.nats.url)
         self.settings = self.settings.with_nats(self.nats.url)
         return self.nats.url
 
     def start(
-        self, name: str, module: str, extra_env: dict[str, str] | None = None
+        self,
+        name: str,
+        module: str,
+        extra_env: dict[str, str] | None = None,
+        role: str | None = None,
     ) -> subprocess.Popen[bytes]:
+        """Start `python -m module`; `role` (default: from the name) picks its credentials."""
         log_dir = self.settings.home / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
         log = (log_dir / f"{name}.log").open("ab")
         self._logs.append(log)
-        env = {**os.environ, **self.settings.env(), "PYTHONUNBUFFERED": "1", **(extra_env or {})}
+        env = {**os.environ, **self.settings.env(), "PYTHONUNBUFFERED": "1"}
+        role = role or process_role(name)
+        if self.credentials is not None and role is not None:
+            # The role's own file, not whatever user this (admin) process runs as.
+            env.pop(USER_ENV, None)
+            env.pop(PASSWORD_ENV, None)
+            env[CREDS_ENV] = str(credentials_path(self.credentials, role))
+        env.update(extra_env or {})
         proc = subprocess.Popen(
             [sys.executable, "-m", module],
             stdin=subprocess.DEVNULL,

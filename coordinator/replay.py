@@ -341,9 +341,13 @@ def check_history(events: Sequence[Event], policy: Policy) -> ReplayReport:
         except EvolveError as exc:
             return report(Divergence("invalid", position, recorded, None, fact_text, str(exc)))
         next_ += 1
-        # Equal fields can still encode differently (1 and 1.0, 0.10 and 0.1): compare the
-        # hashes too, unless the recorded event was upcast from an older version.
-        if not was_upcast(recorded):
+        if was_upcast(recorded):
+            # Today's code links its next events to its own encoding of this one; the history
+            # links to the bytes as they were written. Compare the rest on the history's chain.
+            decided = _relinked(decided, next_, state.last_hash)
+        else:
+            # Equal fields can still encode differently (1 and 1.0, 0.10 and 0.1): compare the
+            # hashes too.
             today = decided[next_].prev_hash if next_ < len(decided) else event_hash(expected)
             if today != state.last_hash:
                 return report(
@@ -359,6 +363,16 @@ def check_history(events: Sequence[Event], policy: Policy) -> ReplayReport:
                     )
                 )
     return report(trailing=decided[next_:])
+
+
+def _relinked(decided: list[Event], start: int, last_hash: str) -> list[Event]:
+    """`decided` with the events from `start` on chained anew after `last_hash`."""
+    relinked = decided[:start]
+    for event in decided[start:]:
+        event = event.model_copy(update={"prev_hash": last_hash})
+        relinked.append(event)
+        last_hash = event_hash(event)
+    return relinked
 
 
 def _difference(expected: Event, recorded: Event) -> str:

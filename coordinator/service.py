@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from faststream import FastStream
-from faststream.nats import NatsBroker, NatsRouter
+from faststream.nats import NatsBroker, NatsRouter, NatsSecurity, NatsUserPassword
 from faststream.nats.annotations import NatsMessage
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
@@ -43,7 +43,8 @@ from cairn.events.contracts import resolve_contract
 from .deadletters import DeadLetters, non_finite_reason, validation_reason
 from .decisions import Policy
 from .engine import Coordinator
-from .nats_client import declare_streams, unreachable_message
+from .nats_auth import ROLE_COORDINATOR, NatsEndpoint
+from .nats_client import connect_options, declare_streams, unreachable_message
 from .outbox import Outbox
 from .pricing import load_price_table
 from .pull import StandingPull
@@ -184,9 +185,22 @@ class CoordinatorRuntime:
             self.store.close()
 
 
+def _broker_options(endpoint: NatsEndpoint) -> dict[str, Any]:
+    """`connect_options` as FastStream takes them: credentials and TLS go in `security`."""
+    options = connect_options(endpoint)
+    user, password = options.pop("user", None), options.pop("password", None)
+    tls = options.pop("tls", None)
+    if user is not None:
+        options["security"] = NatsUserPassword(user, password or "", ssl_context=tls)
+    elif tls is not None:
+        options["security"] = NatsSecurity(ssl_context=tls)
+    return options
+
+
 def create_app(settings: Settings) -> FastStream:
     """Build the coordinator's broker, command handlers and lifecycle (no global state)."""
-    url = settings.resolved_nats_url()
+    endpoint = settings.nats_endpoint(ROLE_COORDINATOR)
+    url = endpoint.url
     if not url:
         raise RuntimeError(unreachable_message(None))
 
@@ -201,6 +215,7 @@ def create_app(settings: Settings) -> FastStream:
         reconnect_time_wait=1,
         connect_timeout=2,
         logger=None,
+        **_broker_options(endpoint),
     )
     runtime = CoordinatorRuntime(settings, broker)
     router = NatsRouter()

@@ -119,7 +119,9 @@ class RunState:
     output: Any = None
     error: str | None = None
     updated_at: datetime | None = None
-    last_hash: str = ""  # hash of the latest event: the next one's prev_hash
+    # The latest event: its hash is the next event's prev_hash. Hashed when asked for, so a
+    # fold pays for one hash per run, not one per event.
+    last_event: Event | None = None
     budget: Budget | None = None
     tenant: str = "default"
     spent_tokens: int = 0
@@ -128,6 +130,10 @@ class RunState:
     attempts: int = 0  # tasks dispatched in all: a loop guard
     charged_tasks: frozenset[str] = frozenset()  # tasks whose usage has been charged
     input_carried: dict[str, dict[str, Any]] = field(default_factory=dict)  # a fork's outputs
+
+    @property
+    def last_hash(self) -> str:
+        return event_hash(self.last_event) if self.last_event is not None else ""
 
     @property
     def reserved_usd(self) -> Decimal:
@@ -189,7 +195,7 @@ def evolve(state: RunState | None, event: Event) -> RunState:
             started_at=event.at,
             steps={s.name: StepState(s.name) for s in event.workflow.steps},
             updated_at=event.at,
-            last_hash=event_hash(event),
+            last_event=event,
             budget=event.budget,
             tenant=event.tenant,
             input_carried={name: c.output for name, c in event.carried.items()},
@@ -201,7 +207,7 @@ def evolve(state: RunState | None, event: Event) -> RunState:
             f"run {event.run_id}: event {event.seq} follows {state.version}, expected "
             f"{state.version + 1}"
         )
-    state = _update(state, version=event.seq, updated_at=event.at, last_hash=event_hash(event))
+    state = _update(state, version=event.seq, updated_at=event.at, last_event=event)
     if isinstance(event, ResultReceived):
         step = state.steps.get(event.step)
         if step is None or step.status != "dispatched" or step.task_id != event.task_id:

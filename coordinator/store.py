@@ -1,19 +1,22 @@
 """The event store: one stream per run in the `eventsourcing` library's recorders.
 
 This is the only persistence module of the coordinator. SQLite (a file under the data
-directory) by default; PostgreSQL when the store URL is a `postgresql://` DSN.
+directory) by default; PostgreSQL when the store URL is a `postgresql://` DSN
+(`store_postgres.py`). Large outputs are kept apart, once by content hash, in a table beside
+the events and written in the same transaction (`blobs.py`); every read puts them back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import sqlite3
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Protocol, cast
 from urllib.parse import parse_qs, unquote, urlparse
 
 from eventsourcing.persistence import (
@@ -25,8 +28,12 @@ from eventsourcing.persistence import (
     Tracking,
     TrackingRecorder,
 )
+from eventsourcing.sqlite import SQLiteApplicationRecorder, SQLiteCursor
 
 from cairn.events import Event, decode_event, encode_event, event_class, topic_of
+
+from . import settings
+from .blobs import MARKER, BrokenBlob, offload, references, resolve
 
 
 class StoreUnavailableError(RuntimeError):
@@ -37,14 +44,21 @@ class ConcurrencyError(RuntimeError):
     """Another writer appended to one of the runs first (optimistic concurrency)."""
 
 
+class BlobError(ValueError):
+    """An event's output kept apart from it is missing from the store or was changed."""
+
+
 @dataclass(frozen=True)
 class StoredRow:
-    """An event as the store holds it: its place, its topic (`Type@version`) and its bytes."""
+    """An event as the store holds it: its place, its topic (`Type@version`) and its bytes
+    (whole: with any outputs kept apart put back, and `broken` naming those that could not be
+    put back as they were written)."""
 
     run_id: uuid.UUID
     seq: int
     topic: str
     state: bytes
+    broken: tuple[BrokenBlob, ...] = ()
 
 
 class RunNotFoundError(LookupError):
@@ -92,8 +106,49 @@ def describe(url: str) -> str:
     return f"SQLite file {url.removeprefix('sqlite:///')}"
 
 
+class BlobRecorder(Protocol):
+    """What the store needs of its recorder besides the library's interface: reading the
+    outputs kept apart (they are written by `insert_events(..., blobs={hash: bytes})`)."""
+
+    def select_blobs(self, hashes: Sequence[str]) -> dict[str, bytes]: ...
+
+
+class SQLiteBlobRecorder(SQLiteApplicationRecorder):
+    """The library's SQLite recorder, with the table of outputs kept apart by content hash."""
+
+    def construct_create_table_statements(self) -> list[str]:
+        return [
+            *super().construct_create_table_statements(),
+            "CREATE TABLE IF NOT EXISTS cairn_blobs "
+            "(sha256 TEXT PRIMARY KEY, data BLOB NOT NULL) WITHOUT ROWID",
+        ]
+
+    def _insert_events(
+        self, c: SQLiteCursor, stored_events: Sequence[StoredEvent], **kwargs: Any
+    ) -> Sequence[int] | None:
+        blobs: Mapping[str, bytes] | None = kwargs.get("blobs")
+        if blobs:  # an output stored before is not stored again
+            c.executemany("INSERT OR IGNORE INTO cairn_blobs VALUES (?, ?)", sorted(blobs.items()))
+        return super()._insert_events(c, stored_events, **kwargs)
+
+    def select_blobs(self, hashes: Sequence[str]) -> dict[str, bytes]:
+        found: dict[str, bytes] = {}
+        with self.datastore.transaction(commit=False) as c:
+            for start in range(0, len(hashes), 500):  # within SQLite's limit on parameters
+                chunk = list(hashes[start : start + 500])
+                marks = ",".join("?" * len(chunk))  # placeholders only: the values are parameters
+                c.execute(f"SELECT sha256, data FROM cairn_blobs WHERE sha256 IN ({marks})", chunk)  # noqa: S608
+                found.update((row["sha256"], bytes(row["data"])) for row in c.fetchall())
+        return found
+
+
 def _factory(url: str) -> InfrastructureFactory[Any]:
     env = store_env(url)
+    env["APPLICATION_RECORDER_TOPIC"] = (
+        "cairn.coordinator.store_postgres:PostgresBlobRecorder"
+        if env["PERSISTENCE_MODULE"] == "eventsourcing.postgres"
+        else f"{__name__}:SQLiteBlobRecorder"
+    )
     if env["PERSISTENCE_MODULE"] == "eventsourcing.postgres":
         try:
             import psycopg  # noqa: F401
@@ -195,10 +250,22 @@ def _create_schema(env: dict[str, str]) -> None:
 
 
 class EventStore:
-    """Append and read run streams; read the notification log; keep named positions."""
+    """Append and read run streams; read the notification log; keep named positions.
 
-    def __init__(self, url: str) -> None:
+    Outputs whose canonical JSON is over `blob_threshold` bytes (by default from
+    `CAIRN_BLOB_THRESHOLD`, else 16 KiB; `off` keeps them all inside their events) are stored
+    once by content hash, apart from the events that carry them; every read gives them back."""
+
+    def __init__(self, url: str, *, blob_threshold: int | Literal["env", "off"] = "env") -> None:
         self.url = url
+        self.blob_threshold: int | None
+        if blob_threshold == "env":
+            try:
+                self.blob_threshold = settings.blob_threshold()
+            except ValueError as exc:
+                raise StoreUnavailableError(str(exc)) from None
+        else:
+            self.blob_threshold = None if blob_threshold == "off" else blob_threshold
         # eventsourcing sets up a fresh SQLite file (WAL mode, tables, a migration row) in
         # steps that race when several processes open it at once (`cairn up` does): one at a
         # time, under a lock file beside the database.
@@ -207,6 +274,7 @@ class EventStore:
             try:
                 self._recorder: ApplicationRecorder = self._factory.application_recorder()
                 self._tracking: TrackingRecorder = self._factory.tracking_recorder()
+                self._blobs = cast(BlobRecorder, self._recorder)
             except (PersistenceError, OSError, sqlite3.Error) as exc:
                 raise StoreUnavailableError(
                     f"cannot open the event store ({describe(url)}): {exc}. Check the path or "
@@ -220,26 +288,29 @@ class EventStore:
         """Store events of any number of runs in one transaction; return their log positions."""
         if not events:
             return []
-        stored = [
-            StoredEvent(
-                originator_id=e.run_id,
-                originator_version=e.seq,
-                topic=topic_of(e),
-                state=encode_event(e),
-            )
-            for e in events
-        ]
-        try:
-            ids = self._recorder.insert_events(stored)
-        except IntegrityError as exc:
-            raise ConcurrencyError(str(exc)) from exc
-        return list(ids or [])
+        limit = self.blob_threshold
+        blobs: dict[str, bytes] = {}
+        stored: list[StoredEvent] = []
+        for e in events:
+            state = encode_event(e)
+            # Only an event larger than the threshold can hold an output that is.
+            if limit is not None and len(state) > limit:
+                state, found = offload(e.type_name(), state, limit)
+                blobs.update(found)
+            stored.append(StoredEvent(e.run_id, e.seq, topic_of(e), state))
+        return self._insert(stored, blobs)
 
     def load(self, run_id: uuid.UUID, after: int = 0) -> list[Event]:
         """A run's events in order (those after position `after` in the run's stream)."""
         rows = self._recorder.select_events(run_id, gt=after or None)
+        blobs = self._blobs_of(r.state for r in rows)
         return [
-            decode_event(r.topic, r.state, _as_uuid(r.originator_id), r.originator_version)
+            decode_event(
+                r.topic,
+                self._whole(r.state, blobs, run_id, r.originator_version),
+                run_id,
+                r.originator_version,
+            )
             for r in rows
         ]
 
@@ -248,30 +319,83 @@ class EventStore:
         rows = self._recorder.select_notifications(
             start=after, limit=limit, inclusive_of_start=False
         )
-        return [
-            LoggedEvent(
-                n.id,
-                decode_event(n.topic, n.state, _as_uuid(n.originator_id), n.originator_version),
-            )
-            for n in rows
-        ]
+        blobs = self._blobs_of(n.state for n in rows)
+        logged: list[LoggedEvent] = []
+        for n in rows:
+            run_id, seq = _as_uuid(n.originator_id), n.originator_version
+            state = self._whole(n.state, blobs, run_id, seq)
+            logged.append(LoggedEvent(n.id, decode_event(n.topic, state, run_id, seq)))
+        return logged
 
     def append_rows(self, rows: Sequence[StoredRow]) -> list[int]:
-        """Store events as given (topic and bytes unchanged, e.g. an imported history that
-        holds older versions) in one transaction; return their log positions."""
-        stored = [StoredEvent(r.run_id, r.seq, r.topic, r.state) for r in rows]
+        """Store events as given (topic and JSON unchanged, e.g. an imported history that
+        holds older versions) in one transaction, large outputs kept apart as by `append`;
+        return their log positions."""
+        limit = self.blob_threshold
+        blobs: dict[str, bytes] = {}
+        stored: list[StoredEvent] = []
+        for r in rows:
+            state = r.state
+            if state.startswith(MARKER):
+                raise ValueError(f"event {r.seq} of run {r.run_id} is not an event: it has $blobs")
+            if limit is not None and len(state) > limit:
+                name = r.topic.partition("@")[0]
+                state, found = offload(name, state, limit)
+                blobs.update(found)
+            stored.append(StoredEvent(r.run_id, r.seq, r.topic, state))
+        return self._insert(stored, blobs)
+
+    def rows(self, run_id: uuid.UUID, *, whole: bool = True) -> list[StoredRow]:
+        """A run's events as stored, in the order of their positions in the run: whole (with
+        the outputs kept apart put back, those that cannot be named in `broken`), or
+        (`whole=False`) exactly the bytes of the events table."""
+        stored = self._recorder.select_events(run_id)
+        if not whole:
+            return [StoredRow(run_id, r.originator_version, r.topic, r.state) for r in stored]
+        blobs = self._blobs_of(r.state for r in stored)
+        rows: list[StoredRow] = []
+        for r in stored:
+            state, broken = r.state, list[BrokenBlob]()
+            if state.startswith(MARKER):
+                # Malformed references are left as stored: the chain check says it does not decode.
+                with contextlib.suppress(ValueError):
+                    state, broken = resolve(state, blobs)
+            rows.append(StoredRow(run_id, r.originator_version, r.topic, state, tuple(broken)))
+        return rows
+
+    def _insert(self, stored: list[StoredEvent], blobs: dict[str, bytes]) -> list[int]:
         try:
-            ids = self._recorder.insert_events(stored)
+            if blobs:  # in the events' transaction: an event never refers to a missing output
+                ids = self._recorder.insert_events(stored, blobs=blobs)
+            else:
+                ids = self._recorder.insert_events(stored)
         except IntegrityError as exc:
             raise ConcurrencyError(str(exc)) from exc
         return list(ids or [])
 
-    def rows(self, run_id: uuid.UUID) -> list[StoredRow]:
-        """A run's events as stored, in the order of their positions in the run."""
-        return [
-            StoredRow(run_id, r.originator_version, r.topic, bytes(r.state))
-            for r in self._recorder.select_events(run_id)
-        ]
+    def _blobs_of(self, states: Iterable[bytes]) -> dict[str, bytes]:
+        """The outputs kept apart that these stored events refer to, by hash."""
+        wanted: set[str] = set()
+        for state in states:
+            if state.startswith(MARKER):
+                with contextlib.suppress(ValueError):  # resolving it says what is wrong
+                    wanted.update(references(state))
+        return self._blobs.select_blobs(sorted(wanted)) if wanted else {}
+
+    @staticmethod
+    def _whole(state: bytes, blobs: Mapping[str, bytes], run_id: uuid.UUID, seq: int) -> bytes:
+        if not state.startswith(MARKER):
+            return state
+        try:
+            whole, broken = resolve(state, blobs)
+        except ValueError as exc:
+            raise BlobError(f"event {seq} of run {run_id} cannot be read: {exc}") from None
+        if broken:
+            raise BlobError(
+                f"event {seq} of run {run_id} cannot be read: {broken[0].message} "
+                "(`cairn verify` checks the whole store)"
+            )
+        return whole
 
     def has_run(self, run_id: uuid.UUID) -> bool:
         return bool(self._recorder.select_events(run_id, limit=1))

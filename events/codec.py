@@ -24,14 +24,57 @@ def parse_topic(topic: str) -> tuple[str, int]:
     return name, int(version)
 
 
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 def canonical_json(data: Any) -> bytes:
     """Deterministic JSON: sorted keys, no whitespace, UTF-8."""
-    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    return _CANONICAL.encode(data).encode()
 
 
 def encode_event(event: Event) -> bytes:
     """The stored bytes of an event (its run and position live in the store's own columns)."""
-    return canonical_json(event.model_dump(mode="json", exclude={"run_id", "seq"}))
+    return _encoded(event).stored
+
+
+def event_json(event: Event) -> bytes:
+    """The event's canonical JSON with its run and position: what its hash is taken over,
+    and what live notices carry."""
+    return _encoded(event).full
+
+
+def _encoded(event: Event) -> _HashRef:
+    """Encode an event once for all its uses: its stored bytes, its hashed bytes, its hash.
+
+    The stored form leaves out `run_id` and `seq`; the hashed form has them at their sorted
+    places. The members before, between and after those two keys are encoded apart and
+    joined both ways, which gives exactly `canonical_json` of either dict."""
+    ref = _hashes.get(id(event))
+    if ref is not None and ref() is event and ref.stored:
+        return ref
+    data = event.model_dump(mode="json")
+    run_id = data.pop("run_id")
+    seq = data.pop("seq")
+    head: dict[str, Any] = {}
+    middle: dict[str, Any] = {}
+    tail: dict[str, Any] = {}
+    for key, value in data.items():
+        (head if key < "run_id" else middle if key < "seq" else tail)[key] = value
+    parts = [_members(head), _members(middle), _members(tail)]
+    stored = b"{" + b",".join(p for p in parts if p) + b"}"
+    parts.insert(1, b'"run_id":"%s"' % run_id.encode())
+    parts.insert(3, b'"seq":%d' % seq)
+    full = b"{" + b",".join(p for p in parts if p) + b"}"
+    if ref is not None and ref() is event:
+        ref.stored, ref.full = stored, full  # the hash was known (an upcast event's)
+        return ref
+    return _remember(
+        event, hashlib.sha256(full).hexdigest(), upcast=False, stored=stored, full=full
+    )
+
+
+def _members(data: dict[str, Any]) -> bytes:
+    return canonical_json(data)[1:-1] if data else b""
 
 
 def decode_event(topic: str, state: bytes, run_id: Any, seq: int) -> Event:
@@ -80,9 +123,7 @@ def event_hash(event: Event) -> str:
     ref = _hashes.get(id(event))
     if ref is not None and ref() is event:
         return ref.digest
-    digest = hashlib.sha256(canonical_json(event.model_dump(mode="json"))).hexdigest()
-    _remember(event, digest, upcast=False)
-    return digest
+    return _encoded(event).digest
 
 
 def link_hash(data: dict[str, Any], run_id: Any, seq: int) -> str:
@@ -101,10 +142,12 @@ class _HashRef(weakref.ref):  # type: ignore[type-arg]
     """A weak reference to an event that carries its hash; it leaves the cache with the event.
     (Not a private attribute on the model: that would take part in `==` and in `model_copy`.)"""
 
-    __slots__ = ("digest", "key", "upcast")
+    __slots__ = ("digest", "full", "key", "stored", "upcast")
     digest: str
     key: int
     upcast: bool
+    stored: bytes  # empty until encoded
+    full: bytes
 
 
 _hashes: dict[int, _HashRef] = {}
@@ -115,10 +158,13 @@ def _forget(ref: _HashRef) -> None:
         del _hashes[ref.key]
 
 
-def _remember(event: Event, digest: str, *, upcast: bool) -> None:
+def _remember(
+    event: Event, digest: str, *, upcast: bool, stored: bytes = b"", full: bytes = b""
+) -> _HashRef:
     ref = _HashRef(event, _forget)
-    ref.digest, ref.key, ref.upcast = digest, id(event), upcast
+    ref.digest, ref.key, ref.upcast, ref.stored, ref.full = digest, id(event), upcast, stored, full
     _hashes[ref.key] = ref
+    return ref
 
 
 def content_hash(value: Any) -> str:

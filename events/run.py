@@ -62,12 +62,24 @@ class CarriedOutput(Frozen):
 
 
 class ForkOrigin(Frozen):
+    """The run and event a fork started from, and the steps it gave another model."""
+
     run_id: UUID
     seq: int
+    models: dict[str, str] = Field(default_factory=dict)
+
+
+def _unchanged(data: dict[str, Any]) -> dict[str, Any]:
+    """Version 2 added optional fields only (a step's `model`, a fork's `models`, a task's
+    `model`): what version 1 wrote reads as it is, with their defaults."""
+    return data
 
 
 @register
 class RunStarted(Event):
+    version: ClassVar[int] = 2
+    upcasters: ClassVar[Upcasters] = {1: _unchanged}
+
     workflow: WorkflowSpec
     input: dict[str, Any]
     intent: Intent
@@ -90,6 +102,9 @@ class OutputCarried(Event):
 class TaskDispatched(Event):
     """A task was sent to an agent capability; carries everything its envelope needs."""
 
+    version: ClassVar[int] = 2
+    upcasters: ClassVar[Upcasters] = {1: _unchanged}
+
     task_id: str
     step: str
     attempt: int
@@ -100,6 +115,7 @@ class TaskDispatched(Event):
     contract: str | None = None
     repair: list[str] = Field(default_factory=list)
     timeout_s: float
+    model: str | None = None  # the step's model, when it names one
 
 
 class ReportedError(Frozen):
@@ -112,6 +128,9 @@ class ResultReceived(Event):
     """An agent's result as it arrived: the fact the decisions after it were made from.
 
     Recording inputs, not only decisions, is what lets today's code re-decide a history."""
+
+    version: ClassVar[int] = 2
+    upcasters: ClassVar[Upcasters] = {1: _unchanged}
 
     task_id: str
     step: str
@@ -356,6 +375,9 @@ class BudgetRaised(Event):
 @register
 class StepAdmitted(Event):
     """An agent proposed a follow-up step and it fits the run's limits."""
+
+    version: ClassVar[int] = 2
+    upcasters: ClassVar[Upcasters] = {1: _unchanged}
 
     spec: StepSpec
     proposed_by: str

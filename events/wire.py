@@ -9,7 +9,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
@@ -36,6 +36,8 @@ class TaskEnvelope(Frozen):
     # Validation errors of the previous attempt's output, so the agent can repair it.
     repair: list[str] = Field(default_factory=list)
     timeout_s: float
+    # The model to use instead of the agent's default; sent only when the step names one.
+    model: str | None = None
 
 
 class TaskError(Frozen):
@@ -88,12 +90,16 @@ class CancelRun(Frozen):
 class ForkRun(Frozen):
     """Command on `cairn.cmd.fork`: a new run that starts from a run's state after event
     `at_seq`, taking over the outputs of the steps completed by then (and `overrides`, which
-    replace a step's output and make the steps built from it run again)."""
+    replace a step's output and make the steps built from it run again). `models` gives steps
+    another model: each runs again with it, and so do the steps built from it."""
 
     v: Literal[1] = 1
     parent_run_id: uuid.UUID
     at_seq: int = Field(ge=1)
     overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    models: dict[str, Annotated[str, Field(min_length=1, max_length=200)]] = Field(
+        default_factory=dict
+    )
     run_id: uuid.UUID | None = None
     requested_by: str = "client:cli"
 

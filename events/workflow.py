@@ -78,6 +78,8 @@ class StepSpec(Frozen):
     may_propose: bool = False
     # What one attempt is expected to cost; reserved from the run's budget before dispatch.
     cost_estimate_usd: Decimal | None = Field(default=None, ge=0)
+    # The model the agent should use for this step instead of its default (sent in the task).
+    model: str | None = Field(default=None, min_length=1, max_length=200)
 
 
 class RunLimits(Frozen):

@@ -21,6 +21,7 @@ from cairn.events import UnknownEventError
 
 from .errors import ViewsUnavailableError
 from .runner import ProjectionRunner, rebuild
+from .storage import redacted
 
 log = logging.getLogger("cairn.projections")
 
@@ -54,7 +55,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             count = rebuild(settings)
             seconds = time.perf_counter() - started
             log.info(
-                "rebuilt the views at %s from %d events in %.2f s", settings.views, count, seconds
+                "rebuilt the views at %s from %d events in %.2f s",
+                redacted(settings.views),
+                count,
+                seconds,
             )
             return 0
         asyncio.run(_follow(settings))
@@ -77,8 +81,8 @@ async def _follow(settings: Settings) -> None:
     with ProjectionRunner(settings) as runner:
         log.info(
             "projecting %s into %s from log position %d",
-            settings.store,
-            settings.views,
+            redacted(settings.store),
+            redacted(settings.views),
             runner.position(),
         )
         await runner.run(stop)

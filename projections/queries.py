@@ -20,7 +20,7 @@ from .filters import AuditFilter, actor_match, time_text
 from .projection import RunStatus
 from .rows import AuditRow, CostRow, RunRow, StepRow
 from .runner import PROJECTION_NAME
-from .storage import ViewsReader, open_reader
+from .storage import ViewsReader, open_reader, redacted
 
 CostKey = Literal["run", "agent", "model", "tenant", "day"]
 # "agent" groups by capability: replicas of one agent kind share it, their ids do not.
@@ -45,8 +45,9 @@ class Views:
     """
 
     def __init__(self, views: Settings | str) -> None:
-        self.location = _location(views)
-        self._reader: ViewsReader = open_reader(self.location)
+        url = _location(views)
+        self.location = redacted(url)  # for messages: no password
+        self._reader: ViewsReader = open_reader(url)
         # One sqlite3 connection serves every caller; calls take turns.
         self._lock = threading.Lock()
         try:
@@ -236,10 +237,10 @@ def wait_for_views(views: Settings | str, position: int, timeout: float = 10.0) 
     Views that do not exist yet count as position 0, so a caller may wait for a runner that is
     still starting. Returns the views' position; raises TimeoutError after `timeout` seconds.
     """
-    location = _location(views)
-    reader = open_reader(location)
+    url = _location(views)
+    reader = open_reader(url)
     try:
-        return _wait(lambda: _position_or_zero(reader), position, timeout, location)
+        return _wait(lambda: _position_or_zero(reader), position, timeout, redacted(url))
     finally:
         reader.close()
 

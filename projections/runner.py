@@ -1,9 +1,10 @@
 """Follow the event store's notification log into the views, exactly once.
 
-SQLite offers no push subscription, so the runner polls `EventStore.read_log` from the tracked
-position and hands each batch to the views recorder, which commits the row changes and the new
-position together. A crash between batches loses nothing and repeats nothing: the next runner
-starts from the position the last commit recorded.
+The runner reads `EventStore.read_log` from the tracked position and hands each batch to the
+views recorder, which commits the row changes and the new position together. A crash between
+batches loses nothing and repeats nothing: the next runner starts from the position the last
+commit recorded. When it has caught up it waits: on PostgreSQL for the store to announce an
+append (LISTEN/NOTIFY, `log_notices.py`); SQLite offers no such subscription, so there it polls.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ import time
 from types import TracebackType
 
 from cairn.coordinator.settings import Settings
-from cairn.coordinator.store import EventStore
+from cairn.coordinator.store import EventStore, store_env
 
 from .errors import ProjectionConflictError
-from .storage import ViewsRecorder, open_recorder
+from .storage import ViewsRecorder, is_postgres, open_recorder
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,8 @@ class ProjectionRunner:
         # One batch at a time per process; `wait_for` sleeps on the condition between batches.
         self._lock = threading.Lock()
         self._advanced = threading.Condition()
+        # Waits that ended because the store announced an append (PostgreSQL only).
+        self.notified_wakeups = 0
 
     def close(self) -> None:
         """Release the database connections."""
@@ -104,17 +107,38 @@ class ProjectionRunner:
             self._advanced.notify_all()
         return len(batch)
 
-    async def run(self, stop: asyncio.Event, poll_interval: float = 0.05) -> None:
+    async def run(
+        self, stop: asyncio.Event, poll_interval: float = 0.05, *, fallback_interval: float = 1.0
+    ) -> None:
         """Keep the views up to date until `stop` is set.
 
-        Each batch runs in a worker thread, so a long catch-up does not stall the event loop;
-        a batch in progress when `stop` is set is finished (it is one transaction either way).
+        With a PostgreSQL store the runner sleeps until the store announces an append, and
+        reads anyway every `fallback_interval` seconds in case a notice was lost; otherwise it
+        polls every `poll_interval` seconds. Each batch runs in a worker thread, so a long
+        catch-up does not stall the event loop; a batch in progress when `stop` is set is
+        finished (it is one transaction either way).
         """
-        while not stop.is_set():
-            count = await asyncio.to_thread(self.run_batch)
-            if count == 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), poll_interval)
+        if not is_postgres(self.settings.store):
+            while not stop.is_set():
+                count = await asyncio.to_thread(self.run_batch)
+                if count == 0:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), poll_interval)
+            return
+        from .log_notices import LogNotices
+
+        notices = LogNotices(store_env(self.settings.store))
+        await notices.start()
+        try:
+            while not stop.is_set():
+                notices.arm()  # a notice from now on means: read again
+                count = await asyncio.to_thread(self.run_batch)
+                if count == 0:
+                    wait = fallback_interval if notices.subscribed else poll_interval
+                    if await notices.wait(stop, wait):
+                        self.notified_wakeups += 1
+        finally:
+            await notices.close()
 
     def wait_for(self, position: int, timeout: float = 10.0) -> int:
         """Block until the views reflect log position `position`; return the views' position.

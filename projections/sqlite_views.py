@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 from eventsourcing.persistence import InfrastructureFactory, PersistenceError, Tracking
 from eventsourcing.sqlite import SQLiteCursor, SQLiteTrackingRecorder
 
+from cairn.coordinator.crashpoints import crash_point
+
 from .errors import ProjectionConflictError, ViewsMissingError, ViewsUnavailableError
 from .filters import AuditFilter, after_prefix
 from .projection import (
@@ -218,6 +220,7 @@ class SQLiteViewsRecorder(SQLiteTrackingRecorder):
             changes = fold(batch, self._select_runs(c, run_ids), self._select_steps(c, run_ids))
             self._write(c, changes)
             self._insert_tracking(c, Tracking(name, batch[-1].position))
+            crash_point("views-before-commit")
 
     def drop(self, name: str, *, indexes: bool = True) -> None:
         """Empty the views: drop and re-create the view tables, forget the tracked position.

@@ -11,7 +11,7 @@ from cairn.events import UnknownEventError
 from .errors import ViewsMissingError
 from .rows import ProjectionStatus
 from .runner import PROJECTION_NAME, VIEW_NAMES
-from .storage import open_reader
+from .storage import open_reader, redacted
 
 
 def projection_status(settings: Settings) -> list[ProjectionStatus]:
@@ -36,7 +36,7 @@ def projection_status(settings: Settings) -> list[ProjectionStatus]:
         ProjectionStatus(
             name=PROJECTION_NAME,
             views=list(VIEW_NAMES),
-            location=settings.views,
+            location=redacted(settings.views),
             built=built,
             position=position,
             log_position=log_position,

@@ -1,15 +1,18 @@
 """The views' storage port, and the choice of backend for a views URL.
 
 The runner and the query API depend only on these protocols; `sqlite_views.py` implements
-them for a SQLite file. A PostgreSQL backend would be a second module picked here by URL.
+them for a SQLite file, `postgres_views.py` for a PostgreSQL database (a `postgresql://` DSN,
+as for the event store).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import urlparse
 
-from cairn.coordinator.store import store_env
+from cairn.coordinator.store import describe, store_env
 
 from .errors import ViewsUnavailableError
 from .filters import AuditFilter
@@ -59,22 +62,48 @@ class ViewsReader(Protocol):
     def close(self) -> None: ...
 
 
-def _sqlite_env(url: str) -> dict[str, str]:
-    env = store_env(url)
-    if env["PERSISTENCE_MODULE"] != "eventsourcing.sqlite":
-        raise ViewsUnavailableError(
-            "views in PostgreSQL are not supported yet: set CAIRN_VIEWS to a SQLite file path "
-            "(the event store may stay in PostgreSQL)"
-        )
-    return env
+def is_postgres(url: str) -> bool:
+    """Whether a store or views URL names a PostgreSQL database."""
+    return url.startswith(("postgresql://", "postgres://"))
+
+
+def redacted(url: str) -> str:
+    """A store or views URL as messages show it: a PostgreSQL DSN without its password."""
+    if not is_postgres(url):
+        return url
+    parsed = urlparse(url)
+    if parsed.password is None:
+        return url
+    userinfo, _, hostport = parsed.netloc.rpartition("@")
+    return parsed._replace(netloc=f"{userinfo.partition(':')[0]}@{hostport}").geturl()
 
 
 def open_recorder(url: str) -> ViewsRecorder:
-    """The write side of the views at `url` (a SQLite path), creating the tables if needed."""
-    return open_sqlite_recorder(_sqlite_env(url))
+    """The write side of the views at `url` (a SQLite path or a PostgreSQL DSN), creating
+    the tables if needed."""
+    if is_postgres(url):
+        with _postgres_support():
+            from .postgres_views import open_postgres_recorder
+        return open_postgres_recorder(store_env(url), describe(url))
+    return open_sqlite_recorder(store_env(url))
 
 
 def open_reader(url: str) -> ViewsReader:
-    """The read side of the views at `url`; it opens the database lazily, read-only."""
-    env = _sqlite_env(url)
+    """The read side of the views at `url`; it connects lazily and never creates anything."""
+    env = store_env(url)
+    if is_postgres(url):
+        with _postgres_support():
+            from .postgres_views import PostgresViewsReader
+        return PostgresViewsReader(env, redacted(url), describe(url))
     return SQLiteViewsReader(env["SQLITE_DBNAME"], float(env.get("SQLITE_LOCK_TIMEOUT", "30")))
+
+
+@contextmanager
+def _postgres_support() -> Iterator[None]:
+    """Imports of the PostgreSQL backend, which needs psycopg (an optional extra)."""
+    try:
+        yield
+    except ImportError:
+        raise ViewsUnavailableError(
+            "PostgreSQL support is not installed: pip install 'cairn[postgres]'"
+        ) from None

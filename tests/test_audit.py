@@ -1,7 +1,8 @@
 """The audit trail and provenance: filtered audit queries, `cairn why`, projection status.
 
-Hand-written histories are appended to a real SQLite event store and projected by the real
-runner; the CLI runs as a subprocess against the same files.
+Hand-written histories are appended to a real event store and projected by the real runner;
+the CLI runs as a subprocess against the same store and views. The tests marked `on_both` run
+against SQLite and PostgreSQL (`views_backends.py`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from views_backends import BACKENDS, backend_settings
 
 from cairn.coordinator.settings import Settings
 from cairn.coordinator.store import EventStore, LoggedEvent
@@ -241,8 +243,12 @@ def stopped_run() -> History:
 
 
 @pytest.fixture
-def settings(tmp_path: Path) -> Settings:
-    return Settings(home=tmp_path / "home")
+def settings(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Settings]:
+    with backend_settings(getattr(request, "param", "sqlite"), tmp_path / "home") as s:
+        yield s
+
+
+on_both = pytest.mark.parametrize("settings", BACKENDS, indirect=True)
 
 
 @pytest.fixture
@@ -273,6 +279,7 @@ def got(rows: list[Any]) -> list[tuple[int, str]]:
     return [(r.position, r.action) for r in rows]
 
 
+@on_both
 def test_audit_filters(settings: Settings, logged: list[LoggedEvent]) -> None:
     with Views(settings) as views:
         every = views.audit(limit=None)
@@ -338,6 +345,7 @@ def test_audit_indexes(settings: Settings, logged: list[LoggedEvent]) -> None:
     conn.close()
 
 
+@on_both
 def test_audit_cli_csv_equals_json(settings: Settings, logged: list[LoggedEvent]) -> None:
     filters = ["--run", "a1", "--actor", "agent:", "--since", "2026-11-25", "--limit", "0"]
     as_json = json.loads(cli(settings, "audit", *filters, "--format", "json").stdout)
@@ -470,6 +478,7 @@ def test_why_cli(settings: Settings, logged: list[LoggedEvent]) -> None:
     assert "has no step 'publish'" in missing.stderr
 
 
+@on_both
 def test_projection_status_shows_the_lag(settings: Settings, store: EventStore) -> None:
     events = done_run().events + stopped_run().events
     store.append(events)

@@ -417,6 +417,9 @@ async def test_a_server_that_allows_bigger_payloads_meets_the_coordinators_limit
             big.assert_alive()
 
 
+HUGE = b"9" * 400  # more digits than a finite float has: parses as infinity
+
+
 def a_result(run_id: uuid.UUID, step: str, attempt: int, **changes: Any) -> bytes:
     now = datetime.now(UTC)
     result = TaskResult(
@@ -454,6 +457,12 @@ async def test_bad_results_are_dead_lettered_and_acked_and_the_run_goes_on(cairn
          "attempt: Field required (and 3 more)"),
         (here, a_result(run_id, "plan", 1, output="a plan"),
          "result has the wrong shape: output: Input should be an object"),
+        (here, a_result(run_id, "plan", 1, output={"n": float("nan")}),
+         "result is not valid JSON: output.n is NaN, Infinity or out of range"),
+        (here, a_result(run_id, "plan", 1).replace(b'"title": "t"', b'"title": 1e999'),
+         "result is not valid JSON: output.title is NaN, Infinity or out of range"),
+        (here, a_result(run_id, "plan", 1).replace(b'"title": "t"', b'"title": 9%s.0' % HUGE),
+         "result is not valid JSON: output.title is NaN, Infinity or out of range"),
         (here, a_result(run_id, "plan", 1, v=2),
          "result has an unsupported protocol version v=2 (this coordinator speaks v=1)"),
         (result_subject(stranger), a_result(stranger, "plan", 1),

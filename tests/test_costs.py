@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
+
+import pytest
+from views_backends import BACKENDS, backend_settings, raw_sql
 
 from cairn.coordinator.decisions import Policy, ResultFact, StartRunFact, decide, task_id
 from cairn.coordinator.pricing import PriceTable, load_price_table
@@ -57,24 +60,31 @@ def project(settings: Settings, *histories: list[Event]) -> Views:
     return Views(settings.views)
 
 
-def test_costs_per_tenant_and_per_day_are_exact(tmp_path: Path) -> None:
-    settings = Settings(home=tmp_path)
-    views = project(
+@pytest.fixture(params=BACKENDS)
+def settings(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Settings]:
+    with backend_settings(request.param, tmp_path) as s:
+        yield s
+
+
+def test_costs_per_tenant_and_per_day_are_exact(settings: Settings) -> None:
+    with project(
         settings,
         run("acme", DAY1, 1_000_000),  # $0.50 + $1.50
         run("acme", DAY2, 1_000),  # $0.002
         run("globex", DAY2, 3),  # $0.000006
-    )
-    by_tenant = {r.key: r.amount_usd for r in views.costs(by="tenant")}
-    assert by_tenant == {"acme": Decimal("2.002"), "globex": Decimal("0.000006")}
-    by_day = {r.key: r.amount_usd for r in views.costs(by="day")}
-    assert by_day == {"2026-03-01": Decimal("2"), "2026-03-02": Decimal("0.002006")}
-    assert sum(by_day.values()) == sum(by_tenant.values()) == views.cost_total()
+    ) as views:
+        by_tenant = {r.key: r.amount_usd for r in views.costs(by="tenant")}
+        assert by_tenant == {"acme": Decimal("2.002"), "globex": Decimal("0.000006")}
+        by_day = {r.key: r.amount_usd for r in views.costs(by="day")}
+        assert by_day == {"2026-03-01": Decimal("2"), "2026-03-02": Decimal("0.002006")}
+        assert sum(by_day.values()) == sum(by_tenant.values()) == views.cost_total()
 
 
-def test_recomputing_under_another_price_table_is_a_query(tmp_path: Path) -> None:
-    settings = Settings(home=tmp_path)
+def test_recomputing_under_another_price_table_is_a_query(
+    settings: Settings, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     views = project(settings, run("acme", DAY1, 1_000_000), run("acme", DAY1, 10, "mystery"))
+    request.addfinalizer(views.close)
     recorded = views.cost_total()
     cheaper = PriceTable.model_validate(
         {"version": "2027-01", "models": {"cairn-offline-1": {"input_per_mtok": "0.10",
@@ -107,15 +117,15 @@ def test_recomputing_under_another_price_table_is_a_query(tmp_path: Path) -> Non
     assert out["unpriced"] == 1
 
 
-def test_views_of_an_older_layout_are_rebuilt_from_the_log(tmp_path: Path) -> None:
-    settings = Settings(home=tmp_path)
-    views = project(settings, run("acme", DAY1, 1000))
-    assert views.cost_total() == Decimal("0.002")
-    with sqlite3.connect(settings.views) as db:  # what an older cairn left: no tenant column
-        db.execute("ALTER TABLE costs DROP COLUMN tenant")
+def test_views_of_an_older_layout_are_rebuilt_from_the_log(settings: Settings) -> None:
+    with project(settings, run("acme", DAY1, 1000)) as views:
+        assert views.cost_total() == Decimal("0.002")
+    # What an older cairn left: no tenant column.
+    raw_sql(settings.views, "ALTER TABLE costs DROP COLUMN tenant")
     recorder = open_recorder(settings.views)  # notices, empties, forgets the position
     recorder.close()
     with ProjectionRunner(settings) as runner:
         assert runner.position() == 0
         runner.run_once()
-    assert Views(settings.views).costs(by="tenant")[0].key == "acme"
+    with Views(settings.views) as views:
+        assert views.costs(by="tenant")[0].key == "acme"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -145,7 +146,7 @@ def test_export_import_round_trip(home: Path, tmp_path: Path, history: list[Even
         "last_hash": event_hash(history[-1]),
     }
     first = json.loads(lines[1])
-    assert first["type"] == "RunStarted@1"
+    assert first["type"] == f"RunStarted@{RunStarted.version}"
     assert first["seq"] == 1
     assert canonical_json(first["event"]) == EventStore(str(home / "events.db")).rows(RUN)[0].state
     file = tmp_path / "run.jsonl"
@@ -204,12 +205,16 @@ TAMPERS: dict[str, tuple[Tamper, str]] = {
     "not json": (lambda ls: [*ls[:2], b"{nope", *ls[3:]], "line 3 is not JSON"),
     "unknown type": (
         lambda ls: (
-            [*ls[:2], ls[2].replace(b'"type":"TaskDispatched@1"', b'"type":"Nope@1"'), *ls[3:]]
+            [*ls[:2], re.sub(rb'"type":"TaskDispatched@\d+"', b'"type":"Nope@1"', ls[2]), *ls[3:]]
         ),
         "unknown event type 'Nope'",
     ),
     "newer version": (
-        lambda ls: [*ls[:2], ls[2].replace(b'"TaskDispatched@1"', b'"TaskDispatched@9"'), *ls[3:]],
+        lambda ls: [
+            *ls[:2],
+            re.sub(rb'"TaskDispatched@\d+"', b'"TaskDispatched@9"', ls[2]),
+            *ls[3:],
+        ],
         "upgrade cairn",
     ),
     "newer format": (
@@ -428,6 +433,56 @@ def test_an_old_version_is_upcast_on_read_and_keeps_its_chain(
     (report,) = verify_store(store)
     assert report.ok, report.problems
     assert check_chain(RUN, store.rows(RUN)).head == event_hash(events[2])
+
+
+def _without_models(value: Any) -> Any:
+    """A JSON value as version 1 wrote it: no `model: null` of a step or task, no fork `models`."""
+    if isinstance(value, dict):
+        return {
+            k: _without_models(v)
+            for k, v in value.items()
+            if not (k == "model" and v is None) and not (k == "models" and v == {})
+        }
+    if isinstance(value, list):
+        return [_without_models(v) for v in value]
+    return value
+
+
+def test_events_written_before_steps_could_name_a_model_read_link_and_replay(
+    tmp_path: Path, history: list[Event]
+) -> None:
+    from histories import POLICY
+
+    from cairn.coordinator.replay import check_history
+    from cairn.coordinator.store import StoredRow
+    from cairn.events import encode_event, topic_of
+
+    older = {"RunStarted", "TaskDispatched", "ResultReceived", "StepAdmitted"}
+    rows: list[StoredRow] = []
+    link = ""
+    for e in history:
+        data = json.loads(encode_event(e))
+        topic = topic_of(e)
+        if e.type_name() in older:
+            data, topic = _without_models(data), f"{e.type_name()}@1"
+        data["prev_hash"] = link
+        rows.append(StoredRow(RUN, e.seq, topic, canonical_json(data)))
+        link = link_hash(data, RUN, e.seq)
+    assert any(r.topic == "TaskDispatched@1" for r in rows)
+    store = EventStore(str(tmp_path / "events.db"))
+    store.append_rows(rows)
+    events = store.load(RUN)
+    relinked = [
+        e.model_copy(update={"prev_hash": h.prev_hash})
+        for e, h in zip(events, history, strict=True)
+    ]
+    assert relinked == history
+    assert all(was_upcast(e) for e in events if e.type_name() in older)
+    # Each event links to the bytes as written, so a coordinator goes on from the same chain.
+    assert [event_hash(e) for e in events[:-1]] == [e.prev_hash for e in events[1:]]
+    (report,) = verify_store(store)
+    assert report.ok, report.problems
+    assert check_history(events, POLICY).ok
 
 
 def test_a_newer_version_than_the_code_knows_names_the_upgrade(

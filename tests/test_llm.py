@@ -184,6 +184,47 @@ async def test_openai_client_sends_the_chat_completions_request(chat_server: Cha
     }
 
 
+async def test_openai_client_asks_for_the_model_a_step_names(chat_server: ChatServer) -> None:
+    chat_server.replies.append(Reply(body=completion("Lyon.")))
+    async with OpenAICompatibleClient(
+        api_key="k", model="test-model", base_url=chat_server.base_url
+    ) as client:
+        result = await client.complete("s", "p", model="bigger-model")
+    assert result.model == "bigger-model"  # charged under the model that answered
+    assert chat_server.seen[0].body["model"] == "bigger-model"
+
+
+async def test_a_task_that_names_a_model_gets_it_from_ctx_llm() -> None:
+    import uuid
+
+    from cairn.agents import TaskContext
+    from cairn.events import Intent, TaskEnvelope
+
+    def context(llm: LLMClient, model: str | None) -> TaskContext:
+        run_id = uuid.uuid4()
+        envelope = TaskEnvelope(
+            task_id=f"{run_id}:s:1", run_id=run_id, step="s", attempt=1, capability="c",
+            input={}, intent=Intent(goal="g"), timeout_s=5, model=model,
+        )  # fmt: skip
+        return TaskContext(envelope, llm=llm, agent_id="c-1")
+
+    default = await context(OfflineModel(), None).llm.complete("s", "tides and the moon")
+    assert default.model == OFFLINE_MODEL
+    ctx = context(OfflineModel(), "gpt-4o")
+    named = await ctx.llm.complete("s", "tides and the moon")
+    assert named.model == "gpt-4o"
+    assert named.text != default.text  # the stand-in answers differently for another model
+    assert [u.model for u in ctx.usage] == ["gpt-4o"]
+
+    class OneModel:
+        async def complete(self, system: str, prompt: str, *, max_tokens: int = 512) -> Any:
+            return await OfflineModel().complete(system, prompt, max_tokens=max_tokens)
+
+    assert (await context(OneModel(), None).llm.complete("s", "p")).model == OFFLINE_MODEL
+    with pytest.raises(NonRetryableError, match=r"asks for model 'gpt-4o'.*cannot switch models"):
+        await context(OneModel(), "gpt-4o").llm.complete("s", "p")
+
+
 async def test_openai_client_estimates_usage_when_the_server_reports_none(
     chat_server: ChatServer,
 ) -> None:

@@ -1,11 +1,14 @@
-"""Projections: folding a real SQLite event log into the views, exactly once, and reading them."""
+"""Projections: folding a real event log into the views, exactly once, and reading them.
+
+The views' contract: every test that takes `settings` runs against each backend (SQLite files,
+and a PostgreSQL schema holding the store and the views; see `views_backends.py`)."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import uuid
@@ -17,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from views_backends import BACKENDS, backend_settings, dump, other_views, raw_sql
 
 from cairn.coordinator.settings import Settings
 from cairn.coordinator.store import EventStore, LoggedEvent
@@ -245,26 +249,10 @@ def append_in_chunks(store: EventStore, events: Sequence[Event], size: int = 5) 
     return positions
 
 
-def dump(path: str) -> dict[str, list[tuple[Any, ...]]]:
-    """Every row of every view table and the tracking position, in key order."""
-    order = {
-        "runs": "run_id",
-        "steps": "run_id, step",
-        "costs": "position",
-        "audit": "position",
-        "tracking": "application_name",
-    }
-    with sqlite3.connect(path) as conn:
-        tables = {
-            t: conn.execute(f"SELECT * FROM {t} ORDER BY {o}").fetchall() for t, o in order.items()
-        }
-    conn.close()
-    return tables
-
-
-@pytest.fixture
-def settings(tmp_path: Path) -> Settings:
-    return Settings(home=tmp_path / "home")
+@pytest.fixture(params=BACKENDS)
+def settings(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Settings]:
+    with backend_settings(request.param, tmp_path / "home") as s:
+        yield s
 
 
 @pytest.fixture
@@ -438,7 +426,7 @@ def test_running_twice_does_not_double_count(settings: Settings, events: list[Ev
 
 
 def test_resumes_after_a_crash_between_batches(
-    settings: Settings, store: EventStore, events: list[Event], tmp_path: Path
+    settings: Settings, store: EventStore, events: list[Event]
 ) -> None:
     crashed = ProjectionRunner(settings, batch_size=4)
     assert crashed.run_batch() + crashed.run_batch() == 8
@@ -451,13 +439,41 @@ def test_resumes_after_a_crash_between_batches(
         assert resumed.run_once() == len(events) + 1 - 8
 
     # The same log projected in one pass into a fresh file gives the same rows.
-    fresh = Settings(home=settings.home, views_url=str(tmp_path / "fresh.db"))
+    fresh = dataclasses.replace(settings, views_url=other_views(settings, "fresh"))
     with ProjectionRunner(fresh) as one_pass:
         one_pass.run_once()
     assert dump(settings.views) == dump(fresh.views)
     with Views(settings) as views:
         assert views.cost_total() == sum((e.amount_usd for e in charges(events)), Decimal(0))
         assert len(views.audit(limit=1000)) == len(events) + 1
+
+
+def test_a_crash_between_fold_and_commit_counts_nothing_twice(
+    settings: Settings, events: list[Event]
+) -> None:
+    """The runner process dies after writing a batch's rows and position, before the commit:
+    nothing of the batch stays, and the next runner projects it once."""
+    with ProjectionRunner(settings, batch_size=4) as first:
+        first.run_batch()
+    before = dump(settings.views)
+    crashed = subprocess.run(
+        [sys.executable, "-m", "cairn.projections"],
+        env=_module_env(settings, CAIRN_CRASH_AT="views-before-commit:1"),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
+    assert dump(settings.views) == before
+    with ProjectionRunner(settings) as again:
+        assert again.position() == 4
+        assert again.run_once() == len(events) - 4
+    with Views(settings) as views:
+        assert views.cost_total() == sum((e.amount_usd for e in charges(events)), Decimal(0))
+        assert len(views.audit(limit=None)) == len(events)
+        got = {r.key: r.charges for r in views.costs(by="run")}
+        assert got == {k: n for k, (_, _, _, n) in expected_costs(events, "run").items()}
 
 
 def test_a_batch_that_lost_the_race_is_rolled_back(
@@ -498,10 +514,8 @@ def test_rebuild_gives_identical_rows(
             runner.run_batch()
         assert runner.position() == store.last_position()
     live = dump(settings.views)
-    with sqlite3.connect(settings.views) as conn:
-        conn.execute("UPDATE runs SET status = 'garbage'")
-        conn.execute("DELETE FROM audit WHERE position > 5")
-    conn.close()
+    raw_sql(settings.views, "UPDATE runs SET status = 'garbage'")
+    raw_sql(settings.views, "DELETE FROM audit WHERE position > 5")
 
     assert rebuild(settings) == len(events) + len(extra.events)
     assert dump(settings.views) == live
@@ -528,7 +542,8 @@ def test_fold_does_not_depend_on_batch_boundaries(store: EventStore, events: lis
         assert first.audit + second.audit == whole.audit
 
 
-def test_missing_views_say_what_to_do(settings: Settings, tmp_path: Path) -> None:
+def test_missing_views_say_what_to_do(tmp_path: Path) -> None:
+    settings = Settings(home=tmp_path / "home")  # PostgreSQL: test_postgres_views.py
     with pytest.raises(ViewsMissingError) as missing:
         Views(settings)
     assert str(missing.value) == (
@@ -608,9 +623,15 @@ def test_wait_for_times_out(settings: Settings, events: list[Event]) -> None:
         assert runner.wait_for(len(events), timeout=0) == len(events)
 
 
-def _module_env(settings: Settings) -> dict[str, str]:
+def _module_env(settings: Settings, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CAIRN_", "NATS_"))}
-    return {**env, "CAIRN_HOME": str(settings.home)}
+    return {
+        **env,
+        "CAIRN_HOME": str(settings.home),
+        "CAIRN_STORE": settings.store,
+        "CAIRN_VIEWS": settings.views,
+        **extra,
+    }
 
 
 def test_main_projects_until_sigterm(settings: Settings, events: list[Event]) -> None:

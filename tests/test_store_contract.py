@@ -4,6 +4,7 @@ PostgreSQL (the running server named by CAIRN_TEST_POSTGRES, each test in its ow
 from __future__ import annotations
 
 import os
+import sqlite3
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -261,3 +262,240 @@ def test_run_ids_and_prefixes(store: EventStore) -> None:
         store.resolve_run(str(uuid.UUID(int=5)))
     with pytest.raises(RunNotFoundError, match="not a run id"):
         store.resolve_run("xyz")
+
+
+# -- large outputs kept apart, once by content hash ---------------------------------------------
+
+
+@pytest.fixture
+def second_url(store_url: str, tmp_path: Path) -> Iterator[str]:
+    """A second, empty store on the same backend (a fresh home to import into)."""
+    if not store_url.startswith("postgresql://"):
+        yield str(tmp_path / "second" / "events.db")
+        return
+    schema = store_url.partition("?schema=")[2] + "_b"
+    try:
+        yield f"{POSTGRES}?schema={schema}"
+    finally:
+        drop_schema(schema)
+
+
+def raw_sql(store_url: str, statement: str, params: tuple[object, ...] = ()) -> list[Any]:
+    """One statement on the store's own database, to look at or tamper with its tables."""
+    if store_url.startswith("postgresql://"):
+        import psycopg
+
+        base, _, schema = store_url.partition("?schema=")
+        with psycopg.connect(base, autocommit=True) as conn:
+            conn.execute(f'SET search_path TO "{schema}"')
+            cur = conn.execute(statement.replace("?", "%s"), params)  # type: ignore[arg-type]
+            return cur.fetchall() if cur.description else []
+    db = sqlite3.connect(store_url)
+    try:
+        with db:
+            return db.execute(statement, params).fetchall()
+    finally:
+        db.close()
+
+
+def chained(events: list[Event]) -> list[Event]:
+    """The events with each linked to the one before, as the coordinator writes them."""
+    from cairn.events import event_hash
+
+    linked: list[Event] = []
+    for e in events:
+        prev = event_hash(linked[-1]) if linked else ""
+        linked.append(e.model_copy(update={"prev_hash": prev}))
+    return linked
+
+
+BIG = {"text": "moss grows slowly on the north side " * 600}  # about 22 KB
+
+
+def big_history(run: uuid.UUID, output: dict[str, Any] = BIG) -> list[Event]:
+    from cairn.events import ResultReceived
+
+    return chained(
+        [
+            started(run),
+            ev(ResultReceived, run, 2, task_id="t", step="a", attempt=1, agent_id="x",
+               output=output, started_at=T0, finished_at=T0),
+            ev(RunCompleted, run, 3, output=output),
+        ]
+    )  # fmt: skip
+
+
+def test_a_large_output_is_stored_once_apart_and_read_back_whole(store_url: str) -> None:
+    from cairn.coordinator.blobs import MARKER
+    from cairn.coordinator.chain import verify_store
+    from cairn.events import content_hash, encode_event, event_hash
+
+    store = EventStore(store_url, blob_threshold=1024)
+    try:
+        run = uuid.uuid4()
+        history = big_history(run)
+        store.append(history)
+        assert store.load(run) == history
+        assert [item.event for item in store.read_log(0)] == history
+        # Stored: the start as it is, the output once, referred to by its hash from both events.
+        raw = store.rows(run, whole=False)
+        assert raw[0].state == encode_event(history[0])
+        for row in raw[1:]:
+            assert row.state.startswith(MARKER)
+            assert len(row.state) < 1024
+            assert content_hash(BIG).encode() in row.state
+        assert raw_sql(store_url, "SELECT sha256 FROM cairn_blobs") == [(content_hash(BIG),)]
+        # Every reader of rows gets the event as it was decided: the chain is unchanged.
+        assert [r.state for r in store.rows(run)] == [encode_event(e) for e in history]
+        (report,) = verify_store(store)
+        assert report.ok, report.problems
+        assert report.head == event_hash(history[-1])
+        # The same output in another run (another transaction) is not stored again.
+        other = uuid.uuid4()
+        store.append(big_history(other))
+        assert store.load(other) == big_history(other)
+        assert raw_sql(store_url, "SELECT count(*) FROM cairn_blobs") == [(1,)]
+    finally:
+        store.close()
+
+
+def test_a_batch_refused_keeps_none_of_its_outputs(store_url: str) -> None:
+    store = EventStore(store_url, blob_threshold=1024)
+    try:
+        taken = uuid.uuid4()
+        store.append([started(taken)])
+        with pytest.raises(ConcurrencyError):
+            store.append([*big_history(uuid.uuid4()), started(taken)])
+        assert raw_sql(store_url, "SELECT count(*) FROM cairn_blobs") == [(0,)]
+    finally:
+        store.close()
+
+
+def test_histories_round_trip_whether_outputs_are_kept_apart_or_not(
+    store_url: str, second_url: str, tmp_path: Path
+) -> None:
+    """Replay, export, import and verify see the same history with outputs kept apart as
+    without: `cairn export` writes them inline, `cairn import` keeps them apart again."""
+    import subprocess
+    import sys
+
+    from histories import POLICY, simulate
+
+    from cairn.coordinator.blobs import MARKER
+    from cairn.coordinator.portable import export_lines
+    from cairn.coordinator.replay import check_history
+
+    run = uuid.uuid4()
+    history = simulate(run, seed=11, trouble=0.5)
+    inline = EventStore(str(tmp_path / "inline.db"), blob_threshold="off")
+    apart = EventStore(store_url, blob_threshold=40)  # the plan (~70 bytes) and more
+    try:
+        inline.append(history)
+        apart.append(history)
+        assert any(r.state.startswith(MARKER) for r in apart.rows(run, whole=False))
+        assert not any(r.state.startswith(MARKER) for r in inline.rows(run, whole=False))
+        assert apart.load(run) == history
+        assert check_history(apart.load(run), POLICY).ok
+        exported = b"".join(export_lines(run, apart.rows(run)))
+        assert exported == b"".join(export_lines(run, inline.rows(run)))
+    finally:
+        inline.close()
+        apart.close()
+
+    def cli(url: str, *args: str) -> str:
+        env = {**os.environ, "CAIRN_HOME": str(tmp_path / "home"), "CAIRN_STORE": url,
+               "CAIRN_BLOB_THRESHOLD": "40"}  # fmt: skip
+        proc = subprocess.run(
+            [sys.executable, "-m", "cairn.coordinator.cli", *args],
+            capture_output=True, env=env, timeout=60,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr.decode()
+        return proc.stdout.decode()
+
+    file = tmp_path / "run.jsonl"
+    cli(store_url, "export", str(run), "--output", str(file))
+    assert file.read_bytes() == exported  # self-contained: the outputs are in the file
+    assert b"$blobs" not in exported
+    cli(second_url, "import", str(file), "--allow-unfinished")
+    assert "every chain is intact" in cli(second_url, "verify")
+    imported = EventStore(second_url)
+    try:
+        assert imported.load(run) == history
+        assert any(r.state.startswith(MARKER) for r in imported.rows(run, whole=False))
+    finally:
+        imported.close()
+
+
+def test_a_changed_or_missing_output_breaks_the_chain(store_url: str) -> None:
+    import hashlib
+
+    from cairn.coordinator.chain import verify_store
+    from cairn.coordinator.store import BlobError
+    from cairn.events import canonical_json, content_hash
+
+    store = EventStore(store_url, blob_threshold=1024)
+    try:
+        run = uuid.uuid4()
+        store.append(big_history(run))
+        forged = canonical_json({"text": "moss grows fast"})
+        raw_sql(store_url, "UPDATE cairn_blobs SET data = ?", (forged,))
+        (report,) = verify_store(store)
+        first = report.problems[0]
+        assert (first.seq, first.kind, first.blob) == (2, "link", "output")
+        assert first.expected == content_hash(BIG)
+        assert first.found == hashlib.sha256(forged).hexdigest()
+        # The last event's copy shows too, though nothing links to it yet.
+        assert [(p.seq, p.kind) for p in report.problems if p.blob] == [(2, "link"), (3, "link")]
+        with pytest.raises(BlobError, match="was changed"):
+            store.load(run)
+        raw_sql(store_url, "UPDATE cairn_blobs SET data = ?", (b"\xffnot json",))
+        (report,) = verify_store(store)
+        assert (report.problems[0].seq, report.problems[0].blob) == (2, "output")
+        assert report.problems[0].found == hashlib.sha256(b"\xffnot json").hexdigest()
+
+        raw_sql(store_url, "DELETE FROM cairn_blobs")
+        (report,) = verify_store(store)
+        assert not report.ok
+        assert report.problems[0].found == ""
+        assert "missing" in report.problems[0].message
+        with pytest.raises(BlobError, match="missing"):
+            store.read_log(0)
+    finally:
+        store.close()
+
+
+def test_the_blob_threshold_setting(store_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cairn.coordinator.blobs import MARKER
+    from cairn.coordinator.settings import DEFAULT_BLOB_THRESHOLD
+    from cairn.coordinator.store import StoreUnavailableError
+
+    def kept_apart(store: EventStore, output: dict[str, Any]) -> bool:
+        run = uuid.uuid4()
+        store.append(big_history(run, output))
+        assert store.load(run) == big_history(run, output)
+        return store.rows(run, whole=False)[-1].state.startswith(MARKER)
+
+    monkeypatch.delenv("CAIRN_BLOB_THRESHOLD", raising=False)
+    store = EventStore(store_url)
+    try:
+        assert store.blob_threshold == DEFAULT_BLOB_THRESHOLD == 16384
+        assert not kept_apart(store, {"text": "x" * 10_000})
+        assert kept_apart(store, {"text": "x" * 20_000})
+    finally:
+        store.close()
+    monkeypatch.setenv("CAIRN_BLOB_THRESHOLD", "off")
+    store = EventStore(store_url)
+    try:
+        assert store.blob_threshold is None
+        assert not kept_apart(store, {"text": "x" * 100_000})
+    finally:
+        store.close()
+    monkeypatch.setenv("CAIRN_BLOB_THRESHOLD", "100")
+    store = EventStore(store_url)
+    try:
+        assert kept_apart(store, {"text": "x" * 100})
+    finally:
+        store.close()
+    monkeypatch.setenv("CAIRN_BLOB_THRESHOLD", "16k")
+    with pytest.raises(StoreUnavailableError, match=r"CAIRN_BLOB_THRESHOLD must be a number"):
+        EventStore(store_url)

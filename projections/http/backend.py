@@ -104,9 +104,10 @@ class Backend:
             if self._client is not None and self._client.nc.is_closed:
                 self._client = None
             if self._client is None:
-                url = self.settings.resolved_nats_url()
                 try:
-                    self._client = await CairnClient.connect(url, "cairn-http")
+                    self._client = await CairnClient.connect(
+                        self.settings.nats_endpoint(), "cairn-http"
+                    )
                 except NatsUnavailableError as exc:
                     raise ApiError(503, str(exc)) from None
             return self._client

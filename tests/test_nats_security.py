@@ -1,0 +1,534 @@
+"""NATS security: a real nats-server running the configuration cairn writes, one user per role.
+
+An agent's credentials cannot send commands, read another capability's tasks or the event
+feed, or publish tasks; an observer cannot publish; the whole system runs a workflow under
+auth; and results forged with an agent's credentials are dead-lettered without touching the
+run. Also: `cairn nats-config`'s files, refused credentials, and TLS on the client side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import time
+import urllib.request
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+from conftest import wait_until
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from typer.testing import CliRunner
+
+from cairn.agents.worker import declare_agent_consumer
+from cairn.coordinator.cli import app
+from cairn.coordinator.client import TERMINAL_TYPES, CairnClient
+from cairn.coordinator.embedded import EmbeddedNats, free_port, nats_server_binary
+from cairn.coordinator.nats_auth import (
+    ROLE_ADMIN,
+    ROLE_COORDINATOR,
+    ROLE_OBSERVER,
+    Credentials,
+    Deployment,
+    NatsEndpoint,
+    ServerOptions,
+    agent_role,
+    write_deployment,
+)
+from cairn.coordinator.nats_client import (
+    NatsAuthError,
+    connect,
+    connect_options,
+    declare_streams,
+)
+from cairn.coordinator.processes import EXAMPLE_AGENTS, Supervisor, service_modules
+from cairn.coordinator.settings import Settings
+from cairn.coordinator.store import EventStore
+from cairn.events import (
+    DLQ_STREAM,
+    TASKS_STREAM,
+    DeadLetter,
+    Intent,
+    ResultReceived,
+    TaskDispatched,
+    agent_consumer,
+    result_subject,
+    task_subject,
+)
+from cairn.projections import Views, wait_for_views
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def deployment(tmp_path: Path) -> Deployment:
+    return write_deployment(tmp_path / "auth", EXAMPLE_AGENTS)
+
+
+@pytest.fixture
+def secure_nats(tmp_path: Path, deployment: Deployment) -> Iterator[EmbeddedNats]:
+    """A JetStream server that knows only the deployment's users."""
+    server = EmbeddedNats(tmp_path / "nats", config=deployment.config).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def endpoint(server: EmbeddedNats, deployment: Deployment, role: str) -> NatsEndpoint:
+    return NatsEndpoint(server.url, credentials_file=deployment.credentials[role], role=role)
+
+
+class Probe:
+    """A connection as one role that keeps the server's permission errors."""
+
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+        self.nc = Client()
+
+    @classmethod
+    async def open(cls, target: NatsEndpoint) -> Probe:
+        probe = cls()
+
+        async def on_error(exc: Exception) -> None:
+            probe.errors.append(str(exc))
+
+        await probe.nc.connect(
+            target.url, error_cb=on_error, allow_reconnect=False, **connect_options(target)
+        )
+        return probe
+
+    async def refused(self, subject: str, kind: str = "publish") -> None:
+        """Publish to (or subscribe to) `subject`, and wait for the server to refuse it.
+
+        The refusal comes back asynchronously (nats-py's flush can overtake what it has
+        not yet written), hence the wait."""
+        before = len(self.errors)
+        if kind == "publish":
+            await self.nc.publish(subject, b"{}", reply=self.nc.new_inbox())
+        else:
+            await self.nc.subscribe(subject)
+        what = "publish" if kind == "publish" else "subscription"
+        expected = f'permissions violation for {what} to "{subject.lower()}"'
+        await wait_until(
+            lambda: any(expected in e.lower() for e in self.errors[before:]),
+            timeout=5,
+            what=f"the server to refuse {what} to {subject}",
+        )
+
+    async def close(self) -> None:
+        await self.nc.close()
+
+
+@pytest.fixture
+async def coordinator_nc(
+    secure_nats: EmbeddedNats, deployment: Deployment
+) -> AsyncIterator[Client]:
+    nc = await connect(endpoint(secure_nats, deployment, ROLE_COORDINATOR), "test-coordinator")
+    await declare_streams(nc.jetstream())
+    try:
+        yield nc
+    finally:
+        await nc.close()
+
+
+def forged_result(run_id: uuid.UUID, step: str, task_id: str, **extra: Any) -> bytes:
+    now = datetime.now(UTC).isoformat()
+    result = {
+        "task_id": task_id, "run_id": str(run_id), "step": step, "attempt": 1,
+        "agent_id": "forger-000000", "output": {"title": "forged"},
+        "started_at": now, "finished_at": now, **extra,
+    }  # fmt: skip
+    return json.dumps(result).encode()
+
+
+# -- what each role may do -------------------------------------------------------------------
+
+
+async def test_agent_credentials_reach_only_their_own_tasks(
+    secure_nats: EmbeddedNats, deployment: Deployment, coordinator_nc: Client
+) -> None:
+    js = coordinator_nc.jetstream()
+    for capability in ("planner", "writer"):
+        await declare_agent_consumer(js, capability, ack_wait=30, max_deliver=5)
+    await js.publish(task_subject("planner"), b'{"secret": "the planner task"}')
+
+    writer = await Probe.open(endpoint(secure_nats, deployment, agent_role("writer")))
+    try:
+        planner_consumer = agent_consumer("planner")
+        # No commands, tasks, events or dead letters of others.
+        run = uuid.uuid4()
+        for subject in ("cairn.cmd.start", "cairn.cmd.cancel", "cairn.cmd.approve",
+                        task_subject("planner"), task_subject("writer"),
+                        f"cairn.event.{run}.RunCompleted", "cairn.dlq.coordinator"):  # fmt: skip
+            await writer.refused(subject)
+        # No other capability's consumer, no new consumers, no reading the stream directly,
+        # no changing or emptying it.
+        for api in (
+            f"$JS.API.CONSUMER.MSG.NEXT.{TASKS_STREAM}.{planner_consumer}",
+            f"$JS.API.CONSUMER.CREATE.{TASKS_STREAM}.{planner_consumer}.{task_subject('planner')}",
+            f"$JS.API.CONSUMER.CREATE.{TASKS_STREAM}.{agent_consumer('writer')}.cairn.task.>",
+            f"$JS.API.CONSUMER.CREATE.{TASKS_STREAM}",
+            f"$JS.API.CONSUMER.DURABLE.CREATE.{TASKS_STREAM}.{agent_consumer('writer')}",
+            f"$JS.API.CONSUMER.DELETE.{TASKS_STREAM}.{planner_consumer}",
+            f"$JS.API.STREAM.MSG.GET.{TASKS_STREAM}",
+            f"$JS.API.DIRECT.GET.{TASKS_STREAM}",
+            f"$JS.API.STREAM.UPDATE.{TASKS_STREAM}",
+            f"$JS.API.STREAM.PURGE.{TASKS_STREAM}",
+            f"$JS.API.STREAM.DELETE.{TASKS_STREAM}",
+            f"$JS.ACK.{TASKS_STREAM}.{planner_consumer}.1.1.1.1.0",
+        ):
+            await writer.refused(api)
+        # Nothing to read: not the tasks, not the feed, not another connection's replies.
+        for subject in (task_subject("planner"), "cairn.>", "cairn.event.>", "_INBOX.>",
+                        "_INBOX.coordinator.>", "_INBOX.agent-planner.>", "$JS.ACK.>"):  # fmt: skip
+            await writer.refused(subject, kind="subscribe")
+        # Through nats-py as an agent would: binding to the planner's consumer fetches nothing.
+        wjs = writer.nc.jetstream()
+        stolen = await wjs.pull_subscribe_bind(durable=planner_consumer, stream=TASKS_STREAM)
+        with pytest.raises(nats.errors.TimeoutError):
+            await stolen.fetch(1, timeout=0.5)
+        # What it may do: its own consumer, and results.
+        own = await wjs.pull_subscribe_bind(durable=agent_consumer("writer"), stream=TASKS_STREAM)
+        with pytest.raises(nats.errors.TimeoutError):
+            await own.fetch(1, timeout=0.2)
+        ack = await wjs.publish(result_subject(uuid.uuid4()), b"{}")
+        assert ack.stream == "CAIRN_RESULTS"
+    finally:
+        await writer.close()
+
+    # The planner's task is still there, for the planner.
+    planner = await connect(endpoint(secure_nats, deployment, agent_role("planner")), "planner")
+    try:
+        sub = await planner.jetstream().pull_subscribe_bind(
+            durable=planner_consumer, stream=TASKS_STREAM
+        )
+        [msg] = await sub.fetch(1, timeout=5)
+        assert msg.data == b'{"secret": "the planner task"}'
+        await msg.ack_sync()
+    finally:
+        await planner.close()
+
+
+async def test_observer_reads_the_feed_and_cannot_publish(
+    secure_nats: EmbeddedNats, deployment: Deployment, coordinator_nc: Client
+) -> None:
+    observer = await Probe.open(endpoint(secure_nats, deployment, ROLE_OBSERVER))
+    admin = await Probe.open(endpoint(secure_nats, deployment, ROLE_ADMIN))
+    try:
+        feed = await observer.nc.subscribe("cairn.event.>")
+        await observer.nc.flush()
+        await coordinator_nc.publish(f"cairn.event.{uuid.uuid4()}.RunStarted", b"{}")
+        assert (await feed.next_msg(timeout=5)).data == b"{}"
+
+        async def answer(msg: Msg) -> None:
+            await msg.respond(b'{"ok": true}')
+
+        for command in ("cairn.cmd.ping", "cairn.cmd.approvals", "cairn.cmd.start"):
+            await coordinator_nc.subscribe(command, cb=answer)
+        await coordinator_nc.flush()
+        for query in ("cairn.cmd.ping", "cairn.cmd.approvals"):
+            assert (await observer.nc.request(query, b"{}", timeout=5)).data == b'{"ok": true}'
+        for subject in ("cairn.cmd.start", "cairn.cmd.cancel", "cairn.cmd.approve",
+                        "cairn.cmd.deny", "cairn.cmd.budget", "cairn.cmd.fork",
+                        result_subject(uuid.uuid4()), task_subject("writer"),
+                        f"cairn.event.{uuid.uuid4()}.RunCompleted", "cairn.dlq.x",
+                        f"$JS.API.STREAM.MSG.GET.{TASKS_STREAM}"):  # fmt: skip
+            await observer.refused(subject)
+        for subject in ("cairn.task.>", "cairn.cmd.>", "_INBOX.admin.>"):
+            await observer.refused(subject, kind="subscribe")
+        # The CLI's role sends commands, but cannot pose as an agent or as the coordinator.
+        assert (await admin.nc.request("cairn.cmd.start", b"{}", timeout=5)).data
+        for subject in (result_subject(uuid.uuid4()), task_subject("writer"),
+                        f"cairn.event.{uuid.uuid4()}.RunCompleted"):  # fmt: skip
+            await admin.refused(subject)
+        await admin.refused("cairn.task.>", kind="subscribe")
+    finally:
+        await observer.close()
+        await admin.close()
+
+
+async def test_refused_credentials_are_one_sentence_at_once(
+    secure_nats: EmbeddedNats, deployment: Deployment, tmp_path: Path
+) -> None:
+    wrong = NatsEndpoint(secure_nats.url, user="admin", password="not-the-password", role="admin")
+    started = time.monotonic()
+    with pytest.raises(NatsAuthError) as refused:
+        await connect(wrong, "test")  # reconnecting forever would retry this forever
+    assert time.monotonic() - started < 5
+    assert str(refused.value).startswith(
+        f"NATS at {secure_nats.url} refused cairn's credentials (authorization violation)"
+    )
+    assert "not-the-password" not in str(refused.value)
+    with pytest.raises(NatsAuthError, match="given no credentials"):
+        await connect(secure_nats.url, "test", reconnect=False)
+    with pytest.raises(NatsAuthError, match=r"no NATS credentials file at .*missing\.env"):
+        await connect(NatsEndpoint(secure_nats.url, credentials_file=tmp_path / "missing.env"), "t")
+    garbled = tmp_path / "garbled.env"
+    garbled.write_text("user=admin\n")
+    with pytest.raises(NatsAuthError, match="is not a cairn NATS credentials file"):
+        await connect(NatsEndpoint(secure_nats.url, credentials_file=garbled), "test")
+    # The password in a URL is never shown.
+    creds = Credentials.read(deployment.credentials[ROLE_ADMIN])
+    url = secure_nats.url.replace("nats://", f"nats://{creds.user}:{creds.password}@")
+    nc = await connect(url, "test")  # credentials in NATS_URL work as well
+    await nc.close()
+    bad_url = secure_nats.url.replace("nats://", "nats://admin:wrong-one@")
+    with pytest.raises(NatsAuthError) as refused:
+        await connect(bad_url, "test")
+    assert "wrong-one" not in str(refused.value)
+    assert "admin:***@" in str(refused.value)
+
+
+# -- the system under auth -----------------------------------------------------------------------
+
+
+async def test_workflow_runs_under_auth_and_forged_results_are_dead_lettered(
+    tmp_path: Path, secure_nats: EmbeddedNats, deployment: Deployment
+) -> None:
+    settings = Settings(home=tmp_path / "home", nats_url=secure_nats.url)
+    sup = Supervisor(settings, credentials=deployment.directory)
+    client = None
+    try:
+        sup.start("coordinator", "cairn.coordinator")
+        sup.start("projections", "cairn.projections")
+        client = await CairnClient.connect(endpoint(secure_nats, deployment, ROLE_ADMIN))
+        await client.wait_ready(timeout=30)
+
+        run_id = uuid.uuid4()
+        feed = await client.follow(run_id)
+        reply = await client.start_run(
+            "research-report", {"topic": "estuaries"}, intent=Intent(goal="estuaries"),
+            run_id=run_id,
+        )  # fmt: skip
+        assert reply.ok, reply.error
+        while (notice := await feed.next(timeout=30)).type != "TaskDispatched":
+            pass
+        assert notice.event["step"] == "plan"  # and no planner runs yet: it waits
+
+        # The writer's credentials may publish results, so it tries to forge some.
+        other_run = uuid.uuid4()
+        forgeries = {
+            "of another run": forged_result(run_id, "plan", f"{other_run}:plan:1"),
+            "never dispatched": forged_result(run_id, "write", f"{run_id}:write:1"),
+            "unknown run": forged_result(other_run, "plan", f"{other_run}:plan:1"),
+            "claims a capability": forged_result(
+                run_id, "plan", f"{run_id}:plan:1", capability="planner"
+            ),
+        }
+        writer = await connect(endpoint(secure_nats, deployment, agent_role("writer")), "forger")
+        coordinator = await connect(
+            endpoint(secure_nats, deployment, ROLE_COORDINATOR), "test-dlq-reader"
+        )
+        try:
+            for data in forgeries.values():
+                await writer.jetstream().publish(result_subject(run_id), data)
+            dlq = await coordinator.jetstream().pull_subscribe(
+                "cairn.dlq.coordinator", stream=DLQ_STREAM
+            )
+            letters: list[DeadLetter] = []
+            while len(letters) < len(forgeries):  # fetch returns what has arrived so far
+                msgs = await dlq.fetch(len(forgeries) - len(letters), timeout=15)
+                letters += [DeadLetter.model_validate_json(m.data) for m in msgs]
+        finally:
+            await writer.close()
+            await coordinator.close()
+        reasons = sorted(letter.reason for letter in letters)
+        assert len(reasons) == 4, reasons
+        assert any(r == f"result for unknown run {other_run}" for r in reasons), reasons
+        assert any("does not match its step and attempt" in r for r in reasons), reasons
+        assert any(f"was never dispatched in run {run_id}" in r for r in reasons), reasons
+        assert any("capability: Extra inputs are not permitted" in r for r in reasons), reasons
+
+        # Now the agents come up, as their own roles, and the run finishes as if untouched.
+        for name, module in service_modules().items():
+            if name.startswith("agent-"):
+                sup.start(name, module)
+        notices = [notice]
+        while notices[-1].type not in TERMINAL_TYPES:
+            notices.append(await feed.next(timeout=60))
+        await feed.close()
+        assert notices[-1].type == "RunCompleted", notices[-1]
+        await asyncio.to_thread(wait_for_views, settings.views, notices[-1].position, 15.0)
+    finally:
+        if client is not None:
+            await client.close()
+        sup.stop_all(timeout=5)
+
+    store = EventStore(settings.store)
+    try:
+        events = store.load(run_id)
+    finally:
+        store.close()
+    received = [e for e in events if isinstance(e, ResultReceived)]
+    assert [e.step for e in received] == ["plan", "research", "write", "review"]
+    assert not [e for e in received if e.agent_id.startswith("forger")]
+    dispatched = [e for e in events if isinstance(e, TaskDispatched)]
+    for d, r in zip(dispatched, received, strict=True):
+        assert r.agent_id.startswith(f"{d.capability}-")
+    run = Views(settings.views).run(str(run_id))
+    assert run is not None
+    assert run.status == "completed"
+
+
+# -- cairn nats-config ---------------------------------------------------------------------------
+
+
+def _wait_healthy(monitor_port: int, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 10
+    while True:
+        assert proc.poll() is None, "nats-server exited: it did not accept the config"
+        try:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{monitor_port}/healthz?js-enabled-only=true", timeout=1
+            ) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, "nats-server did not become healthy"
+        time.sleep(0.02)
+
+
+async def test_nats_config_writes_a_config_the_server_runs(tmp_path: Path) -> None:
+    out = tmp_path / "deploy"
+    port = free_port()
+    monitor = free_port(avoid={port})
+    args = ["nats-config", "--out", str(out), "--capability", "writer",
+            "--capability", "planner", "--listen", f"127.0.0.1:{port}",
+            "--monitor", f"127.0.0.1:{monitor}"]  # fmt: skip
+    runner = CliRunner(env={"COLUMNS": "400"})
+    result = runner.invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    written = json.loads(result.stdout)
+    roles = ["coordinator", "admin", "observer", "agent-writer", "agent-planner"]
+    assert list(written["credentials"]) == roles
+    assert written["created"] == roles
+    modes = {
+        p: os.stat(p).st_mode & 0o777 for p in [written["config"], *written["credentials"].values()]
+    }
+    assert set(modes.values()) == {0o600}, modes
+    admin = Credentials.read(out / "admin.env")
+    assert admin.user == "admin"
+    assert len(admin.password) >= 32
+    config = (out / "nats-server.conf").read_text()
+    assert f'listen: "127.0.0.1:{port}"' in config
+    assert "# tls {" in config  # the TLS options, documented in place
+
+    # Again, with one capability more: existing passwords are kept.
+    again = runner.invoke(app, [*args, "--capability", "reviewer"])
+    assert again.exit_code == 0, again.output
+    assert "agent-reviewer" in again.output
+    assert "(kept)" in again.output
+    assert "CAIRN_NATS_CREDS=" in again.output
+    assert Credentials.read(out / "admin.env") == admin
+
+    proc = subprocess.Popen(
+        [nats_server_binary(), "-c", str(out / "nats-server.conf")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        _wait_healthy(monitor, proc)
+        url = f"nats://127.0.0.1:{port}"
+        for role in ("coordinator", "admin", "agent-reviewer"):
+            creds = Settings(home=tmp_path, nats_url=url, nats_creds=out / f"{role}.env")
+            nc = await connect(creds.nats_endpoint(role), f"test-{role}")
+            await nc.close()
+        with pytest.raises(NatsAuthError):
+            await connect(url, "test-anonymous")
+        coordinator = await connect(
+            NatsEndpoint(url, credentials_file=out / "coordinator.env"), "test"
+        )
+        try:
+            await declare_streams(coordinator.jetstream())  # JetStream is on, in the store given
+        finally:
+            await coordinator.close()
+        assert (out / "jetstream").is_dir()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+    bad = runner.invoke(app, ["nats-config", "--out", str(out), "--capability", "a.b"])
+    assert bad.exit_code == 2
+    assert "'a.b' is not a capability name" in bad.output
+
+
+# -- TLS -------------------------------------------------------------------------------------------
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def certificates(tmp_path: Path) -> Path:
+    """A CA and a server certificate for 127.0.0.1 it signed."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make test certificates")
+    folder = tmp_path / "tls"
+    folder.mkdir()
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    _openssl("req", "-x509", *ec, "-keyout", "ca-key.pem", "-out", "ca.pem", "-days", "1",
+             "-subj", "/CN=cairn test CA", "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=folder)  # fmt: skip
+    _openssl("req", *ec, "-keyout", "server-key.pem", "-out", "server.csr",
+             "-subj", "/CN=localhost", cwd=folder)  # fmt: skip
+    (folder / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca-key.pem",
+             "-CAcreateserial", "-out", "server.pem", "-days", "1", "-extfile", "ext.cnf",
+             cwd=folder)  # fmt: skip
+    return folder
+
+
+async def test_tls_with_the_ca_setting(tmp_path: Path, certificates: Path) -> None:
+    options = ServerOptions(
+        tls_cert=certificates / "server.pem", tls_key=certificates / "server-key.pem"
+    )
+    deployment = write_deployment(tmp_path / "auth", ["writer"], options)
+    server = EmbeddedNats(tmp_path / "nats", config=deployment.config).start()
+    try:
+        url = server.url.replace("nats://", "tls://")
+        env = {
+            "NATS_URL": url,
+            "CAIRN_NATS_CREDS": str(deployment.credentials[ROLE_ADMIN]),
+            "CAIRN_NATS_TLS_CA": str(certificates / "ca.pem"),
+        }
+        with pytest.MonkeyPatch.context() as patch:
+            for name, value in env.items():
+                patch.setenv(name, value)
+            settings = Settings.from_env(tmp_path / "home")
+        nc = await connect(settings.nats_endpoint(), "test-tls")
+        try:
+            assert nc.connected_url is not None
+            assert nc.connected_url.scheme == "tls"
+        finally:
+            await nc.close()
+        # Without the CA the server's certificate is not trusted: one sentence, at once.
+        untrusted = NatsEndpoint(url, credentials_file=deployment.credentials[ROLE_ADMIN])
+        with pytest.raises(NatsAuthError, match=r"TLS handshake .* failed .*CAIRN_NATS_TLS_CA"):
+            await connect(untrusted, "test-tls")
+        with pytest.raises(NatsAuthError, match="cannot load the TLS files"):
+            await connect(
+                NatsEndpoint(url, tls_ca=certificates / "ext.cnf", role="admin"), "test-tls"
+            )
+    finally:
+        server.stop()
+
+
+def test_permissions_in_the_config_match_the_roles(deployment: Deployment) -> None:
+    config = deployment.config.read_text()
+    assert config.count("user: ") == 3 + len(EXAMPLE_AGENTS)
+    writer = config[config.index('user: "agent-writer"') :].split("# agent-", 1)[0]
+    assert '"$JS.API.CONSUMER.MSG.NEXT.CAIRN_TASKS.cairn-agent-writer"' in writer
+    assert '"cairn.result.>"' in writer
+    assert '"_INBOX.agent-writer.>"' in writer
+    assert "cairn.cmd" not in writer
+    assert "cairn-agent-planner" not in writer
