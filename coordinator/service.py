@@ -8,13 +8,15 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
 from faststream import FastStream
 from faststream.nats import NatsBroker, NatsRouter, NatsSecurity, NatsUserPassword
 from faststream.nats.annotations import NatsMessage
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
 from pydantic import BaseModel, ValidationError
@@ -56,7 +58,6 @@ from .workflow import WorkflowCatalog
 log = logging.getLogger("cairn.coordinator")
 
 COMMAND_QUEUE = "cairn-coordinator"
-START_WORKERS = 64
 
 C = TypeVar("C", bound=BaseModel)
 
@@ -78,6 +79,9 @@ class CoordinatorRuntime:
         self._idle.set()
         self.result_ack_wait = 30.0
         self._stopping = False
+        self.start_handler: Callable[[Msg], Coroutine[Any, Any, None]] | None = None
+        self._start_sub: Subscription | None = None
+        self._starts: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         nc = self.broker.connection
@@ -120,6 +124,8 @@ class CoordinatorRuntime:
         await self._pull.start()
         self._loop = asyncio.create_task(self._results_loop(), name="results-loop")
         self._timers = asyncio.create_task(self._timers_after_catch_up(js), name="timers")
+        self._start_sub = await nc.subscribe(CMD_START, queue=COMMAND_QUEUE, cb=self._on_start)
+        await nc.flush()
         self.ready.set()
         log.info(
             "coordinator ready: %d active run(s), %d event(s) republished, store %s",
@@ -166,8 +172,20 @@ class CoordinatorRuntime:
             finally:
                 self._idle.set()
 
+    async def _on_start(self, msg: Msg) -> None:
+        assert self.start_handler is not None
+        task = asyncio.create_task(self.start_handler(msg))
+        self._starts.add(task)
+        task.add_done_callback(self._starts.discard)
+
     async def stop(self) -> None:
-        """Finish the batch in hand, ack nothing unfinished, save the outbox position."""
+        """Answer the starts in hand, finish the batch in hand, ack nothing unfinished, save
+        the outbox position."""
+        if self._start_sub is not None:
+            with contextlib.suppress(Exception):
+                await self._start_sub.unsubscribe()
+        if self._starts:
+            await asyncio.gather(*self._starts, return_exceptions=True)
         self._stopping = True
         self._stop_timers.set()
         if self._timers is not None:
@@ -226,53 +244,68 @@ def create_app(settings: Settings) -> FastStream:
         return runtime.coordinator
 
     async def rejected(
-        msg: NatsMessage, reason: str, reply: CommandReply | None = None
-    ) -> dict[str, Any]:
+        subject: str, body: bytes, reason: str, reply: CommandReply | None = None
+    ) -> CommandReply:
         """Dead-letter a command that will not be carried out, and answer with the reason."""
         coordinator = await engine()
-        await coordinator.dead_letters.send(
-            "coordinator", msg.raw_message.subject, msg.body, reason
-        )
-        return (reply or CommandReply(ok=False, error=reason)).model_dump(mode="json")
+        await coordinator.dead_letters.send("coordinator", subject, body, reason)
+        return reply or CommandReply(ok=False, error=reason)
 
-    async def command(
-        msg: NatsMessage,
+    async def carry_out(
+        subject: str,
+        body: bytes,
         what: str,
         model: type[C],
-        carry_out: Callable[[Coordinator, C], Awaitable[CommandReply]],
-    ) -> dict[str, Any]:
+        action: Callable[[Coordinator, C], Awaitable[CommandReply]],
+    ) -> CommandReply:
         """Validate a command and carry it out; whatever goes wrong, answer with one sentence."""
-        size = len(msg.body)
+        size = len(body)
         if size > MAX_PAYLOAD_BYTES:
             return await rejected(
-                msg, f"{what} command of {size} bytes exceeds the {MAX_PAYLOAD_BYTES}-byte limit"
+                subject,
+                body,
+                f"{what} command of {size} bytes exceeds the {MAX_PAYLOAD_BYTES}-byte limit",
             )
         try:
-            parsed = model.model_validate_json(msg.body)
+            parsed = model.model_validate_json(body)
         except ValidationError as exc:
-            return await rejected(msg, validation_reason(exc, f"{what} command"))
-        not_finite = non_finite_reason(parsed, f"{what} command")
+            return await rejected(subject, body, validation_reason(exc, f"{what} command"))
+        not_finite = non_finite_reason(parsed, f"{what} command", body)
         if not_finite is not None:
-            return await rejected(msg, not_finite)
+            return await rejected(subject, body, not_finite)
         try:
-            reply = await carry_out(await engine(), parsed)
+            reply = await action(await engine(), parsed)
         except Exception as exc:
-            # FastStream would drop the request unanswered (and, without a logger, unlogged).
+            # Without an answer the requester would only see a timeout.
             log.exception("the %s command failed", what)
             return await rejected(
-                msg,
+                subject,
+                body,
                 f"the coordinator failed while carrying out this {what} command "
                 f"({type(exc).__name__}: {exc}); see the coordinator's log",
             )
         if not reply.ok:
             # Refused (an unknown run or workflow, a run already finished): bad input as well.
-            return await rejected(msg, reply.error or f"{what} command refused", reply)
+            return await rejected(subject, body, reply.error or f"{what} command refused", reply)
+        return reply
+
+    async def command(
+        msg: NatsMessage,
+        what: str,
+        model: type[C],
+        action: Callable[[Coordinator, C], Awaitable[CommandReply]],
+    ) -> dict[str, Any]:
+        reply = await carry_out(msg.raw_message.subject, msg.body, what, model, action)
         return reply.model_dump(mode="json")
 
-    # Starts handled concurrently, so those that arrive together are committed together.
-    @router.subscriber(CMD_START, queue=COMMAND_QUEUE, max_workers=START_WORKERS)
-    async def start_run(msg: NatsMessage) -> dict[str, Any]:
-        return await command(msg, "start", StartRun, Coordinator.start_run)
+    async def start_run(msg: Msg) -> None:
+        """Run starts are the hot command (one per run): taken on the connection directly,
+        each in its own task, so those that arrive together are committed together."""
+        reply = await carry_out(msg.subject, msg.data, "start", StartRun, Coordinator.start_run)
+        if msg.reply:
+            await msg.respond(reply.model_dump_json().encode())
+
+    runtime.start_handler = start_run
 
     @router.subscriber(CMD_CANCEL, queue=COMMAND_QUEUE)
     async def cancel_run(msg: NatsMessage) -> dict[str, Any]:

@@ -103,7 +103,9 @@ def _postgres_support() -> Iterator[None]:
     """Imports of the PostgreSQL backend, which needs psycopg (an optional extra)."""
     try:
         yield
-    except ImportError:
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").partition(".")[0] not in ("psycopg", "psycopg_pool"):
+            raise
         raise ViewsUnavailableError(
             "PostgreSQL support is not installed: pip install 'cairn[postgres]'"
         ) from None
