@@ -5,6 +5,6 @@ COPY events ./events
 COPY coordinator ./coordinator
 COPY agents ./agents
 COPY projections ./projections
-RUN pip install --no-cache-dir .
+RUN pip install --no-cache-dir '.[postgres]'
 ENV CAIRN_HOME=/data
 VOLUME ["/data"]

@@ -10,10 +10,11 @@ from typing import Any, ClassVar, Generic, TypeVar, get_args, get_origin
 
 from pydantic import BaseModel
 
+from cairn.coordinator import tracing
 from cairn.events import Intent, Lineage, StepSpec, TaskEnvelope, Usage
 
 from .errors import NonRetryableError
-from .llm import Completion, LLMClient
+from .llm import Completion, LLMClient, llm_provider
 
 In = TypeVar("In", bound=BaseModel)
 Out = TypeVar("Out", bound=BaseModel)
@@ -93,16 +94,21 @@ class _MeteredLLM:
         self, system: str, prompt: str, *, max_tokens: int = 512, model: str | None = None
     ) -> Completion:
         model = model or self._ctx.model
-        if model is None:
-            completion = await self._inner.complete(system, prompt, max_tokens=max_tokens)
-        elif _takes_model(self._inner):
-            call: Any = self._inner.complete  # the protocol leaves `model` optional
-            completion = await call(system, prompt, max_tokens=max_tokens, model=model)
-        else:
+        if model is not None and not _takes_model(self._inner):
             raise NonRetryableError(
                 f"step {self._ctx.step} asks for model {model!r}, but this agent's LLM client "
                 f"({type(self._inner).__name__}) cannot switch models: give its complete() a "
                 "`model` parameter"
+            )
+        provider = llm_provider(self._inner) if tracing.ENABLED else None
+        with tracing.llm_span(model, provider, max_tokens) as span:
+            if model is None:
+                completion = await self._inner.complete(system, prompt, max_tokens=max_tokens)
+            else:
+                call: Any = self._inner.complete  # the protocol leaves `model` optional
+                completion = await call(system, prompt, max_tokens=max_tokens, model=model)
+            tracing.record_completion(
+                span, completion.model, completion.input_tokens, completion.output_tokens
             )
         self._ctx.report_usage(completion.model, completion.input_tokens, completion.output_tokens)
         return completion

@@ -105,6 +105,7 @@ class OfflineModel:
     """
 
     model = OFFLINE_MODEL
+    provider = "cairn.offline"  # `gen_ai.provider.name` on traced model calls
 
     async def complete(
         self, system: str, prompt: str, *, max_tokens: int = 512, model: str | None = None
@@ -158,6 +159,8 @@ class OpenAICompatibleClient:
     which the worker reports as non-retryable. A request is a pure function of its inputs,
     so retrying it is safe. Close the client with `aclose()` (or `async with`).
     """
+
+    provider = "openai"  # the protocol spoken: `gen_ai.provider.name` on traced model calls
 
     def __init__(
         self,
@@ -299,6 +302,13 @@ def _retry_after(response: httpx.Response) -> float | None:
         return None
     # A long Retry-After is better spent by the coordinator's retry policy than by a worker.
     return min(max(seconds, 0.0), 10.0)
+
+
+def llm_provider(client: LLMClient) -> str | None:
+    """Who serves the client's models (its `provider`, e.g. "openai"), for traces; None when
+    the client does not say."""
+    provider = getattr(client, "provider", None)
+    return provider if isinstance(provider, str) and provider else None
 
 
 def llm_from_env(environ: Mapping[str, str] | None = None) -> LLMClient:

@@ -19,7 +19,7 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import nats
 from nats.aio.client import Client
@@ -29,6 +29,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import APIError, BadRequestError, NotFoundError, ServiceUnavailableError
 from pydantic import BaseModel, ValidationError
 
+from cairn.coordinator import tracing
 from cairn.coordinator.nats_auth import NatsEndpoint, agent_role
 from cairn.coordinator.nats_client import (
     NatsUnavailableError,
@@ -55,7 +56,10 @@ from cairn.events import (
 
 from .base import Agent, TaskContext, check_agent
 from .errors import AgentConfigError, NonRetryableError
-from .llm import ClosableLLMClient, LLMClient, LLMConfigError, llm_from_env
+from .llm import ClosableLLMClient, LLMClient, LLMConfigError, llm_from_env, llm_provider
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
 
 log = logging.getLogger("cairn.agents.worker")
 
@@ -284,6 +288,7 @@ class _Worker:
         self.capability = agent.capability
         self.dead_letters = dlq_subject(f"agent.{agent.capability}")
         self.in_flight = 0
+        self.provider = llm_provider(llm)
 
     async def serve(
         self,
@@ -391,9 +396,16 @@ class _Worker:
         envelope = await self._accept(msg)
         if envelope is None:
             return
+        with tracing.agent_span(msg.headers, envelope, self.agent_id, self.provider) as span:
+            await self._run(msg, envelope, started, span)
+
+    async def _run(
+        self, msg: Msg, envelope: TaskEnvelope, started: datetime, span: Span | None
+    ) -> None:
         heartbeat = asyncio.create_task(self._heartbeat(msg))
         try:
             result = await self._execute(envelope, msg, started)
+            tracing.record_result(span, result)
             data = self._encode(result)
             published = await self._publish(result.task_id, result_subject(result.run_id), data)
             heartbeat.cancel()
@@ -548,9 +560,12 @@ class _Worker:
         # Long enough to ride out a NATS restart; the heartbeat keeps the task ours meanwhile.
         deadline = loop.time() + max(self.ack_wait, 10.0)
         failures = 0
+        headers = {"Nats-Msg-Id": task_id}
+        if tracing.ENABLED:
+            tracing.inject(headers)  # the agent's span: the coordinator's handling is its child
         while True:
             try:
-                await self.js.publish(subject, data, headers={"Nats-Msg-Id": task_id})
+                await self.js.publish(subject, data, headers=headers)
             except Exception as exc:
                 failures += 1
                 delay = min(0.1 * 2 ** (failures - 1), 2.0)
@@ -678,10 +693,15 @@ def main(
         check_agent(agent)
         options = WorkerOptions.from_env()
         llm = llm_from_env()
-    except (AgentConfigError, LLMConfigError, TypeError) as exc:
+        tracing.setup(f"cairn-agent-{agent.capability}")
+    except (AgentConfigError, LLMConfigError, TypeError, tracing.TracingConfigError) as exc:
         sys.stderr.write(f"cairn agent: {exc}\n")
         raise SystemExit(2) from None
-    raise SystemExit(asyncio.run(_serve(agent, settings or Settings.from_env(), llm, options)))
+    try:
+        code = asyncio.run(_serve(agent, settings or Settings.from_env(), llm, options))
+    finally:
+        tracing.shutdown()  # what is still buffered goes out before the process ends
+    raise SystemExit(code)
 
 
 async def _serve(

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import sys
 
+from . import tracing
 from .nats_auth import ROLE_COORDINATOR
 from .nats_client import NatsUnavailableError, connect
 from .service import create_app
@@ -28,10 +29,19 @@ def main() -> None:
     settings = Settings.from_env()
     try:
         asyncio.run(_preflight(settings))
-    except (NatsUnavailableError, StoreUnavailableError, TenantLimitsError) as exc:
+        tracing.setup("cairn-coordinator")
+    except (
+        NatsUnavailableError,
+        StoreUnavailableError,
+        TenantLimitsError,
+        tracing.TracingConfigError,
+    ) as exc:
         print(f"cairn coordinator: {exc}", file=sys.stderr)
         sys.exit(2)
-    asyncio.run(create_app(settings).run())
+    try:
+        asyncio.run(create_app(settings).run())
+    finally:
+        tracing.shutdown()  # what is still buffered goes out before the process ends
 
 
 if __name__ == "__main__":

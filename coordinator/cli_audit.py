@@ -46,7 +46,18 @@ class AuditFormat(StrEnum):
     csv = "csv"
 
 
-AUDIT_COLUMNS = ("position", "run_id", "seq", "at", "actor", "action", "step", "reason", "detail")
+AUDIT_COLUMNS = (
+    "position",
+    "run_id",
+    "seq",
+    "at",
+    "actor",
+    "action",
+    "step",
+    "reason",
+    "detail",
+    "trace_id",
+)
 
 
 @app.command()

@@ -127,6 +127,7 @@ def history(run: RunArg, home: HomeOpt = None, as_json: JsonOpt = False) -> None
                         "type": e.type_name(),
                         "actor": e.actor,
                         "reason": e.reason,
+                        "trace_id": e.trace_id,  # the run's trace, when it was traced
                         "event": e.model_dump(mode="json"),
                     }
                     for e in events

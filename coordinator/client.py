@@ -13,6 +13,7 @@ from nats.aio.client import Client
 from nats.aio.subscription import Subscription
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from cairn.events import (
     CMD_APPROVALS,
@@ -40,6 +41,7 @@ from .nats_auth import NatsEndpoint
 from .nats_client import connect
 
 TERMINAL_TYPES = frozenset({"RunCompleted", "RunFailed", "RunCancelled"})
+_PROPAGATOR = TraceContextTextMapPropagator()
 
 
 class CoordinatorUnavailableError(RuntimeError):
@@ -74,8 +76,14 @@ class CairnClient:
         await self.close()
 
     async def _request(self, subject: str, payload: bytes, timeout: float) -> dict[str, Any]:
+        # A caller that is being traced passes its span on (W3C `traceparent`): a run it
+        # starts joins its trace. Without a current span nothing is added.
+        headers: dict[str, str] = {}
+        _PROPAGATOR.inject(headers)
         try:
-            reply = await self.nc.request(subject, payload, timeout=timeout)
+            reply = await self.nc.request(
+                subject, payload, timeout=timeout, headers=headers or None
+            )
         except (NoRespondersError, NatsTimeoutError):
             raise CoordinatorUnavailableError(
                 "no coordinator answered on NATS: start one with `cairn up` or `cairn coordinator`"

@@ -79,6 +79,9 @@ class StartRunFact(Frozen):
     tenant: str = "default"
     forked_from: ForkOrigin | None = None
     carried: dict[str, CarriedOutput] = Field(default_factory=dict)
+    # The trace the run is recorded under (its root span: the start command's), when traced.
+    trace_id: str | None = None
+    trace_span_id: str | None = None
 
 
 class ResultFact(Frozen):
@@ -201,11 +204,14 @@ class _Decision:
         return (self.state.version if self.state else 0) + 1
 
     def emit(self, cls: type[Event], **fields: Any) -> None:
+        state = self.state
+        if state is not None and state.trace_id is not None:
+            fields["trace_id"] = state.trace_id  # from the record, so replay stamps the same
         event = cls(
             run_id=self.run_id,
             seq=self.next_seq,
             at=self.at,
-            prev_hash=self.state.last_hash if self.state else "",
+            prev_hash=state.last_hash if state else "",
             **fields,
         )
         self.state = self.events.state = evolve(self.state, event)
@@ -294,6 +300,8 @@ def _start(state: RunState | None, fact: StartRunFact, policy: Policy) -> list[E
         tenant=fact.tenant,
         forked_from=fact.forked_from,
         carried=fact.carried,
+        trace_id=fact.trace_id,
+        trace_span_id=fact.trace_span_id,
     )
     for spec in fact.workflow.steps:
         carried = fact.carried.get(spec.name)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -23,6 +24,7 @@ from pydantic import ValidationError
 
 from cairn.events import (
     MAX_PAYLOAD_BYTES,
+    TERMINAL_EVENTS,
     ApprovalDecision,
     CancelRun,
     CarriedOutput,
@@ -32,12 +34,14 @@ from cairn.events import (
     ForkRun,
     Intent,
     RaiseBudget,
+    RunStarted,
     StartRun,
     TaskDispatched,
     TaskResult,
     WorkflowSpec,
 )
 
+from . import tracing
 from .crashpoints import crash_point
 from .deadletters import DeadLetters, non_finite_reason, validation_reason
 from .decisions import (
@@ -61,6 +65,10 @@ from .timers import Timer, TimerQueue
 from .workflow import WorkflowCatalog, WorkflowError, check_workflow
 
 log = logging.getLogger("cairn.coordinator")
+
+# How long a task another coordinator committed may wait for its result before this one sends
+# it again (deduplicated by the stream if it was sent).
+FOREIGN_TASK_GRACE_S = 10.0
 
 
 @dataclass
@@ -92,6 +100,7 @@ class Coordinator:
         self.ledger = TenantLedger()
         self.catalog = catalog
         self.outbox = outbox
+        outbox.run_state = lambda run_id: self.runs.get(run_id)  # a republished task's trace
         self.dead_letters = dead_letters
         self.runs: dict[uuid.UUID, RunState] = {}
         self.stats = Stats()
@@ -100,6 +109,11 @@ class Coordinator:
         self._lock = asyncio.Lock()
         self._starts: list[tuple[StartRunFact, asyncio.Future[CommandReply]]] = []
         self._start_batches: set[asyncio.Task[None]] = set()
+        # Following the log for what other coordinators commit: how far it is folded in, the
+        # positions this one committed past that point, and their tasks to check on.
+        self.followed = 0
+        self._own: set[int] = set()
+        self._foreign_tasks: dict[str, tuple[float, TaskDispatched]] = {}
 
     # -- recovery ---------------------------------------------------------------------------
 
@@ -121,7 +135,91 @@ class Coordinator:
         self.timers = TimerQueue()
         for state in self.runs.values():
             self.timers.add_for_state(state)
+        self.followed = position
+        self._own.clear()
         return len(self.runs)
+
+    # -- other coordinators -----------------------------------------------------------------
+
+    async def follow(self, grace_s: float = FOREIGN_TASK_GRACE_S) -> int:
+        """Fold into memory what other coordinators sharing the store committed since the last
+        look; return how many of their events that was.
+
+        Every coordinator then holds every active run: a result or command for any run finds
+        fresh state (so conflicts stay rare), each run's timers live in every coordinator (the
+        first to decide a timer wins; the others' attempt conflicts and changes nothing), and
+        the runs of a coordinator that died go on in the others. A task another coordinator
+        committed and that is still waiting for its result after `grace_s` is sent again: the
+        stream drops it if it was sent, and it reaches an agent if its coordinator died
+        between commit and publish.
+        """
+        folded = 0
+        async with self._lock:
+            last = self.store.last_position()
+            pending = last - self.followed
+            own = sum(1 for p in self._own if p <= last)
+            if pending > own:  # someone else wrote: read what is new
+                while self.followed < last:
+                    batch = self.store.read_log(self.followed, limit=5000)
+                    if not batch:
+                        break
+                    for item in batch:
+                        if item.position not in self._own:
+                            self._absorb(item.event)
+                            folded += 1
+                    self.followed = batch[-1].position
+                self.ledger.commit()
+            else:
+                self.followed = max(self.followed, last)
+            self._own = {p for p in self._own if p > self.followed}
+            overdue = self._overdue_tasks(time.monotonic(), grace_s)
+        if overdue:
+            await self.outbox.republish_tasks(overdue)
+        return folded
+
+    def _absorb(self, event: Event) -> None:
+        """One event another coordinator committed, into the run's state in memory."""
+        run_id = event.run_id
+        state = self.runs.get(run_id)
+        if state is None:
+            if isinstance(event, RunStarted):
+                state = evolve(None, event)
+            elif isinstance(event, TERMINAL_EVENTS):
+                return  # a run that ended: nothing to hold
+            else:
+                state = self._state(run_id)  # loaded whole, this event included
+                if state is not None:
+                    self.ledger.stage([event], state.tenant)
+                return
+        elif event.seq <= state.version:
+            return  # this coordinator has it already
+        elif event.seq > state.version + 1:
+            self.runs.pop(run_id, None)  # a gap: take the stored truth
+            self._state(run_id)
+            return
+        else:
+            state = evolve(state, event)
+        self.ledger.stage([event], state.tenant)
+        if state.terminal:
+            self.runs.pop(run_id, None)
+            return
+        self.runs[run_id] = state
+        before = self.timers.next_due()
+        self.timers.add_for_events([event])
+        if self.timers.next_due() != before:
+            self._timers_changed.set()
+        if isinstance(event, TaskDispatched):
+            self._foreign_tasks[event.task_id] = (time.monotonic(), event)
+
+    def _overdue_tasks(self, now: float, grace_s: float) -> list[TaskDispatched]:
+        overdue = []
+        for task_id, (seen, event) in list(self._foreign_tasks.items()):
+            if now - seen < grace_s:
+                continue
+            del self._foreign_tasks[task_id]
+            if self.is_current(event):
+                overdue.append(event)
+        return overdue
 
     def is_current(self, event: TaskDispatched) -> bool:
         state = self.runs.get(event.run_id)
@@ -149,6 +247,7 @@ class Coordinator:
         intent = command.intent or Intent(
             goal=str(command.input.get("goal") or spec.description or spec.name)
         )
+        trace_id, trace_span_id = tracing.current_ids()  # the start command's span: the root
         fact = StartRunFact(
             run_id=run_id,
             workflow=spec,
@@ -158,6 +257,8 @@ class Coordinator:
             at=at or datetime.now(UTC),
             budget=command.budget,
             tenant=command.tenant,
+            trace_id=trace_id,
+            trace_span_id=trace_span_id,
         )
         # Group commit: starts that arrive while a batch is being decided or committed wait
         # and go into the next transaction together (one commit, not one each).
@@ -271,6 +372,7 @@ class Coordinator:
                     ]
                 }
             )
+        trace_id, trace_span_id = tracing.current_ids()  # the fork command's span: the root
         fact = StartRunFact(
             run_id=command.run_id or uuid.uuid4(),
             workflow=workflow,
@@ -284,6 +386,8 @@ class Coordinator:
                 run_id=command.parent_run_id, seq=command.at_seq, models=command.models
             ),
             carried=carried,
+            trace_id=trace_id,
+            trace_span_id=trace_span_id,
         )
         async with self._lock:
             if self._state(fact.run_id) is not None:
@@ -355,13 +459,33 @@ class Coordinator:
             if state is None:
                 return CommandReply(ok=False, run_id=run_id, error=f"unknown run {run_id}")
             try:
-                events, after = self._decide(state, fact, state.tenant)
+                try:
+                    events, after = self._decide(state, fact, state.tenant)
+                except Rejected:
+                    newer = self._newer(state)  # refused by a stale view? ask the store
+                    if newer is None:
+                        raise
+                    state = newer
+                    events, after = self._decide(state, fact, state.tenant)
             except Rejected as exc:
                 return CommandReply(ok=False, run_id=run_id, error=str(exc))
             assert after is not None
-            state = after
-            await self._commit_and_publish({run_id: state}, events)
-        return CommandReply(ok=True, run_id=run_id, status=state.status)
+            try:
+                await self._commit_and_publish({run_id: after}, events)
+            except ConcurrencyError:
+                # Another coordinator changed the run since this one last saw it: decide the
+                # command again against the stored truth (a second conflict is an error).
+                self.stats.conflicts += 1
+                self.runs.pop(run_id, None)
+                state = self._state(run_id)
+                assert state is not None
+                try:
+                    events, after = self._decide(state, fact, state.tenant)
+                except Rejected as exc:
+                    return CommandReply(ok=False, run_id=run_id, error=str(exc))
+                assert after is not None
+                await self._commit_and_publish({run_id: after}, events)
+        return CommandReply(ok=True, run_id=run_id, status=after.status)
 
     # -- results (the hot path) -------------------------------------------------------------
 
@@ -379,8 +503,19 @@ class Coordinator:
                 if state is None:
                     await self._dead_letter(msg, f"result for unknown run {result.run_id}")
                     continue
+                fact = ResultFact(result=result, at=at)
                 try:
-                    new, after = self._decide(state, ResultFact(result=result, at=at), state.tenant)
+                    with tracing.result_span(msg.headers, result, state):
+                        try:
+                            new, after = self._decide(state, fact, state.tenant)
+                        except Rejected:
+                            # Refused by this coordinator's view: judge it by the stored truth
+                            # (another coordinator may have dispatched the task just now).
+                            newer = None if result.run_id in tentative else self._newer(state)
+                            if newer is None:
+                                raise
+                            state = newer
+                            new, after = self._decide(state, fact, state.tenant)
                 except Rejected as exc:
                     await self._dead_letter(msg, str(exc))
                     continue
@@ -473,10 +608,28 @@ class Coordinator:
             try:
                 await self._commit_and_publish(tentative, events)
             except ConcurrencyError as exc:
+                # Another coordinator decided one of these runs first (perhaps this very
+                # timer): decide each again, one run at a time, against the stored truth.
                 self.stats.conflicts += 1
-                log.warning("concurrent append while firing timers: %s", exc)
+                log.info("concurrent append while firing timers, deciding again: %s", exc)
                 for run_id in tentative:
                     self.runs.pop(run_id, None)
+                for fact in facts:
+                    if fact.run_id in tentative:
+                        await self._decide_again(fact)
+
+    async def _decide_again(self, fact: TimerFact) -> None:
+        """Decide a fact against the run's stored state and commit it alone (lock held)."""
+        state = self._state(fact.run_id)
+        if state is None or state.terminal:
+            return
+        try:
+            new, after = self._decide(state, fact, state.tenant)
+        except Rejected:
+            return
+        if new and after is not None:
+            with contextlib.suppress(ConcurrencyError):
+                await self._commit_and_publish({fact.run_id: after}, new)
 
     # -- shared -----------------------------------------------------------------------------
 
@@ -492,9 +645,24 @@ class Coordinator:
             allowance = self.ledger.allowance(tenant, fact.at.date(), limit)
             if allowance is not None:
                 policy = replace(policy, tenant=allowance)
-        events, after = decide_with_state(state, fact, policy)
+        with tracing.deciding(state, fact) as traced:
+            events, after = decide_with_state(state, fact, policy)
+            traced.decided(events)
         self.ledger.stage(events, tenant)
         return events, after
+
+    def _newer(self, state: RunState) -> RunState | None:
+        """The run's stored state when the store holds events this coordinator has not taken
+        in yet (another coordinator wrote them); None when its view is current."""
+        stored = fold(self.store.load(state.run_id))
+        if stored is None or stored.version <= state.version:
+            return None
+        if stored.terminal:
+            self.runs.pop(state.run_id, None)
+        else:
+            self.runs[state.run_id] = stored
+            self.timers.add_for_state(stored)
+        return stored
 
     def _state(self, run_id: uuid.UUID) -> RunState | None:
         state = self.runs.get(run_id)
@@ -513,12 +681,14 @@ class Coordinator:
             return []
         crash_point("before-commit")
         try:
-            positions = self.store.append(events)
+            with tracing.run_spans("append", states, events):
+                positions = self.store.append(events)
         except BaseException:
             self.ledger.rollback()
             raise
         self.ledger.commit()
         crash_point("after-commit")
+        self._own.update(positions)
         for run_id, state in states.items():
             if state.terminal:
                 self.runs.pop(run_id, None)  # memory stays flat in the number of finished runs
@@ -535,6 +705,6 @@ class Coordinator:
         for event in events:
             name = event.type_name()
             self.stats.by_type[name] = self.stats.by_type.get(name, 0) + 1
-        await self.outbox.publish(logged)
+        await self.outbox.publish(logged, states)
         crash_point("after-publish")
         return logged

@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from nats.aio.client import Client
 from nats.js import JetStreamContext
@@ -26,6 +28,8 @@ from cairn.events import (
 )
 from cairn.events.codec import event_json
 
+from . import tracing
+from .state import RunState
 from .store import EventStore, LoggedEvent
 
 log = logging.getLogger("cairn.outbox")
@@ -98,19 +102,26 @@ class Outbox:
         self.position = store.position(OUTBOX_POSITION)
         self._saved_position = self.position
         self._saved_at = time.monotonic()
+        # The state of a run in memory (its owner sets it): the trace a task joins when it is
+        # sent by other than the decision that dispatched it (republished after a restart).
+        self.run_state: Callable[[uuid.UUID], RunState | None] = lambda run_id: None
 
-    async def publish(self, logged: Sequence[LoggedEvent]) -> None:
+    async def publish(
+        self, logged: Sequence[LoggedEvent], runs: Mapping[uuid.UUID, RunState] | None = None
+    ) -> None:
         """Publish tasks (acks awaited together) and live notices for these committed events.
 
         Retries until NATS takes them: the events are committed, so their messages must go out,
-        and a repeat is harmless (the stream drops a repeated Nats-Msg-Id).
+        and a repeat is harmless (the stream drops a repeated Nats-Msg-Id). `runs`: the states
+        of the runs they belong to, whose traces get a `publish` span.
         """
         if not logged:
             return
         delay = 0.1
         while True:
             try:
-                await self._publish_once(logged)
+                with tracing.run_spans("publish", runs, logged, "producer"):
+                    await self._publish_once(logged)
                 break
             except Exception as exc:
                 log.warning("publishing %d event(s) failed, retrying: %s", len(logged), exc)
@@ -125,17 +136,29 @@ class Outbox:
         for item in logged:
             event = item.event
             if isinstance(event, TaskDispatched):
-                acks.append(
-                    await self._js.publish_async(
-                        task_subject(event.capability),
-                        envelope_bytes(envelope_of(event)),
-                        headers={"Nats-Msg-Id": str(event.event_id)},
-                    )
-                )
+                acks.append(await self._send_task(event))
             subject = event_subject(event.run_id, event.type_name())
             await self._nc.publish(subject, notice_bytes(item))
         if acks:
             await asyncio.wait_for(asyncio.gather(*acks), PUBLISH_TIMEOUT_S)
+
+    async def _send_task(self, event: TaskDispatched) -> asyncio.Future[Any]:
+        """Publish a task's envelope; the future resolves with JetStream's ack. The message id
+        is the event's, so the stream drops a repeat within its duplicate window."""
+        headers = {"Nats-Msg-Id": str(event.event_id)}
+        if tracing.ENABLED and event.trace_id is not None:
+            tracing.task_headers(event, headers, self.run_state(event.run_id))
+        return await self._js.publish_async(
+            task_subject(event.capability), envelope_bytes(envelope_of(event)), headers=headers
+        )
+
+    async def republish_tasks(self, events: Sequence[TaskDispatched]) -> None:
+        """Send tasks again that another coordinator committed (it may have died before
+        sending them): the stream drops each one it already has, so none runs twice."""
+        if not events:
+            return
+        acks = [await self._send_task(event) for event in events]
+        await asyncio.wait_for(asyncio.gather(*acks), PUBLISH_TIMEOUT_S)
 
     def save(self) -> None:
         if self.position > self._saved_position:

@@ -116,6 +116,8 @@ def fact_for(state: RunState | None, event: Event) -> Fact | None:
             tenant=event.tenant,
             forked_from=event.forked_from,
             carried=event.carried,
+            trace_id=event.trace_id,
+            trace_span_id=event.trace_span_id,
         )
     if state is None:
         return None

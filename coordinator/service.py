@@ -8,6 +8,7 @@ import contextlib
 import json
 import logging
 import os
+import socket
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
@@ -42,9 +43,11 @@ from cairn.events import (
 )
 from cairn.events.contracts import resolve_contract
 
+from . import tracing
 from .deadletters import DeadLetters, non_finite_reason, validation_reason
 from .decisions import Policy
 from .engine import Coordinator
+from .health import Heartbeat
 from .nats_auth import ROLE_COORDINATOR, NatsEndpoint
 from .nats_client import connect_options, declare_streams, unreachable_message
 from .outbox import Outbox
@@ -74,6 +77,7 @@ class CoordinatorRuntime:
         self._pull: StandingPull | None = None
         self._loop: asyncio.Task[None] | None = None
         self._timers: asyncio.Task[None] | None = None
+        self._follower: asyncio.Task[None] | None = None
         self._stop_timers = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -124,6 +128,7 @@ class CoordinatorRuntime:
         await self._pull.start()
         self._loop = asyncio.create_task(self._results_loop(), name="results-loop")
         self._timers = asyncio.create_task(self._timers_after_catch_up(js), name="timers")
+        self._follower = asyncio.create_task(self._follow_the_log(), name="follow")
         self._start_sub = await nc.subscribe(CMD_START, queue=COMMAND_QUEUE, cb=self._on_start)
         await nc.flush()
         self.ready.set()
@@ -172,6 +177,22 @@ class CoordinatorRuntime:
             finally:
                 self._idle.set()
 
+    async def _follow_the_log(self) -> None:
+        """Take in what other coordinators on the same store commit (see `Coordinator.follow`);
+        with one coordinator this is one cheap query per interval."""
+        assert self.coordinator is not None
+        interval = float(os.environ.get("CAIRN_FOLLOW_INTERVAL", "0.25"))
+        resend_after = float(os.environ.get("CAIRN_TASK_RESEND_AFTER", "10"))
+        heartbeat = Heartbeat()
+        while not self._stop_timers.is_set():
+            try:
+                await self.coordinator.follow(resend_after)
+                heartbeat.beat()
+            except Exception:  # the store or NATS away for a moment: look again later
+                log.exception("following the log failed; trying again")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop_timers.wait(), interval)
+
     async def _on_start(self, msg: Msg) -> None:
         assert self.start_handler is not None
         task = asyncio.create_task(self.start_handler(msg))
@@ -190,6 +211,8 @@ class CoordinatorRuntime:
         self._stop_timers.set()
         if self._timers is not None:
             await self._timers
+        if self._follower is not None:
+            await self._follower
         if self._pull is not None:
             await self._pull.stop()
         if self._loop is not None:
@@ -295,13 +318,18 @@ def create_app(settings: Settings) -> FastStream:
         model: type[C],
         action: Callable[[Coordinator, C], Awaitable[CommandReply]],
     ) -> dict[str, Any]:
-        reply = await carry_out(msg.raw_message.subject, msg.body, what, model, action)
+        subject = msg.raw_message.subject
+        with tracing.command_span(what, subject, msg.raw_message.headers) as span:
+            reply = await carry_out(subject, msg.body, what, model, action)
+            tracing.record_reply(span, reply.ok, reply.error)
         return reply.model_dump(mode="json")
 
     async def start_run(msg: Msg) -> None:
         """Run starts are the hot command (one per run): taken on the connection directly,
         each in its own task, so those that arrive together are committed together."""
-        reply = await carry_out(msg.subject, msg.data, "start", StartRun, Coordinator.start_run)
+        with tracing.command_span("start", msg.subject, msg.headers) as span:
+            reply = await carry_out(msg.subject, msg.data, "start", StartRun, Coordinator.start_run)
+            tracing.record_reply(span, reply.ok, reply.error)
         if msg.reply:
             await msg.respond(reply.model_dump_json().encode())
 
@@ -350,6 +378,9 @@ def create_app(settings: Settings) -> FastStream:
             # Every dead letter: bad commands as well as bad results.
             "dead_letters": sum(coordinator.dead_letters.counts.values()),
             "store": json.dumps(settings.store)[1:-1],
+            # Which coordinator answered: several may share the store and take commands.
+            "coordinator": f"{socket.gethostname()}:{os.getpid()}",
+            "batches": stats.batches,
         }
 
     broker.include_router(router)

@@ -130,6 +130,10 @@ class RunState:
     attempts: int = 0  # tasks dispatched in all: a loop guard
     charged_tasks: frozenset[str] = frozenset()  # tasks whose usage has been charged
     input_carried: dict[str, dict[str, Any]] = field(default_factory=dict)  # a fork's outputs
+    # The run's trace and root span (RunStarted's), stamped on every later event; None when
+    # the run was started with tracing off.
+    trace_id: str | None = None
+    trace_span_id: str | None = None
 
     @property
     def last_hash(self) -> str:
@@ -199,6 +203,8 @@ def evolve(state: RunState | None, event: Event) -> RunState:
             budget=event.budget,
             tenant=event.tenant,
             input_carried={name: c.output for name, c in event.carried.items()},
+            trace_id=event.trace_id,
+            trace_span_id=event.trace_span_id,
         )
     if state is None:
         raise EvolveError(f"{event.type_name()} before RunStarted in run {event.run_id}")

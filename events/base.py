@@ -7,11 +7,21 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 # Stable namespace for deterministic ids: an event's id is derived from its run and position,
 # so re-deciding a history (replay) or re-publishing after a crash yields the same ids.
 CAIRN_NAMESPACE = uuid.UUID("5b0f4a52-2b8c-4c55-9a43-6f0c7d1e9a10")
+
+
+def _is_none(value: object) -> bool:
+    return value is None
+
+
+def unset_none() -> Any:
+    """An optional field that is left out of the encoding while it is None, so adding it to an
+    event changes neither the stored bytes nor the hash of events that do not carry it."""
+    return Field(default=None, exclude_if=_is_none)
 
 
 class Frozen(BaseModel):
@@ -40,6 +50,9 @@ class Event(Frozen):
     # SHA-256 of the run's previous event (its canonical encoding); "" for the first. Chains
     # each run's stream so an edit, deletion or reordering in the store shows.
     prev_hash: str = ""
+    # The run's OpenTelemetry trace (32 hex digits) when it was started with tracing on: the
+    # way from an audit row to the trace. Taken from the run's state, never from a clock.
+    trace_id: str | None = unset_none()
 
     @property
     def event_id(self) -> uuid.UUID:

@@ -14,7 +14,7 @@ from uuid import UUID
 
 from pydantic import Field
 
-from .base import Event, Frozen, register
+from .base import Event, Frozen, register, unset_none
 from .workflow import StepSpec, WorkflowSpec
 
 Upcasters = dict[int, Callable[[dict[str, Any]], dict[str, Any]]]
@@ -87,6 +87,9 @@ class RunStarted(Event):
     tenant: str = "default"
     forked_from: ForkOrigin | None = None
     carried: dict[str, CarriedOutput] = Field(default_factory=dict)
+    # The run's root span (16 hex digits; its trace is `trace_id`): the start command's span,
+    # under which the run's later decisions are traced.
+    trace_span_id: str | None = unset_none()
 
 
 @register

@@ -118,6 +118,7 @@ AUDIT_COLUMNS = layout(
         "step": TEXT,
         "reason": f"{TEXT} NOT NULL",
         "detail": f"{TEXT} NOT NULL",
+        "trace_id": TEXT,
     },
 )
 _LAYOUT = {

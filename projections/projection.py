@@ -118,6 +118,7 @@ class AuditEntry(NamedTuple):
     step: str | None
     reason: str
     detail: str
+    trace_id: str | None  # the run's trace, when it was traced
 
 
 StepKey = tuple[str, str]
@@ -275,6 +276,7 @@ class _Folder:
                 step,
                 event.reason,
                 describe(event),
+                event.trace_id,
             )
         )
 

@@ -74,6 +74,7 @@ class AuditRow(Frozen):
     step: str | None
     reason: str
     detail: str
+    trace_id: str | None = None  # the run's OpenTelemetry trace, when it was traced
 
 
 class ProjectionStatus(Frozen):

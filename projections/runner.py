@@ -16,6 +16,7 @@ import threading
 import time
 from types import TracebackType
 
+from cairn.coordinator.health import Heartbeat
 from cairn.coordinator.settings import Settings
 from cairn.coordinator.store import EventStore, store_env
 
@@ -118,9 +119,11 @@ class ProjectionRunner:
         catch-up does not stall the event loop; a batch in progress when `stop` is set is
         finished (it is one transaction either way).
         """
+        heartbeat = Heartbeat()
         if not is_postgres(self.settings.store):
             while not stop.is_set():
                 count = await asyncio.to_thread(self.run_batch)
+                heartbeat.beat()
                 if count == 0:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), poll_interval)
@@ -133,6 +136,7 @@ class ProjectionRunner:
             while not stop.is_set():
                 notices.arm()  # a notice from now on means: read again
                 count = await asyncio.to_thread(self.run_batch)
+                heartbeat.beat()
                 if count == 0:
                     wait = fallback_interval if notices.subscribed else poll_interval
                     if await notices.wait(stop, wait):

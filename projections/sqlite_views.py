@@ -118,6 +118,7 @@ AUDIT_COLUMNS = _layout(
         "step": "TEXT",
         "reason": "TEXT NOT NULL",
         "detail": "TEXT NOT NULL",
+        "trace_id": "TEXT",
     },
 )
 _RUN_COST = [n for n, _ in RUN_COLUMNS].index("cost_usd")

@@ -364,6 +364,7 @@ def test_audit_cli_csv_equals_json(settings: Settings, logged: list[LoggedEvent]
             "position": int(row["position"]),
             "seq": int(row["seq"]),
             "step": row["step"] or None,
+            "trace_id": row["trace_id"] or None,
         }
         for row in reader
     ]

@@ -1,22 +1,28 @@
-"""compose.yaml runs real cairn entry points: start every service's command locally, with the
-compose environment pointed at the test NATS server, and run the example workflow through them."""
+"""compose.yaml runs real cairn entry points: start every service's command locally (each
+replica a process), with the compose environment pointed at the test NATS server and the running
+PostgreSQL, run the example workflow through them, and run each service's health check."""
 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
+import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from test_store_contract import POSTGRES, drop_schema, postgres_available
 
 from cairn.coordinator.client import TERMINAL_TYPES, CairnClient
 from cairn.coordinator.embedded import EmbeddedNats
 from cairn.events import Intent
 
 ROOT = Path(__file__).resolve().parent.parent
+COMPOSE_STORE = "postgresql://cairn:cairn@postgres:5432/cairn"
 
 
 def compose() -> dict[str, Any]:
@@ -24,39 +30,81 @@ def compose() -> dict[str, Any]:
     return data
 
 
+def cairn_services() -> dict[str, dict[str, Any]]:
+    return {
+        name: service
+        for name, service in compose()["services"].items()
+        if name not in ("nats", "postgres")
+    }
+
+
 def test_compose_declares_every_service() -> None:
     services = compose()["services"]
-    assert {"nats", "coordinator", "projections", "planner", "researcher", "writer",
-            "reviewer"} <= set(services)  # fmt: skip
+    assert {"nats", "postgres", "coordinator", "projections", "http", "planner", "researcher",
+            "writer", "reviewer"} <= set(services)  # fmt: skip
     assert "-js" in services["nats"]["command"]
-    for name, service in services.items():
-        if name == "nats":
-            continue
-        assert service["environment"]["NATS_URL"] == "nats://nats:4222"
+    assert services["coordinator"]["deploy"]["replicas"] == 2
+    for name in ("nats", "postgres", "coordinator", "projections", "http"):
+        assert "healthcheck" in services[name], f"{name} has no health check"
+    for name, service in cairn_services().items():
+        env = service["environment"]
+        assert env["NATS_URL"] == "nats://nats:4222"
+        assert env["CAIRN_STORE"].startswith(COMPOSE_STORE)
+        assert env["CAIRN_VIEWS"].startswith(COMPOSE_STORE)
         assert service["command"][:2] == ["python", "-m"]
-        assert service["depends_on"]["nats"]["condition"] == "service_healthy"
+        for needed in ("nats", "postgres"):
+            assert service["depends_on"][needed]["condition"] == "service_healthy", name
 
 
-@pytest.mark.timeout(120)
-async def test_compose_commands_run_the_example(tmp_path: Path, nats_server: EmbeddedNats) -> None:
-    import sys
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
 
-    procs: list[subprocess.Popen[bytes]] = []
+
+@pytest.fixture
+def schemas() -> Iterator[tuple[str, str]]:
+    why = postgres_available()
+    if why:
+        if os.environ.get("CAIRN_REQUIRE_POSTGRES"):
+            pytest.fail(why)
+        pytest.skip(why)
+    names = (f"cairn_test_{uuid.uuid4().hex[:12]}", f"cairn_test_{uuid.uuid4().hex[:12]}")
+    yield names
+    for name in names:
+        drop_schema(name)
+
+
+@pytest.mark.timeout(150)
+async def test_compose_commands_run_the_example(
+    tmp_path: Path, nats_server: EmbeddedNats, schemas: tuple[str, str]
+) -> None:
+    store_schema, views_schema = schemas
+    http_port = free_port()
+    procs: list[tuple[str, subprocess.Popen[bytes], dict[str, str]]] = []
     logs = []
     data_dir = tmp_path / "data"  # stands in for the shared volume
     try:
-        for name, service in compose()["services"].items():
-            if name == "nats":
-                continue
-            env = {**os.environ, **service["environment"]}
-            env["NATS_URL"] = nats_server.url
-            env["CAIRN_HOME"] = str(data_dir)
+        for name, service in cairn_services().items():
             replicas = service.get("deploy", {}).get("replicas", 1)
-            argv = [sys.executable, *service["command"][1:]]
-            for _ in range(replicas):
-                log = (tmp_path / f"{name}.log").open("ab")
+            for replica in range(replicas):
+                env = {**os.environ, **service["environment"]}
+                # The compose hosts are this machine's test servers; each replica is its own
+                # container, so each has its own /tmp.
+                env["NATS_URL"] = nats_server.url
+                env["CAIRN_HOME"] = str(data_dir)
+                env["CAIRN_STORE"] = f"{POSTGRES}?schema={store_schema}"
+                env["CAIRN_VIEWS"] = f"{POSTGRES}?schema={views_schema}"
+                if "CAIRN_HEALTH_FILE" in env:
+                    env["CAIRN_HEALTH_FILE"] = str(tmp_path / f"{name}-{replica}.health")
+                if name == "http":
+                    env["CAIRN_HTTP_HOST"] = "127.0.0.1"
+                    env["CAIRN_HTTP_PORT"] = str(http_port)
+                log = (tmp_path / f"{name}-{replica}.log").open("ab")
                 logs.append(log)
-                procs.append(subprocess.Popen(argv, env=env, stdout=log, stderr=log))
+                argv = [sys.executable, *service["command"][1:]]
+                procs.append((name, subprocess.Popen(argv, env=env, stdout=log, stderr=log), env))
         async with await CairnClient.connect(nats_server.url) as client:
             await client.wait_ready(timeout=30)
             run_id = uuid.uuid4()
@@ -70,11 +118,38 @@ async def test_compose_commands_run_the_example(tmp_path: Path, nats_server: Emb
                 kinds.append((await feed.next(timeout=60)).type)
             await feed.close()
         assert kinds[-1] == "RunCompleted"
-        assert all(p.poll() is None for p in procs), "a compose service exited"
+        dead = [name for name, p, _ in procs if p.poll() is not None]
+        assert not dead, f"compose services exited: {dead}"
+        # Each service's own health check passes against its process.
+        services = compose()["services"]
+        for name, _, env in procs:
+            check = services[name].get("healthcheck", {}).get("test")
+            if not check:
+                continue
+            argv = [part.replace("127.0.0.1:8700", f"127.0.0.1:{http_port}") for part in check[1:]]
+            if argv[0] == "python":
+                argv[0] = sys.executable
+            if "CAIRN_HEALTH_FILE" in env:
+                argv = [a.replace("/tmp/cairn-health", env["CAIRN_HEALTH_FILE"]) for a in argv]
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=30, env=env)
+            assert done.returncode == 0, (name, done.stderr)
     finally:
-        for p in procs:
+        for _, p, _ in procs:
             p.terminate()
-        for p in procs:
+        for _, p, _ in procs:
             p.wait(10)
         for log in logs:
             log.close()
+
+
+def test_a_stale_health_file_is_unhealthy(tmp_path: Path) -> None:
+    from cairn.coordinator.health import Heartbeat, check
+
+    path = tmp_path / "health"
+    assert check(path) is not None  # not started
+    Heartbeat(str(path)).beat()
+    assert check(path) is None
+    os.utime(path, (0, 0))
+    problem = check(path, max_age_s=15)
+    assert problem is not None
+    assert "stuck" in problem

@@ -52,6 +52,12 @@ def create_app(settings: Settings, tokens: Tokens) -> FastAPI:
     app.state.tokens = tokens
     app.state.settings = settings
     errors.install(app, pages.error_page)
+
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz() -> dict[str, bool]:
+        """For container health checks: the server answers (no token needed, nothing shown)."""
+        return {"ok": True}
+
     app.include_router(api.router)
     app.include_router(live.router)
     app.include_router(pages.router)
