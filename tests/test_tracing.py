@@ -253,6 +253,17 @@ async def test_a_run_is_one_trace_across_coordinator_and_agent_processes(
     reports = verify_store(store, [run_id])
     assert [r.ok for r in reports] == [True]
 
+    # The run's page (and its API) names the trace, so a look at a run leads to it.
+    from cairn.projections.http.api import run_detail
+    from cairn.projections.http.backend import Backend
+
+    await asyncio.to_thread(wait_for_views, settings.views, notices[-1].position, 15.0)
+    backend = Backend(settings)
+    try:
+        assert (await run_detail(backend, str(run_id))).trace_id == trace_id
+    finally:
+        await backend.close()
+
     # A second run, from a caller that is not traced: a trace of its own.
     other_id, _ = await run_to_end(client, "research-report", {"topic": "reefs"})
     other_events = store.load(other_id)

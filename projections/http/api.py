@@ -142,6 +142,7 @@ async def run_detail(backend: Backend, ref: str, position: int | None = None) ->
             "approvals": approvals,
             "approvals_error": error,
             "position": at,
+            "trace_id": events[0].trace_id if events else None,
         }
     )
 

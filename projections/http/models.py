@@ -94,6 +94,9 @@ class RunDetail(BaseModel):
     )
     approvals_error: str | None = None
     position: int = Field(description="the log position the views reflected")
+    trace_id: str | None = Field(
+        default=None, description="the run's OpenTelemetry trace, when it was traced"
+    )
 
 
 class DayCost(BaseModel):
