@@ -30,6 +30,7 @@ from nats.js.errors import APIError, BadRequestError, NotFoundError, ServiceUnav
 from pydantic import BaseModel, ValidationError
 
 from cairn.coordinator import tracing
+from cairn.coordinator.health import Heartbeat
 from cairn.coordinator.nats_auth import NatsEndpoint, agent_role
 from cairn.coordinator.nats_client import (
     NatsUnavailableError,
@@ -288,6 +289,7 @@ class _Worker:
         self.capability = agent.capability
         self.dead_letters = dlq_subject(f"agent.{agent.capability}")
         self.in_flight = 0
+        self.heartbeat = Heartbeat()  # CAIRN_HEALTH_FILE, for a container's health check
         self.provider = llm_provider(llm)
 
     async def serve(
@@ -365,6 +367,8 @@ class _Worker:
             if fetch.cancelled():
                 return
             error = fetch.exception()
+            if error is None or isinstance(error, asyncio.TimeoutError):
+                self.heartbeat.beat()  # NATS answered: a task, or nothing to do
             if error is None:
                 failures = 0
                 for msg in fetch.result():
