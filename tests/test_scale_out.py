@@ -7,10 +7,12 @@ import asyncio
 import os
 import signal
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from chaos import COORDINATOR_ENV, TERMINAL, check_log, slow_agent_env
+from nats.aio.msg import Msg
 from test_store_contract import POSTGRES, drop_schema, postgres_available
 
 from cairn.coordinator.chain import check_chain
@@ -25,7 +27,7 @@ RUNS = 50
 
 
 @pytest.fixture
-def postgres_schema() -> object:
+def postgres_schema() -> Iterator[str]:
     why = postgres_available()
     if why:
         if os.environ.get("CAIRN_REQUIRE_POSTGRES"):
@@ -61,8 +63,8 @@ async def test_two_coordinators_one_killed_every_run_completes_once(
             ends: dict[str, str] = {}
             done = asyncio.Event()
 
-            async def on_end(msg: object) -> None:
-                _, _, run, kind = msg.subject.split(".", 3)  # type: ignore[attr-defined]
+            async def on_end(msg: Msg) -> None:
+                _, _, run, kind = msg.subject.split(".", 3)
                 ends[run] = kind
                 if len(ends) >= RUNS:
                     done.set()
