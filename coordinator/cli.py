@@ -743,7 +743,13 @@ def tenants(
     """Each tenant's daily limit (tenants.yaml) and what it was charged on a day (UTC)."""
     from datetime import UTC, date, datetime
 
-    from .tenants import ANY_TENANT, TenantLimitsError, load_tenant_limits, tenant_limits_path
+    from .tenants import (
+        ANY_TENANT,
+        TenantLimitsError,
+        limit_for,
+        load_tenant_limits,
+        tenant_limits_path,
+    )
 
     settings = settings_for(home)
     try:
@@ -758,7 +764,7 @@ def tenants(
     charged = {r.key: r for r in _views(settings).costs(by="tenant", day=when.isoformat())}
     rows = []
     for name in sorted((set(limits) - {ANY_TENANT}) | set(charged)):
-        limit = limits.get(name) or limits.get(ANY_TENANT)
+        limit = limit_for(limits, name)
         row = charged.get(name)
         spent = row.amount_usd if row else Decimal(0)
         tokens = row.input_tokens + row.output_tokens if row else 0

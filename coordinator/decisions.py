@@ -713,32 +713,17 @@ def _begin(d: _Decision, step_name: str, attempt: int, reason: str, repair: list
         remaining_tokens is not None and remaining_tokens <= 0
     ):
         assert run.budget is not None
-        d.emit(
-            BudgetExhausted,
-            actor=COORDINATOR,
+        _exhausted(
+            d, step_name, attempt, estimate, "budget",
             reason=(
                 f"step {step_name} needs ${estimate}, ${remaining} remains"
                 if remaining is not None and estimate > remaining
                 else f"the run's {run.budget.tokens} tokens are spent"
             ),
-            step=step_name,
-            needed_usd=estimate,
-            remaining_usd=remaining,
-            remaining_tokens=remaining_tokens,
-        )
-        if run.budget.on_exhausted == "ask":
-            _request_approval(
-                d, step_name, attempt, "budget", proposed=None,
-                note=f"raise the budget to go on: the step needs ${estimate}", policy=policy,
-            )  # fmt: skip
-        else:
-            d.emit(
-                RunFailed,
-                actor=COORDINATOR,
-                reason="budget exhausted; the run fails closed",
-                step=step_name,
-                error=f"budget exhausted before step {step_name}",
-            )
+            note=f"raise the budget to go on: the step needs ${estimate}",
+            failed=("budget exhausted; the run fails closed",
+                    f"budget exhausted before step {step_name}"),
+        )  # fmt: skip
         return
     allowance = policy.tenant
     tenant_usd = tenant_tokens = None
@@ -786,39 +771,61 @@ def _tenant_exhausted(
     usd: Decimal | None,
     tokens: int | None,
 ) -> None:
+    tenant = d.run.tenant
+    _exhausted(
+        d, step_name, attempt, estimate, "tenant",
+        reason=(
+            f"step {step_name} needs ${estimate}, tenant {tenant} has ${usd} left today"
+            if usd is not None and estimate > usd
+            else f"tenant {tenant} has used its daily tokens"
+        ),
+        note=(
+            f"tenant {tenant}'s daily limit is reached: approve to let this step run "
+            "over it, deny to fail the run"
+        ),
+        failed=(f"tenant {tenant}'s daily limit is reached; the run fails closed",
+                f"tenant daily limit reached before step {step_name}"),
+        tenant_available_usd=usd,
+        tenant_available_tokens=tokens,
+    )  # fmt: skip
+
+
+def _exhausted(
+    d: _Decision,
+    step_name: str,
+    attempt: int,
+    estimate: Decimal,
+    kind: Literal["budget", "tenant"],
+    *,
+    reason: str,
+    note: str,
+    failed: tuple[str, str],
+    **tenant: Any,
+) -> None:
+    """The next reservation does not fit the run's budget (`budget`) or its tenant's day
+    (`tenant`): record it, then ask a person, or fail the run (with `failed`: the reason and
+    the error) when it fails closed."""
     run = d.run
     d.emit(
         BudgetExhausted,
         actor=COORDINATOR,
-        reason=(
-            f"step {step_name} needs ${estimate}, tenant {run.tenant} has ${usd} left today"
-            if usd is not None and estimate > usd
-            else f"tenant {run.tenant} has used its daily tokens"
-        ),
+        reason=reason,
         step=step_name,
         needed_usd=estimate,
         remaining_usd=run.remaining_usd,
         remaining_tokens=run.remaining_tokens,
-        scope="tenant",
-        tenant_available_usd=usd,
-        tenant_available_tokens=tokens,
+        scope="run" if kind == "budget" else "tenant",
+        **tenant,
     )
     if run.budget is None or run.budget.on_exhausted == "ask":
-        _request_approval(
-            d, step_name, attempt, "tenant", proposed=None,
-            note=(
-                f"tenant {run.tenant}'s daily limit is reached: approve to let this step run "
-                "over it, deny to fail the run"
-            ),
-            policy=d.policy,
-        )  # fmt: skip
+        _request_approval(d, step_name, attempt, kind, proposed=None, note=note, policy=d.policy)
     else:
         d.emit(
             RunFailed,
             actor=COORDINATOR,
-            reason=f"tenant {run.tenant}'s daily limit is reached; the run fails closed",
+            reason=failed[0],
             step=step_name,
-            error=f"tenant daily limit reached before step {step_name}",
+            error=failed[1],
         )
 
 

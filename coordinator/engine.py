@@ -459,32 +459,21 @@ class Coordinator:
             if state is None:
                 return CommandReply(ok=False, run_id=run_id, error=f"unknown run {run_id}")
             try:
+                events, after = self._decide_rechecked(state, fact)
+                assert after is not None
                 try:
-                    events, after = self._decide(state, fact, state.tenant)
-                except Rejected:
-                    newer = self._newer(state)  # refused by a stale view? ask the store
-                    if newer is None:
-                        raise
-                    state = newer
-                    events, after = self._decide(state, fact, state.tenant)
+                    await self._commit_and_publish({run_id: after}, events)
+                except ConcurrencyError:
+                    # Another coordinator changed the run since this one last saw it: decide
+                    # the command again against the stored truth (a second conflict is an error).
+                    self.stats.conflicts += 1
+                    newer = self._newer(state)
+                    assert newer is not None
+                    events, after = self._decide(newer, fact, newer.tenant)
+                    assert after is not None
+                    await self._commit_and_publish({run_id: after}, events)
             except Rejected as exc:
                 return CommandReply(ok=False, run_id=run_id, error=str(exc))
-            assert after is not None
-            try:
-                await self._commit_and_publish({run_id: after}, events)
-            except ConcurrencyError:
-                # Another coordinator changed the run since this one last saw it: decide the
-                # command again against the stored truth (a second conflict is an error).
-                self.stats.conflicts += 1
-                self.runs.pop(run_id, None)
-                state = self._state(run_id)
-                assert state is not None
-                try:
-                    events, after = self._decide(state, fact, state.tenant)
-                except Rejected as exc:
-                    return CommandReply(ok=False, run_id=run_id, error=str(exc))
-                assert after is not None
-                await self._commit_and_publish({run_id: after}, events)
         return CommandReply(ok=True, run_id=run_id, status=after.status)
 
     # -- results (the hot path) -------------------------------------------------------------
@@ -506,16 +495,9 @@ class Coordinator:
                 fact = ResultFact(result=result, at=at)
                 try:
                     with tracing.result_span(msg.headers, result, state):
-                        try:
-                            new, after = self._decide(state, fact, state.tenant)
-                        except Rejected:
-                            # Refused by this coordinator's view: judge it by the stored truth
-                            # (another coordinator may have dispatched the task just now).
-                            newer = None if result.run_id in tentative else self._newer(state)
-                            if newer is None:
-                                raise
-                            state = newer
-                            new, after = self._decide(state, fact, state.tenant)
+                        # A run decided earlier in this batch is newer than the store.
+                        recheck = result.run_id not in tentative
+                        new, after = self._decide_rechecked(state, fact, recheck=recheck)
                 except Rejected as exc:
                     await self._dead_letter(msg, str(exc))
                     continue
@@ -650,6 +632,20 @@ class Coordinator:
             traced.decided(events)
         self.ledger.stage(events, tenant)
         return events, after
+
+    def _decide_rechecked(
+        self, state: RunState, fact: Fact, *, recheck: bool = True
+    ) -> tuple[list[Event], RunState | None]:
+        """`_decide`; a fact refused by this coordinator's view of the run is judged again by
+        the stored truth (another coordinator may have moved the run on just now, e.g.
+        dispatched the task whose result this is)."""
+        try:
+            return self._decide(state, fact, state.tenant)
+        except Rejected:
+            newer = self._newer(state) if recheck else None
+            if newer is None:
+                raise
+            return self._decide(newer, fact, newer.tenant)
 
     def _newer(self, state: RunState) -> RunState | None:
         """The run's stored state when the store holds events this coordinator has not taken

@@ -82,6 +82,11 @@ def load_tenant_limits(path: Path) -> dict[str, TenantLimit]:
         ) from None
 
 
+def limit_for(limits: dict[str, TenantLimit], tenant: str) -> TenantLimit | None:
+    """The tenant's own limit, else the one for every tenant not listed (`"*"`), if any."""
+    return limits.get(tenant) or limits.get(ANY_TENANT)
+
+
 class TenantLimits:
     """The limits file, looked at again at most once a second and read again when changed.
 
@@ -115,9 +120,7 @@ class TenantLimits:
                     self.problem = None
                 except TenantLimitsError as exc:
                     self.problem = str(exc)
-        if not self.limits:
-            return None
-        return self.limits.get(tenant) or self.limits.get(ANY_TENANT)
+        return limit_for(self.limits, tenant)
 
 
 @dataclass
