@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from cairn.coordinator.client import CairnClient
+from cairn.coordinator.client import TERMINAL_TYPES, CairnClient
 from cairn.coordinator.embedded import EmbeddedNats
 from cairn.coordinator.processes import Supervisor
 from cairn.coordinator.settings import Settings
+from cairn.events import EventNotice
 
 
 @pytest.fixture
@@ -67,3 +70,25 @@ def process_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+async def run_to_end(
+    client: CairnClient,
+    workflow: Any,
+    input: dict[str, Any],
+    timeout: float = 60,
+    **start: Any,
+) -> tuple[uuid.UUID, list[EventNotice]]:
+    """Start a run (`start`: more `start_run` arguments) and follow its live feed to its end;
+    the run's id and every notice, the terminal one last."""
+    run_id = uuid.uuid4()
+    feed = await client.follow(run_id)
+    try:
+        reply = await client.start_run(workflow, input, run_id=run_id, **start)
+        assert reply.ok, reply.error
+        notices: list[EventNotice] = []
+        while not notices or notices[-1].type not in TERMINAL_TYPES:
+            notices.append(await feed.next(timeout=timeout))
+    finally:
+        await feed.close()
+    return run_id, notices

@@ -5,7 +5,6 @@ PostgreSQL, run the example workflow through them, and run each service's health
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import uuid
@@ -15,10 +14,10 @@ from typing import Any
 
 import pytest
 import yaml
-from test_store_contract import POSTGRES, drop_schema, postgres_available
+from test_store_contract import POSTGRES, drop_schema, fresh_schema, require_postgres
 
 from cairn.coordinator.client import TERMINAL_TYPES, CairnClient
-from cairn.coordinator.embedded import EmbeddedNats
+from cairn.coordinator.embedded import EmbeddedNats, free_port
 from cairn.events import Intent
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,21 +55,10 @@ def test_compose_declares_every_service() -> None:
             assert service["depends_on"][needed]["condition"] == "service_healthy", name
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @pytest.fixture
 def schemas() -> Iterator[tuple[str, str]]:
-    why = postgres_available()
-    if why:
-        if os.environ.get("CAIRN_REQUIRE_POSTGRES"):
-            pytest.fail(why)
-        pytest.skip(why)
-    names = (f"cairn_test_{uuid.uuid4().hex[:12]}", f"cairn_test_{uuid.uuid4().hex[:12]}")
+    require_postgres()
+    names = (fresh_schema(), fresh_schema())
     yield names
     for name in names:
         drop_schema(name)

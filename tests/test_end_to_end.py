@@ -12,19 +12,18 @@ import sys
 import uuid
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
 
 import pytest
 from chaos import table_rows
+from conftest import run_to_end
 
-from cairn.coordinator.client import TERMINAL_TYPES, CairnClient
+from cairn.coordinator.client import CairnClient
 from cairn.coordinator.pricing import load_price_table
 from cairn.coordinator.processes import Supervisor
 from cairn.coordinator.settings import Settings
 from cairn.coordinator.store import EventStore
 from cairn.events import (
     CostCharged,
-    EventNotice,
     Intent,
     ResultReceived,
     TaskCompleted,
@@ -33,27 +32,6 @@ from cairn.events import (
 from cairn.projections import Views, rebuild, wait_for_views
 
 pytestmark = pytest.mark.timeout(120)
-
-
-async def run_to_end(
-    client: CairnClient, workflow: str, input: dict[str, Any], timeout: float = 60
-) -> tuple[uuid.UUID, list[EventNotice]]:
-    run_id = uuid.uuid4()
-    feed = await client.follow(run_id)
-    try:
-        reply = await client.start_run(
-            workflow,
-            input,
-            intent=Intent(goal=f"a report on {input['topic']}", success_criteria=["accurate"]),
-            run_id=run_id,
-        )
-        assert reply.ok, reply.error
-        notices: list[EventNotice] = []
-        while not notices or notices[-1].type not in TERMINAL_TYPES:
-            notices.append(await feed.next(timeout=timeout))
-    finally:
-        await feed.close()
-    return run_id, notices
 
 
 def cli(settings: Settings, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -79,7 +57,10 @@ async def test_example_workflow_through_agent_processes(
     assert len(set(pids.values())) == 6
     assert os.getpid() not in pids.values()
 
-    run_id, notices = await run_to_end(client, "research-report", {"topic": "volcanoes"})
+    intent = Intent(goal="a report on volcanoes", success_criteria=["accurate"])
+    run_id, notices = await run_to_end(
+        client, "research-report", {"topic": "volcanoes"}, intent=intent
+    )
     assert notices[-1].type == "RunCompleted", notices[-1]
 
     # The log is the truth: the full sequence of decisions, in order.

@@ -4,7 +4,6 @@ SIGKILLed midway, and every run still completes with no decision taken twice."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import uuid
 from collections.abc import Iterator
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 from chaos import COORDINATOR_ENV, TERMINAL, check_log, slow_agent_env
 from nats.aio.msg import Msg
-from test_store_contract import POSTGRES, drop_schema, postgres_available
+from test_store_contract import POSTGRES, drop_schema, fresh_schema, require_postgres
 
 from cairn.coordinator.chain import check_chain
 from cairn.coordinator.client import CairnClient
@@ -28,12 +27,8 @@ RUNS = 50
 
 @pytest.fixture
 def postgres_schema() -> Iterator[str]:
-    why = postgres_available()
-    if why:
-        if os.environ.get("CAIRN_REQUIRE_POSTGRES"):
-            pytest.fail(why)
-        pytest.skip(why)
-    schema = f"cairn_test_{uuid.uuid4().hex[:12]}"
+    require_postgres()
+    schema = fresh_schema()
     yield schema
     drop_schema(schema)
 

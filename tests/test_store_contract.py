@@ -33,6 +33,19 @@ def postgres_available() -> str | None:
         return f"PostgreSQL at {POSTGRES} is not reachable: {exc}".strip()
 
 
+def require_postgres() -> None:
+    """Skip when the test server is unreachable; fail instead under CAIRN_REQUIRE_POSTGRES."""
+    why = postgres_available()
+    if why:
+        if os.environ.get("CAIRN_REQUIRE_POSTGRES"):
+            pytest.fail(why)
+        pytest.skip(why)
+
+
+def fresh_schema() -> str:
+    return f"cairn_test_{uuid.uuid4().hex[:12]}"
+
+
 def drop_schema(schema: str) -> None:
     import psycopg
 
@@ -45,12 +58,8 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
         yield str(tmp_path / "events.db")
         return
-    why = postgres_available()
-    if why:
-        if os.environ.get("CAIRN_REQUIRE_POSTGRES"):
-            pytest.fail(why)
-        pytest.skip(why)
-    schema = f"cairn_test_{uuid.uuid4().hex[:12]}"
+    require_postgres()
+    schema = fresh_schema()
     try:
         yield f"{POSTGRES}?schema={schema}"
     finally:
@@ -158,12 +167,8 @@ async def test_a_run_through_processes_on_postgresql(tmp_path: Path) -> None:
     from cairn.coordinator.settings import Settings
     from cairn.projections import Views, wait_for_views
 
-    why = postgres_available()
-    if why:
-        if os.environ.get("CAIRN_REQUIRE_POSTGRES"):
-            pytest.fail(why)
-        pytest.skip(why)
-    schema = f"cairn_test_{uuid.uuid4().hex[:12]}"
+    require_postgres()
+    schema = fresh_schema()
     nats = EmbeddedNats(tmp_path / "nats").start()
     settings = Settings(
         home=tmp_path / "home", nats_url=nats.url, store_url=f"{POSTGRES}?schema={schema}"

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import run_to_end
 from test_governance import POLICY, RUN, T0, approve, result, state_of, types, wf
 from test_oversight import cli, next_of
 
@@ -254,23 +255,14 @@ def charges(store: EventStore, run: uuid.UUID) -> Decimal:
     return sum((e.amount_usd for e in store.load(run) if isinstance(e, CostCharged)), Decimal(0))
 
 
-async def run_to_end(client: CairnClient, workflow: Any, tenant: str, **kw: Any) -> Any:
-    run_id = uuid.uuid4()
-    feed = await client.follow(run_id)
-    reply = await client.start_run(workflow, {"topic": "t"}, run_id=run_id, tenant=tenant, **kw)
-    assert reply.ok, reply.error
-    end = await next_of(feed, set())
-    await feed.close()
-    return run_id, end
-
-
 @pytest.mark.timeout(120)
 async def test_a_tenant_limit_holds_across_runs_and_a_coordinator_kill(
     settings: Settings, supervisor: Supervisor, client: CairnClient
 ) -> None:
     supervisor.start_all()
     await client.wait_ready()
-    first, end = await run_to_end(client, "research-report", "acme")
+    first, notices = await run_to_end(client, "research-report", {"topic": "t"}, tenant="acme")
+    end = notices[-1]
     assert end.type == "RunCompleted"
     store = EventStore(settings.store)
     try:
@@ -288,7 +280,8 @@ async def test_a_tenant_limit_holds_across_runs_and_a_coordinator_kill(
     supervisor.start("coordinator", "cairn.coordinator")
     await client.wait_ready()
 
-    _, end = await run_to_end(client, ONE_STEP, "zeta")  # not acme's limit
+    _, notices = await run_to_end(client, ONE_STEP, {"topic": "t"}, tenant="zeta")  # not acme's
+    end = notices[-1]
     assert end.type == "RunCompleted"
 
     held = uuid.uuid4()
@@ -310,9 +303,11 @@ async def test_a_tenant_limit_holds_across_runs_and_a_coordinator_kill(
     assert end.type == "RunCompleted"
 
     # A run that fails closed is stopped by the spent tenant without asking anyone.
-    closed, end = await run_to_end(
-        client, ONE_STEP, "acme", budget=Budget(usd=Decimal(1), on_exhausted="fail")
+    budget = Budget(usd=Decimal(1), on_exhausted="fail")
+    closed, notices = await run_to_end(
+        client, ONE_STEP, {"topic": "t"}, tenant="acme", budget=budget
     )
+    end = notices[-1]
     assert end.type == "RunFailed"
     assert "tenant acme's daily limit is reached" in end.event["reason"]
 

@@ -20,6 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
+from conftest import run_to_end
 from opentelemetry import trace
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
@@ -34,7 +35,7 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFl
 from cairn.coordinator import tracing
 from cairn.coordinator.bench_log import pipeline_spec
 from cairn.coordinator.chain import verify_store
-from cairn.coordinator.client import TERMINAL_TYPES, CairnClient
+from cairn.coordinator.client import CairnClient
 from cairn.coordinator.decisions import (
     CancelFact,
     Policy,
@@ -53,7 +54,6 @@ from cairn.coordinator.store import EventStore
 from cairn.events import (
     CostCharged,
     Event,
-    EventNotice,
     Intent,
     RunStarted,
     TaskDispatched,
@@ -180,24 +180,6 @@ def otel_env(monkeypatch: pytest.MonkeyPatch, endpoint: str, **extra: str) -> No
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     for name, value in extra.items():
         monkeypatch.setenv(name, value)
-
-
-async def run_to_end(
-    client: CairnClient, workflow: Any, input: dict[str, Any], timeout: float = 60
-) -> tuple[uuid.UUID, list[EventNotice]]:
-    run_id = uuid.uuid4()
-    feed = await client.follow(run_id)
-    try:
-        reply = await client.start_run(
-            workflow, input, intent=Intent(goal=f"traced: {input}"), run_id=run_id
-        )
-        assert reply.ok, reply.error
-        notices: list[EventNotice] = []
-        while not notices or notices[-1].type not in TERMINAL_TYPES:
-            notices.append(await feed.next(timeout=timeout))
-    finally:
-        await feed.close()
-    return run_id, notices
 
 
 def cli(settings: Settings, *args: str) -> str:

@@ -7,35 +7,19 @@ beside the store, as a deployment may keep them), dropped with every schema the 
 
 from __future__ import annotations
 
-import os
 import sqlite3
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import pytest
-from test_store_contract import POSTGRES, postgres_available
+from test_store_contract import POSTGRES, fresh_schema, require_postgres
 
 from cairn.coordinator.settings import Settings
 
 BACKENDS = ["sqlite", "postgres"]
 VIEW_TABLES = {"runs": "run_id", "steps": "run_id, step", "costs": "position", "audit": "position"}
-
-
-def require_postgres() -> None:
-    """Skip when the test server is unreachable; fail instead under CAIRN_REQUIRE_POSTGRES."""
-    why = postgres_available()
-    if why:
-        if os.environ.get("CAIRN_REQUIRE_POSTGRES"):
-            pytest.fail(why)
-        pytest.skip(why)
-
-
-def fresh_schema() -> str:
-    return f"cairn_test_{uuid.uuid4().hex[:12]}"
 
 
 @contextmanager
