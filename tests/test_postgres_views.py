@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import wait_until
+from conftest import run_to_end, wait_until
 from histories import many_runs, total_cost
 from test_store_contract import POSTGRES
 from views_backends import backend_settings, drop_schemas, dump, fresh_schema, require_postgres
@@ -292,7 +292,7 @@ async def test_a_run_through_processes_with_store_and_views_in_postgresql(
 ) -> None:
     """The coordinator, the projection runner and agents as processes; the store in one
     schema, the views in another; the CLI answers from the PostgreSQL views."""
-    from cairn.coordinator.client import TERMINAL_TYPES, CairnClient
+    from cairn.coordinator.client import CairnClient
     from cairn.coordinator.embedded import EmbeddedNats
     from cairn.coordinator.processes import Supervisor
     from cairn.projections import wait_for_views
@@ -314,18 +314,11 @@ async def test_a_run_through_processes_with_store_and_views_in_postgresql(
                 await client.wait_ready(timeout=30)
             except Exception:
                 pytest.fail(f"no coordinator; its log ends:\n{sup.log_tail('coordinator', 30)}")
-            run_id = uuid.uuid4()
-            feed = await client.follow(run_id)
-            reply = await client.start_run("research-report", {"topic": "pg"}, run_id=run_id)
-            assert reply.ok, reply.error
-            kinds: list[str] = []
-            position = 0
-            while not kinds or kinds[-1] not in TERMINAL_TYPES:
-                notice = await feed.next(timeout=30)
-                kinds.append(notice.type)
-                position = notice.position
-            await feed.close()
-        assert kinds[-1] == "RunCompleted"
+            run_id, notices = await run_to_end(
+                client, "research-report", {"topic": "pg"}, timeout=30
+            )
+        assert notices[-1].type == "RunCompleted"
+        position = notices[-1].position
         await asyncio.to_thread(wait_for_views, settings.views, position, 15.0)
         store = EventStore(settings.store)
         history = store.load(run_id)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import run_to_end
 
 from cairn.coordinator.store import ConcurrencyError, EventStore
 from cairn.events import Event, RunCancelled, RunCompleted, RunFailed
@@ -161,7 +162,7 @@ def test_decimal_and_nested_values_survive(store: EventStore) -> None:
 @pytest.mark.timeout(90)
 async def test_a_run_through_processes_on_postgresql(tmp_path: Path) -> None:
     """The coordinator, projections and agents against a PostgreSQL event store."""
-    from cairn.coordinator.client import TERMINAL_TYPES, CairnClient
+    from cairn.coordinator.client import CairnClient
     from cairn.coordinator.embedded import EmbeddedNats
     from cairn.coordinator.processes import Supervisor
     from cairn.coordinator.settings import Settings
@@ -181,18 +182,11 @@ async def test_a_run_through_processes_on_postgresql(tmp_path: Path) -> None:
                 await client.wait_ready(timeout=30)
             except Exception:
                 pytest.fail(f"no coordinator; its log ends:\n{sup.log_tail('coordinator', 30)}")
-            run_id = uuid.uuid4()
-            feed = await client.follow(run_id)
-            reply = await client.start_run("research-report", {"topic": "pg"}, run_id=run_id)
-            assert reply.ok, reply.error
-            kinds: list[str] = []
-            position = 0
-            while not kinds or kinds[-1] not in TERMINAL_TYPES:
-                notice = await feed.next(timeout=30)
-                kinds.append(notice.type)
-                position = notice.position
-            await feed.close()
-        assert kinds[-1] == "RunCompleted"
+            run_id, notices = await run_to_end(
+                client, "research-report", {"topic": "pg"}, timeout=30
+            )
+        assert notices[-1].type == "RunCompleted"
+        position = notices[-1].position
         import asyncio
 
         await asyncio.to_thread(wait_for_views, settings.views, position, 15.0)
