@@ -227,6 +227,7 @@ async def test_observer_reads_the_feed_and_cannot_publish(
         feed = await observer.nc.subscribe("cairn.event.>")
         await observer.nc.flush()
         await coordinator_nc.publish(f"cairn.event.{uuid.uuid4()}.RunStarted", b"{}")
+        await coordinator_nc.flush()  # the server has it before the wait begins
         assert (await feed.next_msg(timeout=5)).data == b"{}"
 
         async def answer(msg: Msg) -> None:
