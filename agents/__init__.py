@@ -1,11 +1,17 @@
 """cairn's agent SDK: the `Agent` base class, the worker runtime, LLM clients and usage
 reporting, plus four example agents (planner, researcher, writer, reviewer), each runnable as
-its own process (`python -m cairn.agents.planner`, or `cairn agent planner`).
+its own process (`python -m cairn.agents.examples.planner`, or `cairn agent planner`).
 """
 
-from .base import Agent, TaskContext
-from .errors import AgentConfigError, NonRetryableError
-from .llm import (
+from cairn.agents.base import Agent, TaskContext
+from cairn.agents.errors import AgentConfigError, NonRetryableError
+from cairn.agents.examples.registry import (
+    EXAMPLE_AGENTS,
+    UnknownAgentError,
+    example_agent,
+    run_agent_process,
+)
+from cairn.agents.llm import (
     OFFLINE_MODEL,
     ClosableLLMClient,
     Completion,
@@ -18,8 +24,7 @@ from .llm import (
     estimate_tokens,
     llm_from_env,
 )
-from .registry import EXAMPLE_AGENTS, UnknownAgentError, example_agent, run_agent_process
-from .worker import (
+from cairn.agents.worker import (
     WorkerOptions,
     declare_agent_consumer,
     format_errors,

@@ -10,11 +10,11 @@ from typing import Any, ClassVar, Generic, TypeVar, get_args, get_origin
 
 from pydantic import BaseModel
 
-from cairn.coordinator import tracing
+from cairn.agents import spans
+from cairn.agents.errors import NonRetryableError
+from cairn.agents.llm import Completion, LLMClient, llm_provider
 from cairn.events import Intent, Lineage, StepSpec, TaskEnvelope, Usage
-
-from .errors import NonRetryableError
-from .llm import Completion, LLMClient, llm_provider
+from cairn.runtime import tracing
 
 In = TypeVar("In", bound=BaseModel)
 Out = TypeVar("Out", bound=BaseModel)
@@ -101,13 +101,13 @@ class _MeteredLLM:
                 "`model` parameter"
             )
         provider = llm_provider(self._inner) if tracing.ENABLED else None
-        with tracing.llm_span(model, provider, max_tokens) as span:
+        with spans.llm_span(model, provider, max_tokens) as span:
             if model is None:
                 completion = await self._inner.complete(system, prompt, max_tokens=max_tokens)
             else:
                 call: Any = self._inner.complete  # the protocol leaves `model` optional
                 completion = await call(system, prompt, max_tokens=max_tokens, model=model)
-            tracing.record_completion(
+            spans.record_completion(
                 span, completion.model, completion.input_tokens, completion.output_tokens
             )
         self._ctx.report_usage(completion.model, completion.input_tokens, completion.output_tokens)

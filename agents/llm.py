@@ -20,10 +20,9 @@ from typing import Any, Protocol, runtime_checkable
 import httpx
 from pydantic import Field
 
+from cairn.agents.errors import NonRetryableError
+from cairn.agents.text import keywords
 from cairn.events import Frozen
-
-from .errors import NonRetryableError
-from .text import keywords
 
 OFFLINE_MODEL = "cairn-offline-1"
 DEFAULT_BASE_URL = "https://api.openai.com/v1"

@@ -1,4 +1,5 @@
-"""Small text helpers the example agents share: key words, question lists, repair notes."""
+"""Small text helpers for agents: key words (the offline model uses them), question lists, repair
+notes."""
 
 from __future__ import annotations
 

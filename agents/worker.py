@@ -29,16 +29,16 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import APIError, BadRequestError, NotFoundError, ServiceUnavailableError
 from pydantic import BaseModel, ValidationError
 
-from cairn.coordinator import tracing
-from cairn.coordinator.health import Heartbeat
-from cairn.coordinator.nats_auth import NatsEndpoint, agent_role
-from cairn.coordinator.nats_client import (
-    NatsUnavailableError,
-    connect,
-    declare_streams,
-    display_url,
+from cairn.agents import spans
+from cairn.agents.base import Agent, TaskContext, check_agent
+from cairn.agents.errors import AgentConfigError, NonRetryableError
+from cairn.agents.llm import (
+    ClosableLLMClient,
+    LLMClient,
+    LLMConfigError,
+    llm_from_env,
+    llm_provider,
 )
-from cairn.coordinator.settings import Settings
 from cairn.events import (
     MAX_PAYLOAD_BYTES,
     PROTOCOL_VERSION,
@@ -54,10 +54,16 @@ from cairn.events import (
     result_subject,
     task_subject,
 )
-
-from .base import Agent, TaskContext, check_agent
-from .errors import AgentConfigError, NonRetryableError
-from .llm import ClosableLLMClient, LLMClient, LLMConfigError, llm_from_env, llm_provider
+from cairn.runtime import tracing
+from cairn.runtime.connection import (
+    NatsUnavailableError,
+    connect,
+    declare_streams,
+    display_url,
+)
+from cairn.runtime.health import Heartbeat
+from cairn.runtime.roles import NatsEndpoint, agent_role
+from cairn.runtime.settings import Settings
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
@@ -299,6 +305,7 @@ class _Worker:
         grace: float,
         fetch_timeout: float,
     ) -> None:
+        self.heartbeat.beat()  # bound to its consumer: NATS answered, the loop starts now
         stopped = asyncio.ensure_future(stop.wait())
         loops = [
             asyncio.create_task(self._pull_loop(sub, stopped, fetch_timeout), name=f"pull-{i}")
@@ -400,7 +407,7 @@ class _Worker:
         envelope = await self._accept(msg)
         if envelope is None:
             return
-        with tracing.agent_span(msg.headers, envelope, self.agent_id, self.provider) as span:
+        with spans.agent_span(msg.headers, envelope, self.agent_id, self.provider) as span:
             await self._run(msg, envelope, started, span)
 
     async def _run(
@@ -409,7 +416,7 @@ class _Worker:
         heartbeat = asyncio.create_task(self._heartbeat(msg))
         try:
             result = await self._execute(envelope, msg, started)
-            tracing.record_result(span, result)
+            spans.record_result(span, result)
             data = self._encode(result)
             published = await self._publish(result.task_id, result_subject(result.run_id), data)
             heartbeat.cancel()

@@ -6,13 +6,13 @@ import asyncio
 import logging
 import sys
 
-from . import tracing
-from .nats_auth import ROLE_COORDINATOR
-from .nats_client import NatsUnavailableError, connect
-from .service import create_app
-from .settings import Settings
-from .store import EventStore, StoreUnavailableError
-from .tenants import TenantLimitsError, load_tenant_limits, tenant_limits_path
+from cairn.coordinator.service import create_app
+from cairn.coordinator.tenants import TenantLimitsError, load_tenant_limits, tenant_limits_path
+from cairn.runtime import tracing
+from cairn.runtime.connection import NatsUnavailableError, connect
+from cairn.runtime.eventlog.store import EventStore, StoreUnavailableError
+from cairn.runtime.roles import ROLE_COORDINATOR
+from cairn.runtime.settings import Settings
 
 
 async def _preflight(settings: Settings) -> None:

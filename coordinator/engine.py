@@ -22,6 +22,25 @@ from typing import Any
 from nats.aio.msg import Msg
 from pydantic import ValidationError
 
+from cairn.coordinator import spans
+from cairn.coordinator.domain.decide import (
+    ApprovalFact,
+    BudgetFact,
+    CancelFact,
+    Fact,
+    Policy,
+    Rejected,
+    ResultFact,
+    StartRunFact,
+    TimerFact,
+    decide_with_state,
+    descendants,
+)
+from cairn.coordinator.domain.state import RunState, evolve, fold
+from cairn.coordinator.outbox import Outbox
+from cairn.coordinator.tenants import TenantLedger, TenantLimits
+from cairn.coordinator.timers import Timer, TimerQueue
+from cairn.coordinator.workflow import WorkflowCatalog, WorkflowError, check_workflow
 from cairn.events import (
     MAX_PAYLOAD_BYTES,
     TERMINAL_EVENTS,
@@ -40,29 +59,10 @@ from cairn.events import (
     TaskResult,
     WorkflowSpec,
 )
-
-from . import tracing
-from .crashpoints import crash_point
-from .deadletters import DeadLetters, non_finite_reason, validation_reason
-from .decisions import (
-    ApprovalFact,
-    BudgetFact,
-    CancelFact,
-    Fact,
-    Policy,
-    Rejected,
-    ResultFact,
-    StartRunFact,
-    TimerFact,
-    decide_with_state,
-    descendants,
-)
-from .outbox import Outbox
-from .state import RunState, evolve, fold
-from .store import ConcurrencyError, EventStore, LoggedEvent
-from .tenants import TenantLedger, TenantLimits
-from .timers import Timer, TimerQueue
-from .workflow import WorkflowCatalog, WorkflowError, check_workflow
+from cairn.runtime import tracing
+from cairn.runtime.crashpoints import crash_point
+from cairn.runtime.deadletters import DeadLetters, non_finite_reason, validation_reason
+from cairn.runtime.eventlog.store import ConcurrencyError, EventStore, LoggedEvent
 
 log = logging.getLogger("cairn.coordinator")
 
@@ -494,7 +494,7 @@ class Coordinator:
                     continue
                 fact = ResultFact(result=result, at=at)
                 try:
-                    with tracing.result_span(msg.headers, result, state):
+                    with spans.result_span(msg.headers, result, state):
                         # A run decided earlier in this batch is newer than the store.
                         recheck = result.run_id not in tentative
                         new, after = self._decide_rechecked(state, fact, recheck=recheck)
@@ -627,7 +627,7 @@ class Coordinator:
             allowance = self.ledger.allowance(tenant, fact.at.date(), limit)
             if allowance is not None:
                 policy = replace(policy, tenant=allowance)
-        with tracing.deciding(state, fact) as traced:
+        with spans.deciding(state, fact) as traced:
             events, after = decide_with_state(state, fact, policy)
             traced.decided(events)
         self.ledger.stage(events, tenant)
@@ -677,7 +677,7 @@ class Coordinator:
             return []
         crash_point("before-commit")
         try:
-            with tracing.run_spans("append", states, events):
+            with spans.run_spans("append", states, events):
                 positions = self.store.append(events)
         except BaseException:
             self.ledger.rollback()

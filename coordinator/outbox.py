@@ -19,6 +19,8 @@ from typing import Any
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
+from cairn.coordinator import spans
+from cairn.coordinator.domain.state import RunState
 from cairn.events import (
     EventNotice,
     TaskDispatched,
@@ -27,10 +29,8 @@ from cairn.events import (
     task_subject,
 )
 from cairn.events.codec import event_json
-
-from . import tracing
-from .state import RunState
-from .store import EventStore, LoggedEvent
+from cairn.runtime import tracing
+from cairn.runtime.eventlog.store import EventStore, LoggedEvent
 
 log = logging.getLogger("cairn.outbox")
 
@@ -120,7 +120,7 @@ class Outbox:
         delay = 0.1
         while True:
             try:
-                with tracing.run_spans("publish", runs, logged, "producer"):
+                with spans.run_spans("publish", runs, logged, "producer"):
                     await self._publish_once(logged)
                 break
             except Exception as exc:
@@ -147,7 +147,7 @@ class Outbox:
         is the event's, so the stream drops a repeat within its duplicate window."""
         headers = {"Nats-Msg-Id": str(event.event_id)}
         if tracing.ENABLED and event.trace_id is not None:
-            tracing.task_headers(event, headers, self.run_state(event.run_id))
+            spans.task_headers(event, headers, self.run_state(event.run_id))
         return await self._js.publish_async(
             task_subject(event.capability), envelope_bytes(envelope_of(event)), headers=headers
         )

@@ -1,39 +1,14 @@
-"""The versioned price table that turns reported usage into charges."""
+"""Loading the versioned price table (`CAIRN_PRICES`, or the one shipped with cairn); the
+table itself and how it prices usage are in `domain/pricing.py`."""
 
 from __future__ import annotations
 
-from decimal import Decimal
 from pathlib import Path
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import ValidationError
 
-from cairn.events import Frozen, Usage
-
-MILLION = Decimal(1_000_000)
-
-
-class ModelPrice(Frozen):
-    input_per_mtok: Decimal = Field(ge=0)
-    output_per_mtok: Decimal = Field(ge=0)
-
-
-class PriceTable(Frozen):
-    """Per-model token prices under one version name."""
-
-    version: str
-    currency: str = "USD"
-    models: dict[str, ModelPrice]
-
-    def charge(self, usage: Usage) -> Decimal | None:
-        """The exact price of one usage record, or None for a model the table does not know."""
-        price = self.models.get(usage.model)
-        if price is None:
-            return None
-        return (
-            Decimal(usage.input_tokens) * price.input_per_mtok
-            + Decimal(usage.output_tokens) * price.output_per_mtok
-        ) / MILLION
+from cairn.coordinator.domain.pricing import PriceTable
 
 
 class PriceTableError(ValueError):

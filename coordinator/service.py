@@ -22,6 +22,12 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
 from pydantic import BaseModel, ValidationError
 
+from cairn.coordinator.domain.decide import Policy
+from cairn.coordinator.engine import Coordinator
+from cairn.coordinator.outbox import Outbox
+from cairn.coordinator.pricing import load_price_table
+from cairn.coordinator.tenants import TenantLimits, tenant_limits_path
+from cairn.coordinator.workflow import WorkflowCatalog
 from cairn.events import (
     CMD_APPROVALS,
     CMD_APPROVE,
@@ -42,21 +48,14 @@ from cairn.events import (
     StartRun,
 )
 from cairn.events.contracts import resolve_contract
-
-from . import tracing
-from .deadletters import DeadLetters, non_finite_reason, validation_reason
-from .decisions import Policy
-from .engine import Coordinator
-from .health import Heartbeat
-from .nats_auth import ROLE_COORDINATOR, NatsEndpoint
-from .nats_client import connect_options, declare_streams, unreachable_message
-from .outbox import Outbox
-from .pricing import load_price_table
-from .pull import StandingPull
-from .settings import Settings
-from .store import EventStore
-from .tenants import TenantLimits, tenant_limits_path
-from .workflow import WorkflowCatalog
+from cairn.runtime import tracing
+from cairn.runtime.connection import connect_options, declare_streams, unreachable_message
+from cairn.runtime.deadletters import DeadLetters, non_finite_reason, validation_reason
+from cairn.runtime.eventlog.store import EventStore
+from cairn.runtime.health import Heartbeat
+from cairn.runtime.pull import StandingPull
+from cairn.runtime.roles import ROLE_COORDINATOR, NatsEndpoint
+from cairn.runtime.settings import Settings
 
 log = logging.getLogger("cairn.coordinator")
 

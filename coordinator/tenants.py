@@ -28,6 +28,7 @@ from pathlib import Path
 import yaml
 from pydantic import Field, ValidationError
 
+from cairn.coordinator.domain.decide import TenantAllowance
 from cairn.events import (
     BudgetReserved,
     BudgetSettled,
@@ -38,8 +39,6 @@ from cairn.events import (
     RunCompleted,
     RunFailed,
 )
-
-from .decisions import TenantAllowance
 
 ANY_TENANT = "*"
 

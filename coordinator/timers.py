@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Literal
 
+from cairn.coordinator.domain.decide import TimerFact
+from cairn.coordinator.domain.state import RunState
 from cairn.events import (
     ApprovalEscalated,
     ApprovalRequested,
@@ -22,9 +24,6 @@ from cairn.events import (
     RetryScheduled,
     TaskDispatched,
 )
-
-from .decisions import TimerFact
-from .state import RunState
 
 TimerKind = Literal["timeout", "retry", "approval", "approval_warn"]
 

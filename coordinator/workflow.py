@@ -1,27 +1,24 @@
-"""Loading workflow definitions from YAML, and resolving step input mappings.
-
-A mapping value is either a literal or a reference:
-`$input.<path>` (the run input), `$intent.<path>` (goal, constraints, success_criteria),
-`$steps.<step>.output.<path>` (an earlier step's validated output). `$$` escapes a literal `$`.
-`$input.audience ?? general readers` gives a default for a reference that points at nothing.
+"""Workflow definitions: loading them from YAML, checking what the model cannot (references
+and contracts), and the catalog the coordinator starts runs from. How a step's input mapping
+is resolved is pure and lives in `domain/mapping.py`.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import ValidationError
 
+from cairn.coordinator.domain.mapping import references
 from cairn.events import WorkflowSpec
 from cairn.events.contracts import UnknownContractError, resolve_contract
 
 # Modules whose import registers output contracts; CAIRN_CONTRACTS adds more (comma-separated).
-DEFAULT_CONTRACT_MODULES = ("cairn.agents.contracts",)
+DEFAULT_CONTRACT_MODULES = ("cairn.agents.examples.contracts",)
 
 
 def load_contract_modules() -> None:
@@ -36,10 +33,6 @@ def load_contract_modules() -> None:
 
 class WorkflowError(ValueError):
     """A workflow file or definition is wrong; the message names the file and the fix."""
-
-
-class ReferenceError_(LookupError):
-    """A reference in a step's input mapping points at nothing."""
 
 
 def parse_workflow(data: Any, source: str = "<inline>") -> WorkflowSpec:
@@ -131,55 +124,3 @@ class WorkflowCatalog:
 
     def names(self) -> list[str]:
         return sorted(self._specs)
-
-
-def references(template: Any) -> Iterator[str]:
-    """Every `$reference` in a mapping, without the `$`."""
-    if isinstance(template, str):
-        if template.startswith("$") and not template.startswith("$$"):
-            yield template[1:].partition(" ?? ")[0].strip()
-    elif isinstance(template, dict):
-        for value in template.values():
-            yield from references(value)
-    elif isinstance(template, list):
-        for value in template:
-            yield from references(value)
-
-
-def referenced_steps(template: Any) -> set[str]:
-    return {ref.split(".")[1] for ref in references(template) if ref.startswith("steps.")}
-
-
-def resolve(template: Any, context: dict[str, Any]) -> Any:
-    """Replace references in a mapping by the values they point at."""
-    if isinstance(template, str):
-        if template.startswith("$$"):
-            return template[1:]
-        if template.startswith("$"):
-            ref, sep, default = template[1:].partition(" ?? ")
-            try:
-                return lookup(context, ref.strip())
-            except ReferenceError_:
-                if sep:
-                    return default
-                raise
-        return template
-    if isinstance(template, dict):
-        return {key: resolve(value, context) for key, value in template.items()}
-    if isinstance(template, list):
-        return [resolve(value, context) for value in template]
-    return template
-
-
-def lookup(context: dict[str, Any], ref: str) -> Any:
-    value: Any = context
-    walked: list[str] = []
-    for part in ref.split("."):
-        walked.append(part)
-        if isinstance(value, dict) and part in value:
-            value = value[part]
-        elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
-            value = value[int(part)]
-        else:
-            raise ReferenceError_(f"${ref}: nothing at {'.'.join(walked)}")
-    return value

@@ -1,7 +1,14 @@
 """cairn's event and message models: stored run events, wire messages, encoding and hashing."""
 
-from .base import CAIRN_NAMESPACE, Event, Frozen, UnknownEventError, event_class, event_id
-from .codec import (
+from cairn.events.base import (
+    CAIRN_NAMESPACE,
+    Event,
+    Frozen,
+    UnknownEventError,
+    event_class,
+    event_id,
+)
+from cairn.events.codec import (
     canonical_json,
     content_hash,
     decode_event,
@@ -9,7 +16,7 @@ from .codec import (
     event_hash,
     topic_of,
 )
-from .protocol import (
+from cairn.events.protocol import (
     CMD_APPROVALS,
     CMD_APPROVE,
     CMD_BUDGET,
@@ -30,7 +37,7 @@ from .protocol import (
     stream_configs,
     task_subject,
 )
-from .run import (
+from cairn.events.run import (
     TERMINAL_EVENTS,
     ApprovalContext,
     ApprovalDenied,
@@ -69,7 +76,7 @@ from .run import (
     TaskTimedOut,
     Usage,
 )
-from .wire import (
+from cairn.events.wire import (
     PROTOCOL_VERSION,
     ApprovalDecision,
     CancelRun,
@@ -83,7 +90,7 @@ from .wire import (
     TaskError,
     TaskResult,
 )
-from .workflow import ApprovalPolicy, RetryPolicy, RunLimits, StepSpec, WorkflowSpec
+from cairn.events.workflow import ApprovalPolicy, RetryPolicy, RunLimits, StepSpec, WorkflowSpec
 
 __all__ = [
     "CAIRN_NAMESPACE",

@@ -16,8 +16,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from . import protocol, wire
-from .wire import (
+from cairn.events import protocol, wire
+from cairn.events.wire import (
     PROTOCOL_VERSION,
     CommandReply,
     DeadLetter,

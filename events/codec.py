@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from .base import Event, UnknownEventError, event_class
+from cairn.events.base import Event, UnknownEventError, event_class
 
 
 def topic_of(event: Event) -> str:

@@ -14,8 +14,8 @@ from uuid import UUID
 
 from pydantic import Field
 
-from .base import Event, Frozen, register, unset_none
-from .workflow import StepSpec, WorkflowSpec
+from cairn.events.base import Event, Frozen, register, unset_none
+from cairn.events.workflow import StepSpec, WorkflowSpec
 
 Upcasters = dict[int, Callable[[dict[str, Any]], dict[str, Any]]]
 

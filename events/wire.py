@@ -13,9 +13,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
-from .base import Frozen
-from .run import Budget, Intent, Lineage, Usage
-from .workflow import StepSpec, WorkflowSpec
+from cairn.events.base import Frozen
+from cairn.events.run import Budget, Intent, Lineage, Usage
+from cairn.events.workflow import StepSpec, WorkflowSpec
 
 PROTOCOL_VERSION = 1
 

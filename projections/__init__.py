@@ -6,15 +6,15 @@ and `Views` is the read API. `step_provenance` answers "why is this step's outpu
 from a run's events.
 """
 
-from .errors import (
+from cairn.projections.errors import (
     AmbiguousRunError,
     ProjectionConflictError,
     RunNotFoundError,
     ViewsMissingError,
     ViewsUnavailableError,
 )
-from .projection import RunStatus, StepStatus
-from .provenance import (
+from cairn.projections.projection import RunStatus, StepStatus
+from cairn.projections.provenance import (
     AttemptRow,
     ChargeRow,
     LineageRow,
@@ -25,10 +25,16 @@ from .provenance import (
     StepNotFoundError,
     step_provenance,
 )
-from .queries import CostKey, Views, wait_for_views
-from .rows import AuditRow, CostRow, ProjectionStatus, RunRow, StepRow
-from .runner import DEFAULT_BATCH_SIZE, PROJECTION_NAME, VIEW_NAMES, ProjectionRunner, rebuild
-from .status import projection_status
+from cairn.projections.queries import CostKey, Views, wait_for_views
+from cairn.projections.rows import AuditRow, CostRow, ProjectionStatus, RunRow, StepRow
+from cairn.projections.runner import (
+    DEFAULT_BATCH_SIZE,
+    PROJECTION_NAME,
+    VIEW_NAMES,
+    ProjectionRunner,
+    rebuild,
+)
+from cairn.projections.status import projection_status
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",

@@ -15,13 +15,12 @@ import sys
 import time
 from collections.abc import Sequence
 
-from cairn.coordinator.settings import Settings
-from cairn.coordinator.store import StoreUnavailableError
 from cairn.events import UnknownEventError
-
-from .errors import ViewsUnavailableError
-from .runner import ProjectionRunner, rebuild
-from .storage import redacted
+from cairn.projections.errors import ViewsUnavailableError
+from cairn.projections.runner import ProjectionRunner, rebuild
+from cairn.projections.storage import redacted
+from cairn.runtime.eventlog.store import StoreUnavailableError
+from cairn.runtime.settings import Settings
 
 log = logging.getLogger("cairn.projections")
 

@@ -17,12 +17,12 @@ import logging
 import psycopg
 from psycopg import sql
 
-from .postgres_views import SETUP_LOCK_KEY, connect_kwargs
+from cairn.projections.postgres_views import SETUP_LOCK_KEY, connect_kwargs
 
 log = logging.getLogger(__name__)
 
 # The table eventsourcing keeps the store's events in (an application recorder without a
-# name, as `cairn.coordinator.store` opens it).
+# name, as `cairn.runtime.eventlog.store` opens it).
 EVENTS_TABLE = "stored_events"
 TRIGGER = "cairn_log_notify"
 _MAX_NAME = 63  # PostgreSQL's limit on identifiers, channel names included

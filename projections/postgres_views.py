@@ -22,11 +22,13 @@ from eventsourcing.postgres import PostgresDatastore, PostgresFactory, PostgresT
 from psycopg import Cursor, sql
 from psycopg.rows import DictRow, dict_row
 
-from cairn.coordinator.crashpoints import crash_point
-
-from .errors import ProjectionConflictError, ViewsMissingError, ViewsUnavailableError
-from .filters import AuditFilter, after_prefix
-from .projection import (
+from cairn.projections.errors import (
+    ProjectionConflictError,
+    ViewsMissingError,
+    ViewsUnavailableError,
+)
+from cairn.projections.filters import AuditFilter, after_prefix
+from cairn.projections.projection import (
     AuditEntry,
     CostEntry,
     RunState,
@@ -36,11 +38,12 @@ from .projection import (
     fold,
     touched_runs,
 )
-from .sqlite_views import VIEW_TABLES
-from .sqlite_views import _layout as layout
+from cairn.projections.sqlite_views import VIEW_TABLES
+from cairn.projections.sqlite_views import _layout as layout
+from cairn.runtime.crashpoints import crash_point
 
 if TYPE_CHECKING:
-    from cairn.coordinator.store import LoggedEvent
+    from cairn.runtime.eventlog.store import LoggedEvent
 
 # Text compares and sorts by code point, as in SQLite, whatever the database's collation: run id
 # and actor prefixes are answered as ranges, and ISO times compare as text.

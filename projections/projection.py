@@ -30,12 +30,11 @@ from cairn.events import (
     TaskTimedOut,
     canonical_json,
 )
-
-from .details import describe
-from .filters import time_text
+from cairn.projections.details import describe
+from cairn.projections.filters import time_text
 
 if TYPE_CHECKING:
-    from cairn.coordinator.store import LoggedEvent
+    from cairn.runtime.eventlog.store import LoggedEvent
 
 RunStatus = Literal["running", "completed", "failed", "cancelled"]
 StepStatus = Literal[

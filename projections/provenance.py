@@ -28,8 +28,7 @@ from cairn.events import (
     TaskTimedOut,
     content_hash,
 )
-
-from .details import describe
+from cairn.projections.details import describe
 
 AttemptOutcome = Literal["pending", "completed", "failed", "violated", "timed_out"]
 StepProgress = Literal[

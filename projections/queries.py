@@ -13,14 +13,13 @@ from decimal import Decimal
 from types import TracebackType
 from typing import Any, Literal, TypeVar
 
-from cairn.coordinator.settings import Settings
-
-from .errors import AmbiguousRunError, RunNotFoundError, ViewsMissingError
-from .filters import AuditFilter, actor_match, time_text
-from .projection import RunStatus
-from .rows import AuditRow, CostRow, RunRow, StepRow
-from .runner import PROJECTION_NAME
-from .storage import ViewsReader, open_reader, redacted
+from cairn.projections.errors import AmbiguousRunError, RunNotFoundError, ViewsMissingError
+from cairn.projections.filters import AuditFilter, actor_match, time_text
+from cairn.projections.projection import RunStatus
+from cairn.projections.rows import AuditRow, CostRow, RunRow, StepRow
+from cairn.projections.runner import PROJECTION_NAME
+from cairn.projections.storage import ViewsReader, open_reader, redacted
+from cairn.runtime.settings import Settings
 
 CostKey = Literal["run", "agent", "model", "tenant", "day"]
 # "agent" groups by capability: replicas of one agent kind share it, their ids do not.

@@ -8,8 +8,7 @@ from decimal import Decimal
 from typing import Any
 
 from cairn.events import Frozen
-
-from .projection import RunStatus, StepStatus
+from cairn.projections.projection import RunStatus, StepStatus
 
 
 class RunRow(Frozen):

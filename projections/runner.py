@@ -16,12 +16,11 @@ import threading
 import time
 from types import TracebackType
 
-from cairn.coordinator.health import Heartbeat
-from cairn.coordinator.settings import Settings
-from cairn.coordinator.store import EventStore, store_env
-
-from .errors import ProjectionConflictError
-from .storage import ViewsRecorder, is_postgres, open_recorder
+from cairn.projections.errors import ProjectionConflictError
+from cairn.projections.storage import ViewsRecorder, is_postgres, open_recorder
+from cairn.runtime.eventlog.store import EventStore, store_env
+from cairn.runtime.health import Heartbeat
+from cairn.runtime.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +127,7 @@ class ProjectionRunner:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), poll_interval)
             return
-        from .log_notices import LogNotices
+        from cairn.projections.log_notices import LogNotices
 
         notices = LogNotices(store_env(self.settings.store))
         await notices.start()

@@ -18,11 +18,13 @@ from typing import TYPE_CHECKING, Any
 from eventsourcing.persistence import InfrastructureFactory, PersistenceError, Tracking
 from eventsourcing.sqlite import SQLiteCursor, SQLiteTrackingRecorder
 
-from cairn.coordinator.crashpoints import crash_point
-
-from .errors import ProjectionConflictError, ViewsMissingError, ViewsUnavailableError
-from .filters import AuditFilter, after_prefix
-from .projection import (
+from cairn.projections.errors import (
+    ProjectionConflictError,
+    ViewsMissingError,
+    ViewsUnavailableError,
+)
+from cairn.projections.filters import AuditFilter, after_prefix
+from cairn.projections.projection import (
     AuditEntry,
     CostEntry,
     RunState,
@@ -32,9 +34,10 @@ from .projection import (
     fold,
     touched_runs,
 )
+from cairn.runtime.crashpoints import crash_point
 
 if TYPE_CHECKING:
-    from cairn.coordinator.store import LoggedEvent
+    from cairn.runtime.eventlog.store import LoggedEvent
 
 
 def _layout(row: type[Any], types: dict[str, str]) -> tuple[tuple[str, str], ...]:

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from cairn.coordinator.settings import Settings
-from cairn.coordinator.store import EventStore
 from cairn.events import UnknownEventError
-
-from .errors import ViewsMissingError
-from .rows import ProjectionStatus
-from .runner import PROJECTION_NAME, VIEW_NAMES
-from .storage import open_reader, redacted
+from cairn.projections.errors import ViewsMissingError
+from cairn.projections.rows import ProjectionStatus
+from cairn.projections.runner import PROJECTION_NAME, VIEW_NAMES
+from cairn.projections.storage import open_reader, redacted
+from cairn.runtime.eventlog.store import EventStore
+from cairn.runtime.settings import Settings
 
 
 def projection_status(settings: Settings) -> list[ProjectionStatus]:

@@ -12,14 +12,13 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlparse
 
-from cairn.coordinator.store import describe, store_env
-
-from .errors import ViewsUnavailableError
-from .filters import AuditFilter
-from .sqlite_views import SQLiteViewsReader, open_sqlite_recorder
+from cairn.projections.errors import ViewsUnavailableError
+from cairn.projections.filters import AuditFilter
+from cairn.projections.sqlite_views import SQLiteViewsReader, open_sqlite_recorder
+from cairn.runtime.eventlog.store import describe, store_env
 
 if TYPE_CHECKING:
-    from cairn.coordinator.store import LoggedEvent
+    from cairn.runtime.eventlog.store import LoggedEvent
 
 
 class ViewsRecorder(Protocol):
@@ -83,7 +82,7 @@ def open_recorder(url: str) -> ViewsRecorder:
     the tables if needed."""
     if is_postgres(url):
         with _postgres_support():
-            from .postgres_views import open_postgres_recorder
+            from cairn.projections.postgres_views import open_postgres_recorder
         return open_postgres_recorder(store_env(url), describe(url))
     return open_sqlite_recorder(store_env(url))
 
@@ -93,7 +92,7 @@ def open_reader(url: str) -> ViewsReader:
     env = store_env(url)
     if is_postgres(url):
         with _postgres_support():
-            from .postgres_views import PostgresViewsReader
+            from cairn.projections.postgres_views import PostgresViewsReader
         return PostgresViewsReader(env, redacted(url), describe(url))
     return SQLiteViewsReader(env["SQLITE_DBNAME"], float(env.get("SQLITE_LOCK_TIMEOUT", "30")))
 

@@ -22,9 +22,6 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
 
-from cairn.coordinator.embedded import EmbeddedNats
-from cairn.coordinator.processes import EXAMPLE_AGENTS, Supervisor
-from cairn.coordinator.store import EventStore
 from cairn.events import (
     CostCharged,
     Event,
@@ -35,6 +32,9 @@ from cairn.events import (
     TaskCompleted,
     Usage,
 )
+from cairn.runtime.embedded import EmbeddedNats
+from cairn.runtime.eventlog.store import EventStore
+from cairn.runtime.supervisor import EXAMPLE_AGENTS, Supervisor
 
 TESTS_DIR = Path(__file__).resolve().parent
 TERMINAL = (RunCompleted, RunFailed, RunCancelled)

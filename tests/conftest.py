@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 
-from cairn.coordinator.client import TERMINAL_TYPES, CairnClient
-from cairn.coordinator.embedded import EmbeddedNats
-from cairn.coordinator.processes import Supervisor
-from cairn.coordinator.settings import Settings
 from cairn.events import EventNotice
+from cairn.runtime.client import TERMINAL_TYPES, CairnClient
+from cairn.runtime.embedded import EmbeddedNats
+from cairn.runtime.settings import Settings
+from cairn.runtime.supervisor import Supervisor
 
 
 @pytest.fixture

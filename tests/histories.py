@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from cairn.coordinator.decisions import (
+from cairn.coordinator.domain.decide import (
     CancelFact,
     Fact,
     Policy,
@@ -20,8 +20,9 @@ from cairn.coordinator.decisions import (
     decide,
     task_id,
 )
-from cairn.coordinator.pricing import PriceTable, load_price_table
-from cairn.coordinator.state import RunState, evolve
+from cairn.coordinator.domain.pricing import PriceTable
+from cairn.coordinator.domain.state import RunState, evolve
+from cairn.coordinator.pricing import load_price_table
 from cairn.coordinator.workflow import load_contract_modules, parse_workflow
 from cairn.events import Event, Intent, TaskError, TaskResult, Usage, WorkflowSpec
 from cairn.events.contracts import resolve_contract

@@ -1,7 +1,7 @@
 """The agent SDK and worker runtime against a real nats-server.
 
 Workers run in-process (`run_worker`) where the test needs to reach into the agent, and as
-real processes (`python -m cairn.agents.planner`, a script) where the test kills or signals
+real processes (`python -m cairn.agents.examples.planner`, a script) where the test kills or signals
 them. Nothing waits by sleeping: tests wait for messages, log lines or events, with timeouts.
 """
 
@@ -38,9 +38,7 @@ from cairn.agents import (
     run_agent_process,
     run_worker,
 )
-from cairn.agents.contracts import Draft, Plan, draft_word_count
-from cairn.coordinator.embedded import EmbeddedNats, free_port, nats_server_binary
-from cairn.coordinator.nats_client import NatsUnavailableError, connect, declare_streams
+from cairn.agents.examples.contracts import Draft, Plan, draft_word_count
 from cairn.events import (
     DLQ_STREAM,
     RESULTS_STREAM,
@@ -56,6 +54,8 @@ from cairn.events import (
     task_subject,
 )
 from cairn.events.contracts import resolve_contract
+from cairn.runtime.connection import NatsUnavailableError, connect, declare_streams
+from cairn.runtime.embedded import EmbeddedNats, free_port, nats_server_binary
 
 INTENT = Intent(
     goal="Explain heat pumps to homeowners",
@@ -728,7 +728,7 @@ async def test_planner_module_runs_as_a_process_and_stops_on_sigterm(
 ) -> None:
     js = nc.jetstream()
     task = envelope("planner", PLAN_INPUT)
-    async with agent_process("-m", "cairn.agents.planner", env=agent_env) as planner:
+    async with agent_process("-m", "cairn.agents.examples.planner", env=agent_env) as planner:
         agent_id = await planner.ready()
         async with results(js, task.run_id) as inbox:
             await publish(js, task)
@@ -746,7 +746,7 @@ async def test_planner_module_runs_as_a_process_and_stops_on_sigterm(
 async def test_agent_process_exits_2_when_nats_is_unreachable(agent_env: dict[str, str]) -> None:
     url = f"nats://127.0.0.1:{free_port()}"
     async with agent_process(
-        "-m", "cairn.agents.reviewer", env=agent_env | {"NATS_URL": url}
+        "-m", "cairn.agents.examples.reviewer", env=agent_env | {"NATS_URL": url}
     ) as reviewer:
         assert await reviewer.exit_code() == 2
     assert reviewer.lines[-1] == (
@@ -758,7 +758,7 @@ async def test_agent_process_exits_2_when_nats_is_unreachable(agent_env: dict[st
 
 async def test_agent_process_rejects_bad_settings(agent_env: dict[str, str]) -> None:
     env = agent_env | {"CAIRN_AGENT_ACK_WAIT": "soon"}
-    async with agent_process("-m", "cairn.agents.writer", env=env) as writer:
+    async with agent_process("-m", "cairn.agents.examples.writer", env=env) as writer:
         assert await writer.exit_code() == 2
     assert writer.lines == ["cairn agent: CAIRN_AGENT_ACK_WAIT must be a number, not 'soon'"]
 

@@ -24,8 +24,6 @@ from typing import Any
 import pytest
 from views_backends import BACKENDS, backend_settings
 
-from cairn.coordinator.settings import Settings
-from cairn.coordinator.store import EventStore, LoggedEvent
 from cairn.events import (
     CostCharged,
     Event,
@@ -55,6 +53,8 @@ from cairn.projections import (
     rebuild,
     step_provenance,
 )
+from cairn.runtime.eventlog.store import EventStore, LoggedEvent
+from cairn.runtime.settings import Settings
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -523,7 +523,7 @@ def cli(settings: Settings, *args: str, check: bool = True) -> subprocess.Comple
         COLUMNS="200",
     )
     proc = subprocess.run(
-        [sys.executable, "-m", "cairn.coordinator.cli", *args],
+        [sys.executable, "-m", "cairn.cli", *args],
         capture_output=True,
         text=True,
         env=env,

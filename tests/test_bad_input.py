@@ -35,11 +35,6 @@ from nats.errors import MaxPayloadError
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
 
-from cairn.coordinator.client import CairnClient
-from cairn.coordinator.embedded import EmbeddedNats, free_port, nats_server_binary
-from cairn.coordinator.processes import EXAMPLE_AGENTS, Supervisor
-from cairn.coordinator.settings import Settings
-from cairn.coordinator.store import EventStore
 from cairn.events import (
     CMD_CANCEL,
     CMD_PING,
@@ -57,6 +52,11 @@ from cairn.events import (
     dlq_subject,
     result_subject,
 )
+from cairn.runtime.client import CairnClient
+from cairn.runtime.embedded import EmbeddedNats, free_port, nats_server_binary
+from cairn.runtime.eventlog.store import EventStore
+from cairn.runtime.settings import Settings
+from cairn.runtime.supervisor import EXAMPLE_AGENTS, Supervisor
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(60)]
 
@@ -497,7 +497,7 @@ async def test_bad_results_are_dead_lettered_and_acked_and_the_run_goes_on(cairn
     feed = await cairn.client.follow(run_id)
     try:
         for name in EXAMPLE_AGENTS:
-            cairn.supervisor.start(f"agent-{name}", f"cairn.agents.{name}")
+            cairn.supervisor.start(f"agent-{name}", f"cairn.agents.examples.{name}")
         last = await feed.next(timeout=30)
         while last.type not in ("RunCompleted", "RunFailed", "RunCancelled"):
             last = await feed.next(timeout=30)

@@ -12,7 +12,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cairn.coordinator.bench import (
+from cairn.benchmarks.logwork import LogFigures
+from cairn.benchmarks.report import Row
+from cairn.benchmarks.suite import (
     QUICK,
     LiveFigures,
     limit_rows,
@@ -21,8 +23,6 @@ from cairn.coordinator.bench import (
     peer_rows,
     step_rows,
 )
-from cairn.coordinator.bench_log import LogFigures
-from cairn.coordinator.bench_report import Row
 
 SECTIONS = {"limits", "per step", "throughput", "log", "memory", "peers"}
 # Rows whose figure does not depend on optional packages or on how fast the machine is.
@@ -54,7 +54,7 @@ def assert_explained(rows: list[dict[str, Any]]) -> None:
 def test_quick_bench_prints_and_writes_the_whole_table(tmp_path: Path) -> None:
     out = tmp_path / "results"
     done = subprocess.run(
-        [sys.executable, "-m", "cairn.coordinator.cli", "bench", "--quick", "--json",
+        [sys.executable, "-m", "cairn.cli", "bench", "--quick", "--json",
          "--home", str(tmp_path / "home"), "--out", str(out)],
         capture_output=True, text=True, timeout=110,
     )  # fmt: skip

@@ -16,9 +16,9 @@ import pytest
 import yaml
 from test_store_contract import POSTGRES, drop_schema, fresh_schema, require_postgres
 
-from cairn.coordinator.client import TERMINAL_TYPES, CairnClient
-from cairn.coordinator.embedded import EmbeddedNats, free_port
 from cairn.events import Intent
+from cairn.runtime.client import TERMINAL_TYPES, CairnClient
+from cairn.runtime.embedded import EmbeddedNats, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_STORE = "postgresql://cairn:cairn@postgres:5432/cairn"
@@ -131,7 +131,7 @@ async def test_compose_commands_run_the_example(
 
 
 def test_a_stale_health_file_is_unhealthy(tmp_path: Path) -> None:
-    from cairn.coordinator.health import Heartbeat, check
+    from cairn.runtime.health import Heartbeat, check
 
     path = tmp_path / "health"
     assert check(path) is not None  # not started

@@ -16,16 +16,17 @@ from pathlib import Path
 import pytest
 from views_backends import BACKENDS, backend_settings, raw_sql
 
-from cairn.coordinator.decisions import Policy, ResultFact, StartRunFact, decide, task_id
-from cairn.coordinator.pricing import PriceTable, load_price_table
-from cairn.coordinator.settings import Settings
-from cairn.coordinator.state import fold
-from cairn.coordinator.store import EventStore
+from cairn.coordinator.domain.decide import Policy, ResultFact, StartRunFact, decide, task_id
+from cairn.coordinator.domain.pricing import PriceTable
+from cairn.coordinator.domain.state import fold
+from cairn.coordinator.pricing import load_price_table
 from cairn.coordinator.workflow import parse_workflow
 from cairn.events import Event, Intent, TaskResult, Usage
 from cairn.events.contracts import resolve_contract
 from cairn.projections import ProjectionRunner, Views
 from cairn.projections.storage import open_recorder
+from cairn.runtime.eventlog.store import EventStore
+from cairn.runtime.settings import Settings
 
 POLICY = Policy(load_price_table(), resolve_contract)
 WORKFLOW = parse_workflow({"name": "w", "steps": [{"name": "a", "capability": "writer"}]})
@@ -106,7 +107,7 @@ def test_recomputing_under_another_price_table_is_a_query(
     )
     env = {**os.environ, **settings.env()}
     proc = subprocess.run(
-        [sys.executable, "-m", "cairn.coordinator.cli", "costs", "--by", "model",
+        [sys.executable, "-m", "cairn.cli", "costs", "--by", "model",
          "--prices", str(table), "--json"],
         capture_output=True, text=True, env=env, timeout=60,
     )  # fmt: skip

@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 from conftest import wait_until
 
-from cairn.coordinator.client import TERMINAL_TYPES, CairnClient
-from cairn.coordinator.processes import Supervisor
-from cairn.coordinator.settings import Settings
-from cairn.coordinator.store import EventStore
 from cairn.events import ApprovalGranted, Intent
 from cairn.projections import wait_for_views
 from cairn.projections.http import url_file
+from cairn.runtime.client import TERMINAL_TYPES, CairnClient
+from cairn.runtime.eventlog.store import EventStore
+from cairn.runtime.settings import Settings
+from cairn.runtime.supervisor import Supervisor
 
 pytestmark = pytest.mark.timeout(120)
 

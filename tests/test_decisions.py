@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from cairn.coordinator.decisions import (
+from cairn.coordinator.domain.decide import (
     CancelFact,
     Policy,
     Rejected,
@@ -21,8 +21,9 @@ from cairn.coordinator.decisions import (
     decide,
     task_id,
 )
-from cairn.coordinator.pricing import PriceTable, load_price_table
-from cairn.coordinator.state import EvolveError, RunState, evolve, fold
+from cairn.coordinator.domain.pricing import PriceTable
+from cairn.coordinator.domain.state import EvolveError, RunState, evolve, fold
+from cairn.coordinator.pricing import load_price_table
 from cairn.coordinator.workflow import WorkflowError, parse_workflow
 from cairn.events import (
     ContractViolated,

@@ -17,7 +17,7 @@ from conftest import process_alive
 def test_demo_runs_through_separate_processes_and_leaves_none(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NATS_", "CAIRN_"))}
     proc = subprocess.run(
-        [sys.executable, "-m", "cairn.coordinator.cli", "demo", "--json", "--yes",
+        [sys.executable, "-m", "cairn.cli", "demo", "--json", "--yes",
          "--home", str(tmp_path)],
         capture_output=True, text=True, env=env, timeout=110,
     )  # fmt: skip
@@ -44,7 +44,7 @@ def test_demo_runs_through_separate_processes_and_leaves_none(tmp_path: Path) ->
     assert not (tmp_path / "nats.url").exists()  # the embedded server is gone, so is its URL
     # The record outlives the processes: the query commands read it without NATS.
     shown = subprocess.run(
-        [sys.executable, "-m", "cairn.coordinator.cli", "show", summary["run_id"], "--json",
+        [sys.executable, "-m", "cairn.cli", "show", summary["run_id"], "--json",
          "--home", str(tmp_path)],
         capture_output=True, text=True, env=env, timeout=60,
     )  # fmt: skip
@@ -57,7 +57,7 @@ def test_demo_progress_display(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NATS_", "CAIRN_"))}
     env["COLUMNS"] = "120"
     proc = subprocess.run(
-        [sys.executable, "-m", "cairn.coordinator.cli", "demo", "--yes", "--home", str(tmp_path)],
+        [sys.executable, "-m", "cairn.cli", "demo", "--yes", "--home", str(tmp_path)],
         capture_output=True, text=True, env=env, timeout=110,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr

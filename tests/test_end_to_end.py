@@ -17,11 +17,7 @@ import pytest
 from chaos import table_rows
 from conftest import run_to_end
 
-from cairn.coordinator.client import CairnClient
 from cairn.coordinator.pricing import load_price_table
-from cairn.coordinator.processes import Supervisor
-from cairn.coordinator.settings import Settings
-from cairn.coordinator.store import EventStore
 from cairn.events import (
     CostCharged,
     Intent,
@@ -30,6 +26,10 @@ from cairn.events import (
     TaskDispatched,
 )
 from cairn.projections import Views, rebuild, wait_for_views
+from cairn.runtime.client import CairnClient
+from cairn.runtime.eventlog.store import EventStore
+from cairn.runtime.settings import Settings
+from cairn.runtime.supervisor import Supervisor
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -37,7 +37,7 @@ pytestmark = pytest.mark.timeout(120)
 def cli(settings: Settings, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, **settings.env(), "COLUMNS": "200"}
     proc = subprocess.run(
-        [sys.executable, "-m", "cairn.coordinator.cli", *args],
+        [sys.executable, "-m", "cairn.cli", *args],
         capture_output=True,
         text=True,
         env=env,
@@ -175,7 +175,7 @@ async def test_cancel_and_unknown_workflow_get_clear_replies(
 
 
 def test_cli_names_the_unreachable_nats_server(tmp_path: Path) -> None:
-    from cairn.coordinator.embedded import free_port
+    from cairn.runtime.embedded import free_port
 
     url = f"nats://127.0.0.1:{free_port()}"
     settings = Settings(home=tmp_path, nats_url=url)

@@ -35,14 +35,7 @@ from chaos import (
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, StreamConfig
 
-from cairn.coordinator.client import CairnClient, EventFeed
-from cairn.coordinator.embedded import EmbeddedNats
-from cairn.coordinator.nats_client import connect
 from cairn.coordinator.pricing import load_price_table
-from cairn.coordinator.processes import Supervisor
-from cairn.coordinator.pull import StandingPull
-from cairn.coordinator.settings import Settings
-from cairn.coordinator.store import EventStore, StoreUnavailableError
 from cairn.coordinator.workflow import builtin_workflows
 from cairn.events import (
     DLQ_STREAM,
@@ -59,6 +52,13 @@ from cairn.events import (
     WorkflowSpec,
 )
 from cairn.projections import Views, rebuild, wait_for_views
+from cairn.runtime.client import CairnClient, EventFeed
+from cairn.runtime.connection import connect
+from cairn.runtime.embedded import EmbeddedNats
+from cairn.runtime.eventlog.store import EventStore, StoreUnavailableError
+from cairn.runtime.pull import StandingPull
+from cairn.runtime.settings import Settings
+from cairn.runtime.supervisor import Supervisor
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -306,7 +306,7 @@ async def test_a_replayed_result_is_ignored_and_charged_once(
     await client.wait_ready(timeout=30)  # the store exists before the projections open it
     supervisor.start("projections", "cairn.projections")
     for name in ("planner", "researcher", "writer"):  # no reviewer yet: the run waits there
-        supervisor.start(f"agent-{name}", f"cairn.agents.{name}")
+        supervisor.start(f"agent-{name}", f"cairn.agents.examples.{name}")
     js = client.nc.jetstream()
 
     seen: dict[str, Msg] = {}
@@ -336,7 +336,7 @@ async def test_a_replayed_result_is_ignored_and_charged_once(
     assert ignored.event["task_id"] == f"{run_id}:plan:1"
     assert ignored.event["reason"] == "duplicate result: the attempt was already completed"
 
-    supervisor.start("agent-reviewer", "cairn.agents.reviewer")
+    supervisor.start("agent-reviewer", "cairn.agents.examples.reviewer")
     await next_of(feed, "RunCompleted")
     last = seen["review"]
     await js.publish(last.subject, last.data, headers={"Nats-Msg-Id": f"replay-{uuid.uuid4()}"})

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from cairn.coordinator.client import TERMINAL_TYPES, CairnClient
-from cairn.coordinator.processes import Supervisor
-from cairn.coordinator.settings import Settings
-from cairn.coordinator.store import EventStore
 from cairn.events import CostCharged, OutputCarried, RunStarted, TaskCompleted
+from cairn.runtime.client import TERMINAL_TYPES, CairnClient
+from cairn.runtime.eventlog.store import EventStore
+from cairn.runtime.settings import Settings
+from cairn.runtime.supervisor import Supervisor
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -51,7 +51,7 @@ async def test_fork_takes_over_done_steps_and_reruns_what_an_override_invalidate
     override.write_text(json.dumps(fixed))
     env = {**os.environ, **settings.env()}
     proc = subprocess.run(
-        [sys.executable, "-m", "cairn.coordinator.cli", "fork", str(parent), "--at",
+        [sys.executable, "-m", "cairn.cli", "fork", str(parent), "--at",
          str(research_done), "--override", f"research={override}", "--json"],
         capture_output=True, text=True, env=env, timeout=60,
     )  # fmt: skip
@@ -83,9 +83,9 @@ async def test_fork_takes_over_done_steps_and_reruns_what_an_override_invalidate
     assert write_input["findings"] == fixed["findings"]
 
     # A forked run replays like any other: its carried outputs are part of its start.
-    from cairn.coordinator.decisions import Policy
+    from cairn.coordinator.domain.decide import Policy
+    from cairn.coordinator.history.replay import check_history
     from cairn.coordinator.pricing import load_price_table
-    from cairn.coordinator.replay import check_history
     from cairn.coordinator.workflow import load_contract_modules
     from cairn.events.contracts import resolve_contract
 
@@ -97,7 +97,7 @@ async def test_fork_takes_over_done_steps_and_reruns_what_an_override_invalidate
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"findings": []}))
     refused = subprocess.run(
-        [sys.executable, "-m", "cairn.coordinator.cli", "fork", str(parent), "--at", "3",
+        [sys.executable, "-m", "cairn.cli", "fork", str(parent), "--at", "3",
          "--override", f"research={bad}"],
         capture_output=True, text=True, env=env, timeout=60,
     )  # fmt: skip
@@ -109,7 +109,7 @@ async def test_fork_takes_over_done_steps_and_reruns_what_an_override_invalidate
 def fork_cli(settings: Settings, *args: str, code: int = 0) -> str:
     env = {**os.environ, **settings.env()}
     proc = subprocess.run(
-        [sys.executable, "-m", "cairn.coordinator.cli", "fork", *args],
+        [sys.executable, "-m", "cairn.cli", "fork", *args],
         capture_output=True, text=True, env=env, timeout=60,
     )  # fmt: skip
     assert proc.returncode == code, proc.stdout + proc.stderr
@@ -175,9 +175,9 @@ async def test_fork_with_another_model_reruns_the_step_and_what_was_built_from_i
     redone = next(e for e in events if isinstance(e, TaskCompleted) and e.step == "research")
     assert redone.output_hash != research_done.output_hash  # another model, another answer
 
-    from cairn.coordinator.decisions import Policy
+    from cairn.coordinator.domain.decide import Policy
+    from cairn.coordinator.history.replay import check_history
     from cairn.coordinator.pricing import load_price_table
-    from cairn.coordinator.replay import check_history
     from cairn.coordinator.workflow import load_contract_modules
     from cairn.events.contracts import resolve_contract
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from cairn.coordinator.decisions import (
+from cairn.coordinator.domain.decide import (
     ApprovalFact,
     BudgetFact,
     Policy,
@@ -21,8 +21,8 @@ from cairn.coordinator.decisions import (
     decide,
     task_id,
 )
+from cairn.coordinator.domain.state import RunState, fold
 from cairn.coordinator.pricing import load_price_table
-from cairn.coordinator.state import RunState, fold
 from cairn.coordinator.workflow import parse_workflow
 from cairn.events import (
     ApprovalRequested,

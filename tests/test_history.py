@@ -18,19 +18,15 @@ import pytest
 import yaml
 from histories import doubled_prices, many_runs, simulate
 
-from cairn.coordinator.chain import check_chain, verify_store
-from cairn.coordinator.cli_history import jsonable
-from cairn.coordinator.client import TERMINAL_TYPES, CairnClient
-from cairn.coordinator.portable import (
+from cairn.cli.history import jsonable
+from cairn.coordinator.domain.state import fold
+from cairn.coordinator.history.portable import (
     PortableError,
     export_lines,
     import_history,
     read_history,
 )
-from cairn.coordinator.processes import Supervisor
-from cairn.coordinator.settings import Settings
-from cairn.coordinator.state import fold
-from cairn.coordinator.store import EventStore
+from cairn.coordinator.history.verify import check_chain, verify_store
 from cairn.events import (
     CostCharged,
     Event,
@@ -41,6 +37,10 @@ from cairn.events import (
 )
 from cairn.events import base as events_base
 from cairn.events.codec import link_hash, was_upcast
+from cairn.runtime.client import TERMINAL_TYPES, CairnClient
+from cairn.runtime.eventlog.store import EventStore
+from cairn.runtime.settings import Settings
+from cairn.runtime.supervisor import Supervisor
 
 RUN = uuid.UUID("00000000-0000-4000-8000-0000000c0ffe")
 SEED = 11  # a run with retries and charges
@@ -54,7 +54,7 @@ def cli(home: Path, *args: str, code: int = 0, stdin: bytes | None = None) -> st
         "COLUMNS": "200",
     }
     proc = subprocess.run(
-        [sys.executable, "-m", "cairn.coordinator.cli", *args],
+        [sys.executable, "-m", "cairn.cli", *args],
         capture_output=True,
         env=env,
         input=stdin,
@@ -453,9 +453,9 @@ def test_events_written_before_steps_could_name_a_model_read_link_and_replay(
 ) -> None:
     from histories import POLICY
 
-    from cairn.coordinator.replay import check_history
-    from cairn.coordinator.store import StoredRow
+    from cairn.coordinator.history.replay import check_history
     from cairn.events import encode_event, topic_of
+    from cairn.runtime.eventlog.store import StoredRow
 
     older = {"RunStarted", "TaskDispatched", "ResultReceived", "StepAdmitted"}
     rows: list[StoredRow] = []

@@ -16,13 +16,13 @@ import httpx
 import pytest
 from conftest import wait_until
 
-from cairn.coordinator.client import TERMINAL_TYPES, CairnClient, EventFeed
-from cairn.coordinator.processes import Supervisor
-from cairn.coordinator.settings import Settings
-from cairn.coordinator.store import EventStore
 from cairn.events import ApprovalGranted, Budget, EventNotice, Intent
 from cairn.projections import wait_for_views
 from cairn.projections.http import Tokens, create_app, url_file
+from cairn.runtime.client import TERMINAL_TYPES, CairnClient, EventFeed
+from cairn.runtime.eventlog.store import EventStore
+from cairn.runtime.settings import Settings
+from cairn.runtime.supervisor import Supervisor
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -25,7 +25,7 @@ from cairn.agents import (
     OpenAICompatibleClient,
     llm_from_env,
 )
-from cairn.coordinator.embedded import free_port
+from cairn.runtime.embedded import free_port
 
 # -- offline model ---------------------------------------------------------------------------
 

@@ -29,29 +29,7 @@ from nats.aio.msg import Msg
 from typer.testing import CliRunner
 
 from cairn.agents.worker import declare_agent_consumer
-from cairn.coordinator.cli import app
-from cairn.coordinator.client import TERMINAL_TYPES, CairnClient
-from cairn.coordinator.embedded import EmbeddedNats, free_port, nats_server_binary
-from cairn.coordinator.nats_auth import (
-    ROLE_ADMIN,
-    ROLE_COORDINATOR,
-    ROLE_OBSERVER,
-    Credentials,
-    Deployment,
-    NatsEndpoint,
-    ServerOptions,
-    agent_role,
-    write_deployment,
-)
-from cairn.coordinator.nats_client import (
-    NatsAuthError,
-    connect,
-    connect_options,
-    declare_streams,
-)
-from cairn.coordinator.processes import EXAMPLE_AGENTS, Supervisor, service_modules
-from cairn.coordinator.settings import Settings
-from cairn.coordinator.store import EventStore
+from cairn.cli import app
 from cairn.events import (
     DLQ_STREAM,
     TASKS_STREAM,
@@ -64,6 +42,28 @@ from cairn.events import (
     task_subject,
 )
 from cairn.projections import Views, wait_for_views
+from cairn.runtime.client import TERMINAL_TYPES, CairnClient
+from cairn.runtime.connection import (
+    NatsAuthError,
+    connect,
+    connect_options,
+    declare_streams,
+)
+from cairn.runtime.embedded import EmbeddedNats, free_port, nats_server_binary
+from cairn.runtime.eventlog.store import EventStore
+from cairn.runtime.roles import (
+    ROLE_ADMIN,
+    ROLE_COORDINATOR,
+    ROLE_OBSERVER,
+    Credentials,
+    Deployment,
+    NatsEndpoint,
+    ServerOptions,
+    agent_role,
+    write_deployment,
+)
+from cairn.runtime.settings import Settings
+from cairn.runtime.supervisor import EXAMPLE_AGENTS, Supervisor, service_modules
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -15,12 +15,12 @@ from typing import Any
 
 import pytest
 
-from cairn.coordinator.client import TERMINAL_TYPES, CairnClient
-from cairn.coordinator.processes import Supervisor
-from cairn.coordinator.settings import Settings
-from cairn.coordinator.store import EventStore
 from cairn.events import Budget, EventNotice, Intent, WorkflowSpec
 from cairn.projections import Views, wait_for_views
+from cairn.runtime.client import TERMINAL_TYPES, CairnClient
+from cairn.runtime.eventlog.store import EventStore
+from cairn.runtime.settings import Settings
+from cairn.runtime.supervisor import Supervisor
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.timeout(90)
 def cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, **settings.env(), "COLUMNS": "200"}
     return subprocess.run(
-        [sys.executable, "-m", "cairn.coordinator.cli", *args],
+        [sys.executable, "-m", "cairn.cli", *args],
         capture_output=True, text=True, env=env, timeout=60,
     )  # fmt: skip
 

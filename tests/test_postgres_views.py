@@ -24,8 +24,6 @@ from histories import many_runs, total_cost
 from test_store_contract import POSTGRES
 from views_backends import backend_settings, drop_schemas, dump, fresh_schema, require_postgres
 
-from cairn.coordinator.settings import Settings
-from cairn.coordinator.store import EventStore, store_env
 from cairn.events import Event, RunCancelled
 from cairn.projections import (
     CostKey,
@@ -37,6 +35,8 @@ from cairn.projections import (
 )
 from cairn.projections.projection import fold
 from cairn.projections.storage import open_recorder
+from cairn.runtime.eventlog.store import EventStore, store_env
+from cairn.runtime.settings import Settings
 
 pytestmark = pytest.mark.timeout(90)
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -280,7 +280,7 @@ def cli(settings: Settings, *args: str) -> Any:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CAIRN_", "NATS_"))}
     env.update(settings.env())
     proc = subprocess.run(
-        [sys.executable, "-m", "cairn.coordinator.cli", *args, "--json"],
+        [sys.executable, "-m", "cairn.cli", *args, "--json"],
         capture_output=True, text=True, env=env, timeout=60, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr + proc.stdout
@@ -292,10 +292,10 @@ async def test_a_run_through_processes_with_store_and_views_in_postgresql(
 ) -> None:
     """The coordinator, the projection runner and agents as processes; the store in one
     schema, the views in another; the CLI answers from the PostgreSQL views."""
-    from cairn.coordinator.client import CairnClient
-    from cairn.coordinator.embedded import EmbeddedNats
-    from cairn.coordinator.processes import Supervisor
     from cairn.projections import wait_for_views
+    from cairn.runtime.client import CairnClient
+    from cairn.runtime.embedded import EmbeddedNats
+    from cairn.runtime.supervisor import Supervisor
 
     require_postgres()
     schema = fresh_schema()

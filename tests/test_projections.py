@@ -22,8 +22,6 @@ from typing import Any
 import pytest
 from views_backends import BACKENDS, backend_settings, dump, other_views, raw_sql
 
-from cairn.coordinator.settings import Settings
-from cairn.coordinator.store import EventStore, LoggedEvent
 from cairn.events import (
     ContractViolated,
     CostCharged,
@@ -54,6 +52,8 @@ from cairn.projections import (
 )
 from cairn.projections.projection import fold
 from cairn.projections.storage import open_recorder
+from cairn.runtime.eventlog.store import EventStore, LoggedEvent
+from cairn.runtime.settings import Settings
 
 T0 = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 WORKFLOW = WorkflowSpec(

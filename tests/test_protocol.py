@@ -14,10 +14,6 @@ from typing import Any, cast
 import pytest
 from pydantic import BaseModel
 
-from cairn.coordinator.client import TERMINAL_TYPES, CairnClient
-from cairn.coordinator.processes import Supervisor
-from cairn.coordinator.settings import Settings
-from cairn.coordinator.store import EventStore
 from cairn.events import (
     DeadLetter,
     EventNotice,
@@ -29,6 +25,10 @@ from cairn.events import (
     wire,
 )
 from cairn.events.asyncapi import SCHEMA_REF, asyncapi_document, command_subjects
+from cairn.runtime.client import TERMINAL_TYPES, CairnClient
+from cairn.runtime.eventlog.store import EventStore
+from cairn.runtime.settings import Settings
+from cairn.runtime.supervisor import Supervisor
 
 PLAIN_AGENT = Path(__file__).with_name("plain_agent.py")
 # The subject functions called with `{parameter}` placeholders, as the document writes them.
@@ -41,7 +41,7 @@ DLQ = protocol.dlq_subject("{source}")
 
 def cairn_cli(*args: str) -> str:
     proc = subprocess.run(
-        [sys.executable, "-m", "cairn.coordinator.cli", *args],
+        [sys.executable, "-m", "cairn.cli", *args],
         capture_output=True,
         text=True,
         timeout=60,
@@ -155,7 +155,7 @@ async def test_an_agent_in_plain_nats_completes_a_step(
     supervisor.start("coordinator", "cairn.coordinator")
     await client.wait_ready(timeout=30)
     for name in ("researcher", "writer", "reviewer"):
-        supervisor.start(f"agent-{name}", f"cairn.agents.{name}")
+        supervisor.start(f"agent-{name}", f"cairn.agents.examples.{name}")
     agent_id = f"plain-planner-{uuid.uuid4().hex[:6]}"
     plain = subprocess.Popen(
         [sys.executable, str(PLAIN_AGENT), settings.resolved_nats_url() or "", agent_id],

@@ -9,12 +9,12 @@ from collections import Counter
 
 import pytest
 
-from cairn.coordinator.client import CairnClient
 from cairn.coordinator.outbox import OUTBOX_POSITION
-from cairn.coordinator.processes import EXAMPLE_AGENTS, Supervisor
-from cairn.coordinator.settings import Settings
-from cairn.coordinator.store import EventStore
 from cairn.events import TASKS_STREAM, Intent, TaskCompleted, TaskDispatched, WorkflowSpec
+from cairn.runtime.client import CairnClient
+from cairn.runtime.eventlog.store import EventStore
+from cairn.runtime.settings import Settings
+from cairn.runtime.supervisor import EXAMPLE_AGENTS, Supervisor
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -23,7 +23,7 @@ FAST_RESULTS = {"CAIRN_RESULT_ACK_WAIT": "2"}
 
 def start_agents(sup: Supervisor) -> None:
     for name in EXAMPLE_AGENTS:
-        sup.start(f"agent-{name}", f"cairn.agents.{name}")
+        sup.start(f"agent-{name}", f"cairn.agents.examples.{name}")
 
 
 async def wait_for_exit(sup: Supervisor, name: str, timeout: float = 30) -> int:

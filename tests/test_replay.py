@@ -13,7 +13,7 @@ import pytest
 from histories import PIPELINE, POLICY, T0, doubled_prices, many_runs, simulate
 from pydantic import BaseModel, ConfigDict
 
-from cairn.coordinator.decisions import (
+from cairn.coordinator.domain.decide import (
     ApprovalFact,
     BudgetFact,
     CancelFact,
@@ -25,16 +25,15 @@ from cairn.coordinator.decisions import (
     decide,
     task_id,
 )
-from cairn.coordinator.pricing import load_price_table
-from cairn.coordinator.replay import (
+from cairn.coordinator.domain.state import RunState, evolve, fold
+from cairn.coordinator.history.replay import (
     ReplayPolicyError,
     check_history,
     fact_for,
     price_tables_named,
     replay_policy,
 )
-from cairn.coordinator.state import RunState, evolve, fold
-from cairn.coordinator.store import EventStore
+from cairn.coordinator.pricing import load_price_table
 from cairn.coordinator.workflow import parse_workflow
 from cairn.events import (
     ApprovalRequested,
@@ -54,6 +53,7 @@ from cairn.events import (
     event_hash,
 )
 from cairn.events.contracts import resolve_contract
+from cairn.runtime.eventlog.store import EventStore
 
 RUN = uuid.UUID("00000000-0000-4000-8000-00000000abcd")
 

@@ -12,15 +12,15 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from cairn.coordinator.decisions import Policy, ResultFact, StartRunFact, decide, task_id
+from cairn.coordinator.domain.decide import Policy, ResultFact, StartRunFact, decide, task_id
+from cairn.coordinator.domain.state import fold
+from cairn.coordinator.history.diff import diff_runs
 from cairn.coordinator.pricing import load_price_table
-from cairn.coordinator.rundiff import diff_runs
-from cairn.coordinator.settings import Settings
-from cairn.coordinator.state import fold
-from cairn.coordinator.store import EventStore
 from cairn.coordinator.workflow import parse_workflow
 from cairn.events import Event, Intent, TaskError, TaskResult, Usage
 from cairn.events.contracts import resolve_contract
+from cairn.runtime.eventlog.store import EventStore
+from cairn.runtime.settings import Settings
 
 T0 = datetime(2026, 2, 1, tzinfo=UTC)
 POLICY = Policy(load_price_table(), resolve_contract)
@@ -85,7 +85,7 @@ def test_diff_command(tmp_path: Path) -> None:
     store.close()
     env = {**os.environ, **settings.env(), "COLUMNS": "200"}
     proc = subprocess.run(
-        [sys.executable, "-m", "cairn.coordinator.cli", "diff", str(a[0].run_id),
+        [sys.executable, "-m", "cairn.cli", "diff", str(a[0].run_id),
          str(b[0].run_id)[:8], "--json"],
         capture_output=True, text=True, env=env, timeout=60,
     )  # fmt: skip

@@ -14,13 +14,13 @@ from chaos import COORDINATOR_ENV, TERMINAL, check_log, slow_agent_env
 from nats.aio.msg import Msg
 from test_store_contract import POSTGRES, drop_schema, fresh_schema, require_postgres
 
-from cairn.coordinator.chain import check_chain
-from cairn.coordinator.client import CairnClient
-from cairn.coordinator.embedded import EmbeddedNats
-from cairn.coordinator.processes import EXAMPLE_AGENTS, Supervisor
-from cairn.coordinator.settings import Settings
-from cairn.coordinator.store import EventStore
+from cairn.coordinator.history.verify import check_chain
 from cairn.events import RunCompleted, TaskDispatched
+from cairn.runtime.client import CairnClient
+from cairn.runtime.embedded import EmbeddedNats
+from cairn.runtime.eventlog.store import EventStore
+from cairn.runtime.settings import Settings
+from cairn.runtime.supervisor import EXAMPLE_AGENTS, Supervisor
 
 RUNS = 50
 
@@ -153,7 +153,7 @@ async def test_a_task_committed_by_a_coordinator_that_died_is_sent_by_the_other(
             )
             await wait_for_log(sup, "coordinator-2", "coordinator ready:")
             for name in EXAMPLE_AGENTS:
-                sup.start(f"agent-{name}", f"cairn.agents.{name}")
+                sup.start(f"agent-{name}", f"cairn.agents.examples.{name}")
             orphan = None
             for i in range(40):  # starts go to either; the first one coordinator-2 takes kills it
                 run_id = uuid.uuid4()

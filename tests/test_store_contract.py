@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 from conftest import run_to_end
 
-from cairn.coordinator.store import ConcurrencyError, EventStore
 from cairn.events import Event, RunCancelled, RunCompleted, RunFailed
+from cairn.runtime.eventlog.store import ConcurrencyError, EventStore
 
 POSTGRES = os.environ.get("CAIRN_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -162,11 +162,11 @@ def test_decimal_and_nested_values_survive(store: EventStore) -> None:
 @pytest.mark.timeout(90)
 async def test_a_run_through_processes_on_postgresql(tmp_path: Path) -> None:
     """The coordinator, projections and agents against a PostgreSQL event store."""
-    from cairn.coordinator.client import CairnClient
-    from cairn.coordinator.embedded import EmbeddedNats
-    from cairn.coordinator.processes import Supervisor
-    from cairn.coordinator.settings import Settings
     from cairn.projections import Views, wait_for_views
+    from cairn.runtime.client import CairnClient
+    from cairn.runtime.embedded import EmbeddedNats
+    from cairn.runtime.settings import Settings
+    from cairn.runtime.supervisor import Supervisor
 
     require_postgres()
     schema = fresh_schema()
@@ -215,9 +215,9 @@ def started(run: uuid.UUID) -> Event:
 
 
 def test_rows_are_kept_as_given_and_read_back_raw(store: EventStore) -> None:
-    from cairn.coordinator.chain import verify_store
-    from cairn.coordinator.store import StoredRow
+    from cairn.coordinator.history.verify import verify_store
     from cairn.events import canonical_json, encode_event, event_hash
+    from cairn.runtime.eventlog.store import StoredRow
 
     run = uuid.uuid4()
     first = started(run)
@@ -240,7 +240,7 @@ def test_rows_are_kept_as_given_and_read_back_raw(store: EventStore) -> None:
 
 
 def test_run_ids_and_prefixes(store: EventStore) -> None:
-    from cairn.coordinator.store import RunNotFoundError
+    from cairn.runtime.eventlog.store import RunNotFoundError
 
     a = uuid.UUID("abcdef00-0000-4000-8000-000000000001")
     b = uuid.UUID("abcdef00-0000-4000-8000-000000000002")
@@ -325,9 +325,9 @@ def big_history(run: uuid.UUID, output: dict[str, Any] = BIG) -> list[Event]:
 
 
 def test_a_large_output_is_stored_once_apart_and_read_back_whole(store_url: str) -> None:
-    from cairn.coordinator.blobs import MARKER
-    from cairn.coordinator.chain import verify_store
+    from cairn.coordinator.history.verify import verify_store
     from cairn.events import content_hash, encode_event, event_hash
+    from cairn.runtime.eventlog.blobs import MARKER
 
     store = EventStore(store_url, blob_threshold=1024)
     try:
@@ -380,9 +380,9 @@ def test_histories_round_trip_whether_outputs_are_kept_apart_or_not(
 
     from histories import POLICY, simulate
 
-    from cairn.coordinator.blobs import MARKER
-    from cairn.coordinator.portable import export_lines
-    from cairn.coordinator.replay import check_history
+    from cairn.coordinator.history.portable import export_lines
+    from cairn.coordinator.history.replay import check_history
+    from cairn.runtime.eventlog.blobs import MARKER
 
     run = uuid.uuid4()
     history = simulate(run, seed=11, trouble=0.5)
@@ -405,7 +405,7 @@ def test_histories_round_trip_whether_outputs_are_kept_apart_or_not(
         env = {**os.environ, "CAIRN_HOME": str(tmp_path / "home"), "CAIRN_STORE": url,
                "CAIRN_BLOB_THRESHOLD": "40"}  # fmt: skip
         proc = subprocess.run(
-            [sys.executable, "-m", "cairn.coordinator.cli", *args],
+            [sys.executable, "-m", "cairn.cli", *args],
             capture_output=True, env=env, timeout=60,
         )  # fmt: skip
         assert proc.returncode == 0, proc.stderr.decode()
@@ -428,9 +428,9 @@ def test_histories_round_trip_whether_outputs_are_kept_apart_or_not(
 def test_a_changed_or_missing_output_breaks_the_chain(store_url: str) -> None:
     import hashlib
 
-    from cairn.coordinator.chain import verify_store
-    from cairn.coordinator.store import BlobError
+    from cairn.coordinator.history.verify import verify_store
     from cairn.events import canonical_json, content_hash
+    from cairn.runtime.eventlog.store import BlobError
 
     store = EventStore(store_url, blob_threshold=1024)
     try:
@@ -464,9 +464,9 @@ def test_a_changed_or_missing_output_breaks_the_chain(store_url: str) -> None:
 
 
 def test_the_blob_threshold_setting(store_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    from cairn.coordinator.blobs import MARKER
-    from cairn.coordinator.settings import DEFAULT_BLOB_THRESHOLD
-    from cairn.coordinator.store import StoreUnavailableError
+    from cairn.runtime.eventlog.blobs import MARKER
+    from cairn.runtime.eventlog.store import StoreUnavailableError
+    from cairn.runtime.settings import DEFAULT_BLOB_THRESHOLD
 
     def kept_apart(store: EventStore, output: dict[str, Any]) -> bool:
         run = uuid.uuid4()

@@ -19,12 +19,8 @@ from conftest import run_to_end
 from test_governance import POLICY, RUN, T0, approve, result, state_of, types, wf
 from test_oversight import cli, next_of
 
-from cairn.coordinator.client import CairnClient
-from cairn.coordinator.decisions import StartRunFact, TenantAllowance, decide
-from cairn.coordinator.processes import Supervisor
-from cairn.coordinator.replay import check_history
-from cairn.coordinator.settings import Settings
-from cairn.coordinator.store import EventStore
+from cairn.coordinator.domain.decide import StartRunFact, TenantAllowance, decide
+from cairn.coordinator.history.replay import check_history
 from cairn.coordinator.tenants import (
     TenantLedger,
     TenantLimit,
@@ -44,6 +40,10 @@ from cairn.events import (
     WorkflowSpec,
 )
 from cairn.projections import wait_for_views
+from cairn.runtime.client import CairnClient
+from cairn.runtime.eventlog.store import EventStore
+from cairn.runtime.settings import Settings
+from cairn.runtime.supervisor import Supervisor
 
 TWO = wf({"name": "a", "capability": "x"}, {"name": "b", "capability": "y", "needs": ["a"]})
 PARALLEL = wf({"name": "a", "capability": "x"}, {"name": "b", "capability": "y", "needs": []})

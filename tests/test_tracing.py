@@ -32,11 +32,9 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFlags
 
-from cairn.coordinator import tracing
-from cairn.coordinator.bench_log import pipeline_spec
-from cairn.coordinator.chain import verify_store
-from cairn.coordinator.client import CairnClient
-from cairn.coordinator.decisions import (
+from cairn.benchmarks.logwork import pipeline_spec
+from cairn.coordinator import spans as coordinator_spans
+from cairn.coordinator.domain.decide import (
     CancelFact,
     Policy,
     ResultFact,
@@ -45,12 +43,10 @@ from cairn.coordinator.decisions import (
     decide,
     decide_with_state,
 )
+from cairn.coordinator.domain.state import fold
+from cairn.coordinator.history.replay import check_history
+from cairn.coordinator.history.verify import verify_store
 from cairn.coordinator.pricing import load_price_table
-from cairn.coordinator.processes import Supervisor
-from cairn.coordinator.replay import check_history
-from cairn.coordinator.settings import Settings
-from cairn.coordinator.state import fold
-from cairn.coordinator.store import EventStore
 from cairn.events import (
     CostCharged,
     Event,
@@ -67,6 +63,11 @@ from cairn.events import (
 )
 from cairn.events.contracts import resolve_contract
 from cairn.projections import Views, wait_for_views
+from cairn.runtime import tracing
+from cairn.runtime.client import CairnClient
+from cairn.runtime.eventlog.store import EventStore
+from cairn.runtime.settings import Settings
+from cairn.runtime.supervisor import Supervisor
 
 KINDS = {1: "internal", 2: "server", 3: "client", 4: "producer", 5: "consumer"}
 AGENTS = ("planner", "researcher", "writer", "reviewer")
@@ -185,7 +186,7 @@ def otel_env(monkeypatch: pytest.MonkeyPatch, endpoint: str, **extra: str) -> No
 def cli(settings: Settings, *args: str) -> str:
     env = {**os.environ, **settings.env(), "COLUMNS": "200"}
     proc = subprocess.run(
-        [sys.executable, "-m", "cairn.coordinator.cli", *args],
+        [sys.executable, "-m", "cairn.cli", *args],
         capture_output=True,
         text=True,
         env=env,
@@ -364,7 +365,7 @@ async def test_tracing_off_records_no_trace_id_and_sends_nothing(
     # An endpoint is configured, but the SDK is switched off: the standard way to turn it off.
     otel_env(monkeypatch, endpoint, OTEL_SDK_DISABLED="true")
     supervisor.start("coordinator", "cairn.coordinator")
-    supervisor.start("agent-echo", "cairn.agents.echo")
+    supervisor.start("agent-echo", "cairn.agents.examples.echo")
     await client.wait_ready(timeout=30)
     caller = SpanContext(int(uuid.uuid4().hex, 16), 1, True, TraceFlags(1))
     with trace.use_span(NonRecordingSpan(caller)):  # a traced caller changes nothing either
@@ -518,21 +519,24 @@ def test_decisions_are_traced_under_the_run_root_or_the_span_that_caused_them(
     spans: InMemorySpanExporter,
 ) -> None:
     policy = _policy()
-    with tracing.deciding(None, _start(TRACE, ROOT)) as traced:
+    with coordinator_spans.deciding(None, _start(TRACE, ROOT)) as traced:
         events, state = decide_with_state(None, _start(TRACE, ROOT), policy)
         traced.decided(events)
     assert state is not None
     # A timer has no message behind it: its decision is a child of the run's root.
     timer = TimerFact(run_id=RUN, step="s1", attempt=1, kind="timeout", at=AT)
-    with tracing.deciding(state, timer) as traced:
+    with coordinator_spans.deciding(state, timer) as traced:
         traced.decided(decide(state, timer, policy))
     # A command from another trace: under the root, linked to the command's span.
     command = SpanContext(int("1" * 32, 16), int("2" * 16, 16), True, TraceFlags(1))
     cancel = CancelFact(run_id=RUN, requested_by="client:x", at=AT)
-    with trace.use_span(NonRecordingSpan(command)), tracing.deciding(state, cancel) as traced:
+    with (
+        trace.use_span(NonRecordingSpan(command)),
+        coordinator_spans.deciding(state, cancel) as traced,
+    ):
         traced.decided(decide(state, cancel, policy))
     # An untraced run gets no spans.
-    with tracing.deciding(None, _start()) as traced:
+    with coordinator_spans.deciding(None, _start()) as traced:
         traced.decided(decide(None, _start(), policy))
     started, timed, cancelled = spans.get_finished_spans()
     for span in (started, timed, cancelled):
@@ -554,9 +558,9 @@ def test_decisions_are_traced_under_the_run_root_or_the_span_that_caused_them(
     # The task the start dispatched carries the decision's span as its parent.
     dispatched = next(e for e in events if isinstance(e, TaskDispatched))
     headers: dict[str, str] = {}
-    tracing.task_headers(dispatched, headers, state)
+    coordinator_spans.task_headers(dispatched, headers, state)
     assert headers["traceparent"] == f"00-{TRACE}-{started.context.span_id:016x}-01"
     # Sent again by other than its decision (after a restart): under the run's root.
     copy = dispatched.model_copy()
-    tracing.task_headers(copy, headers := {}, state)
+    coordinator_spans.task_headers(copy, headers := {}, state)
     assert headers["traceparent"] == f"00-{TRACE}-{ROOT}-01"

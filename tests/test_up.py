@@ -15,7 +15,7 @@ import httpx
 import pytest
 from conftest import process_alive
 
-from cairn.coordinator.embedded import EmbeddedNats
+from cairn.runtime.embedded import EmbeddedNats
 
 
 @pytest.mark.timeout(120)
@@ -24,7 +24,7 @@ def test_up_serves_runs_until_interrupted(tmp_path: Path) -> None:
     env["CAIRN_HOME"] = str(tmp_path)
     log = (tmp_path / "up.out").open("w")
     up = subprocess.Popen(
-        [sys.executable, "-m", "cairn.coordinator.cli", "up"],
+        [sys.executable, "-m", "cairn.cli", "up"],
         stdout=log, stderr=subprocess.STDOUT, env=env, text=True,
     )  # fmt: skip
     try:
@@ -44,7 +44,7 @@ def test_up_serves_runs_until_interrupted(tmp_path: Path) -> None:
         assert (tmp_path / "nats.url").read_text().startswith("nats://127.0.0.1:")
 
         run = subprocess.run(
-            [sys.executable, "-m", "cairn.coordinator.cli", "run", "research-report",
+            [sys.executable, "-m", "cairn.cli", "run", "research-report",
              "--input", '{"topic": "comets"}', "--wait", "--json"],
             capture_output=True, text=True, env=env, timeout=60,
         )  # fmt: skip
@@ -80,7 +80,7 @@ def test_coordinator_names_an_unusable_store(tmp_path: Path, nats_server: Embedd
 
 
 def test_store_error_names_the_file(tmp_path: Path) -> None:
-    from cairn.coordinator.store import EventStore, StoreUnavailableError
+    from cairn.runtime.eventlog.store import EventStore, StoreUnavailableError
 
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")

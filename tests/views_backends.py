@@ -16,7 +16,7 @@ from typing import Any
 
 from test_store_contract import POSTGRES, fresh_schema, require_postgres
 
-from cairn.coordinator.settings import Settings
+from cairn.runtime.settings import Settings
 
 BACKENDS = ["sqlite", "postgres"]
 VIEW_TABLES = {"runs": "run_id", "steps": "run_id, step", "costs": "position", "audit": "position"}

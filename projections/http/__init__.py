@@ -5,8 +5,8 @@ JSON endpoints over the views and the coordinator's commands (OpenAPI at `/opena
 request needs a bearer token (or the dashboard's login cookie) with a role: see `auth`.
 """
 
-from .app import create_app
-from .auth import (
+from cairn.projections.http.app import create_app
+from cairn.projections.http.auth import (
     TOKENS_ENV,
     TOKENS_FILE_ENV,
     Grant,
@@ -16,7 +16,7 @@ from .auth import (
     dev_token_file,
     load_tokens,
 )
-from .server import DEFAULT_HOST, DEFAULT_PORT, ServeError, serve, url_file
+from cairn.projections.http.server import DEFAULT_HOST, DEFAULT_PORT, ServeError, serve, url_file
 
 __all__ = [
     "DEFAULT_HOST",

@@ -14,10 +14,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from cairn.coordinator.settings import Settings
-
-from .auth import TokenConfigError, load_tokens
-from .server import DEFAULT_HOST, DEFAULT_PORT, ServeError, serve
+from cairn.projections.http.auth import TokenConfigError, load_tokens
+from cairn.projections.http.server import DEFAULT_HOST, DEFAULT_PORT, ServeError, serve
+from cairn.runtime.settings import Settings
 
 log = logging.getLogger("cairn.http")
 

@@ -14,10 +14,9 @@ from typing import Any
 
 from nats.js.errors import NotFoundError
 
-from cairn.coordinator.client import CairnClient
 from cairn.events import TASKS_STREAM
-
-from .models import AgentRow, AgentsReply
+from cairn.projections.http.models import AgentRow, AgentsReply
+from cairn.runtime.client import CairnClient
 
 CONSUMER_PREFIX = "cairn-agent-"
 DEFAULT_CONCURRENCY = 4  # the agents' own default for CAIRN_AGENT_CONCURRENCY

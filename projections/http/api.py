@@ -12,16 +12,14 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Body, Depends, Path, Query, Request
 from starlette.concurrency import run_in_threadpool
 
-from cairn.coordinator.client import CairnClient
 from cairn.events import CommandReply, UnknownEventError, event_class
 from cairn.projections import AuditRow, RunRow, RunStatus, StepRow, Views
-
-from . import agents as agent_info
-from .auth import Grant, Role, require
-from .backend import Backend
-from .costs import daily_costs
-from .errors import COMMAND_ERRORS, NATS_ERRORS, VIEWS_ERRORS, ApiError
-from .models import (
+from cairn.projections.http import agents as agent_info
+from cairn.projections.http.auth import Grant, Role, require
+from cairn.projections.http.backend import Backend
+from cairn.projections.http.costs import daily_costs
+from cairn.projections.http.errors import COMMAND_ERRORS, NATS_ERRORS, VIEWS_ERRORS, ApiError
+from cairn.projections.http.models import (
     AgentsReply,
     Approval,
     Cancel,
@@ -32,7 +30,8 @@ from .models import (
     RunDetail,
     RunsPage,
 )
-from .record import budget_of, step_outputs
+from cairn.projections.http.record import budget_of, step_outputs
+from cairn.runtime.client import CairnClient
 
 router = APIRouter(prefix="/api", tags=["api"])
 

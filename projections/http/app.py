@@ -9,11 +9,10 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
-from cairn.coordinator.settings import Settings
-
-from . import api, errors, live, pages
-from .auth import Tokens
-from .backend import Backend
+from cairn.projections.http import api, errors, live, pages
+from cairn.projections.http.auth import Tokens
+from cairn.projections.http.backend import Backend
+from cairn.runtime.settings import Settings
 
 DESCRIPTION = """\
 Read cairn's views (runs, steps, timelines, costs, the audit trail), follow committed events

@@ -30,7 +30,7 @@ import yaml
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .errors import ApiError, LoginRequired, unauthorized
+from cairn.projections.http.errors import ApiError, LoginRequired, unauthorized
 
 TOKENS_ENV = "CAIRN_API_TOKENS"
 TOKENS_FILE_ENV = "CAIRN_API_TOKENS_FILE"

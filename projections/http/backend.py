@@ -16,14 +16,13 @@ from typing import TypeVar
 from nats.errors import Error as NatsError
 from starlette.concurrency import run_in_threadpool
 
-from cairn.coordinator.client import CairnClient, CoordinatorUnavailableError
-from cairn.coordinator.nats_client import NatsUnavailableError, unreachable_message
-from cairn.coordinator.settings import Settings
-from cairn.coordinator.store import EventStore, StoreUnavailableError, store_env
 from cairn.events import Event, UnknownEventError
 from cairn.projections import AmbiguousRunError, RunNotFoundError, Views, ViewsUnavailableError
-
-from .errors import ApiError
+from cairn.projections.http.errors import ApiError
+from cairn.runtime.client import CairnClient, CoordinatorUnavailableError
+from cairn.runtime.connection import NatsUnavailableError, unreachable_message
+from cairn.runtime.eventlog.store import EventStore, StoreUnavailableError, store_env
+from cairn.runtime.settings import Settings
 
 T = TypeVar("T")
 

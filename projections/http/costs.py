@@ -5,8 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from cairn.projections import Views
-
-from .models import DayCost
+from cairn.projections.http.models import DayCost
 
 
 def daily_costs(

@@ -12,10 +12,9 @@ from fastapi.responses import StreamingResponse
 from nats.errors import Error as NatsError
 from nats.errors import TimeoutError as NatsTimeoutError
 
-from cairn.coordinator.client import EventFeed
-
-from .api import Viewer, backend_of
-from .errors import NATS_ERRORS, ApiError
+from cairn.projections.http.api import Viewer, backend_of
+from cairn.projections.http.errors import NATS_ERRORS, ApiError
+from cairn.runtime.client import EventFeed
 
 router = APIRouter(tags=["live"])
 

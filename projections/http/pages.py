@@ -19,14 +19,13 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
 from cairn.projections import RunStatus, Views
-
-from .api import backend_of, page_of_runs, run_detail
-from .auth import COOKIE_NAME, Grant, Role, Tokens, page_viewer
-from .backend import Backend
-from .charts import bar_chart, column_chart
-from .costs import daily_costs
-from .errors import ApiError
-from .models import Approval
+from cairn.projections.http.api import backend_of, page_of_runs, run_detail
+from cairn.projections.http.auth import COOKIE_NAME, Grant, Role, Tokens, page_viewer
+from cairn.projections.http.backend import Backend
+from cairn.projections.http.charts import bar_chart, column_chart
+from cairn.projections.http.costs import daily_costs
+from cairn.projections.http.errors import ApiError
+from cairn.projections.http.models import Approval
 
 router = APIRouter(include_in_schema=False)
 templates = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
@@ -226,7 +225,7 @@ async def approvals_page(request: Request, grant: Viewer) -> Response:
 
 @router.get("/agents", response_class=HTMLResponse)
 async def agents_page(request: Request, grant: Viewer) -> Response:
-    from .agents import agents
+    from cairn.projections.http.agents import agents
 
     try:
         reply = await backend_of(request).ask(agents)

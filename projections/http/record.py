@@ -8,8 +8,7 @@ from typing import Any
 
 from cairn.events import Budget, BudgetRaised, CostCharged, Event, RunStarted, TaskCompleted
 from cairn.projections import step_provenance
-
-from .models import BudgetView
+from cairn.projections.http.models import BudgetView
 
 
 def step_outputs(events: Sequence[Event]) -> dict[str, Any]:

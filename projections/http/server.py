@@ -15,10 +15,9 @@ from pathlib import Path
 
 import uvicorn
 
-from cairn.coordinator.settings import Settings
-
-from .app import create_app
-from .auth import Tokens
+from cairn.projections.http.app import create_app
+from cairn.projections.http.auth import Tokens
+from cairn.runtime.settings import Settings
 
 log = logging.getLogger("cairn.http")
 

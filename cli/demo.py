@@ -1,0 +1,186 @@
+"""`cairn demo` and `cairn up`: the whole system on one machine, each service its own process."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from nats.errors import TimeoutError as NatsTimeoutError
+from rich.console import Console
+from rich.live import Live
+
+from cairn.cli.progress import RunProgress
+from cairn.events import Budget, EventNotice, Intent, WorkflowSpec
+from cairn.runtime.client import CairnClient
+from cairn.runtime.settings import Settings
+from cairn.runtime.supervisor import Supervisor
+
+DEMO_WORKFLOW = "reviewed-report"
+DEMO_TOPIC = "ocean tides"
+
+
+class DemoError(RuntimeError):
+    """A service of the demo did not come up or the run did not finish; says which."""
+
+
+@dataclass
+class DemoResult:
+    run_id: uuid.UUID
+    progress: RunProgress
+    seconds: float
+
+
+def demo_intent(topic: str) -> Intent:
+    return Intent(
+        goal=f"Explain {topic} to curious readers in a short, reviewed report",
+        constraints=["stay under 600 words", "cite no invented sources"],
+        success_criteria=["every planned question is answered", "the reviewer approves"],
+    )
+
+
+async def wait_for_services(sup: Supervisor, client: CairnClient, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        dead = sup.exited()
+        if dead:
+            name, code = next(iter(dead.items()))
+            raise DemoError(
+                f"the {name} process exited with code {code} at start:\n{sup.log_tail(name)}"
+            )
+        try:
+            await client.ping(timeout=0.5)
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise DemoError(
+                    f"the coordinator did not answer within {timeout:.0f}s; "
+                    f"see {sup.settings.home / 'logs' / 'coordinator.log'}"
+                ) from None
+            await asyncio.sleep(0.05)
+
+
+Approver = Callable[[CairnClient, EventNotice, "Live | None"], Awaitable[None]]
+
+
+async def run_and_follow(
+    client: CairnClient,
+    workflow: str | WorkflowSpec,
+    input: dict[str, Any],
+    intent: Intent | None,
+    console: Console | None,
+    timeout: float,
+    sup: Supervisor | None = None,
+    approver: Approver | None = None,
+    budget: Budget | None = None,
+) -> DemoResult:
+    """Start a run and follow its committed events until it ends, showing progress live.
+
+    `approver` is called for each approval request (the demo's --yes, or a prompt)."""
+    run_id = uuid.uuid4()
+    progress = RunProgress(str(run_id))
+    feed = await client.follow(run_id)
+    started = time.monotonic()
+    try:
+        reply = await client.start_run(workflow, input, intent=intent, run_id=run_id, budget=budget)
+        if not reply.ok:
+            raise DemoError(f"the coordinator refused the run: {reply.error}")
+        live = Live(progress.table(), console=console, refresh_per_second=12) if console else None
+        if live:
+            live.start()
+        try:
+            while not progress.done:
+                remaining = timeout - (time.monotonic() - started)
+                if remaining <= 0:
+                    raise DemoError(f"run {run_id} did not finish within {timeout:.0f}s")
+                if sup is not None and sup.exited():
+                    name, code = next(iter(sup.exited().items()))
+                    raise DemoError(f"the {name} process exited with code {code} mid-run")
+                try:
+                    notice = await feed.next(timeout=min(remaining, 0.5))
+                except NatsTimeoutError:  # nothing new yet
+                    continue
+                progress.apply(notice)
+                if live:
+                    live.update(progress.table())
+                if notice.type == "ApprovalRequested" and approver is not None:
+                    await approver(client, notice, live)
+        finally:
+            if live:
+                live.update(progress.table())
+                live.stop()
+    finally:
+        await feed.close()
+    return DemoResult(run_id, progress, time.monotonic() - started)
+
+
+async def start_services(settings: Settings, startup_timeout: float = 30.0) -> Supervisor:
+    sup = Supervisor(settings)
+    try:
+        sup.ensure_nats()
+        sup.start_all()
+    except Exception:
+        sup.stop_all()
+        raise
+    return sup
+
+
+def auto_approver(name: str) -> Approver:
+    """Approve every request at once, on record as `name` (the demo's --yes)."""
+
+    async def approve(client: CairnClient, notice: EventNotice, live: Live | None) -> None:
+        event = notice.event
+        reply = await client.approve(
+            uuid.UUID(event["run_id"]), event["step"], name, "auto-approved (--yes)"
+        )
+        if not reply.ok:
+            raise DemoError(f"could not approve {event['step']}: {reply.error}")
+
+    return approve
+
+
+def prompt_approver(console: Console, name: str) -> Approver:
+    """Ask in the terminal; `cairn approve` from another terminal works as well."""
+
+    async def ask(client: CairnClient, notice: EventNotice, live: Live | None) -> None:
+        event = notice.event
+        context = event["context"]
+        if live:
+            live.stop()
+        console.print(
+            f"\n[bold yellow]approval needed[/] before [bold]{event['step']}[/] "
+            f"({event['kind']}, group {event['group']}): {event['reason']}"
+        )
+        console.print(f"  goal: {context['intent']['goal']}")
+        console.print(f"  cost so far: ${context['cost_so_far_usd']}")
+        console.print(
+            f"  or from another terminal: cairn approve {event['run_id']} {event['step']} --as NAME"
+        )
+        answer = await asyncio.to_thread(console.input, "  approve? [y/N] ")
+        deny = answer.strip().lower() not in ("y", "yes")
+        reply = await client.approve(
+            uuid.UUID(event["run_id"]), event["step"], name,
+            "denied at the demo prompt" if deny else "approved at the demo prompt", deny=deny,
+        )  # fmt: skip
+        if not reply.ok:  # decided elsewhere in the meantime
+            console.print(f"  {reply.error}")
+        if live:
+            live.start()
+
+    return ask
+
+
+def waiting_notice(console: Console) -> Approver:
+    """No terminal to ask in: say how to approve, and keep following the run."""
+
+    async def tell(client: CairnClient, notice: EventNotice, live: Live | None) -> None:
+        event = notice.event
+        console.print(
+            f"waiting for approval of {event['step']}: "
+            f"cairn approve {event['run_id']} {event['step']} --as NAME"
+        )
+
+    return tell

@@ -1,0 +1,271 @@
+"""`cairn demo`, `cairn up` and the single services (`coordinator`, `agent`, `projections run`,
+`projections rebuild`): cairn's processes started from the command line."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import uuid
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from cairn.cli.app import (
+    HomeOpt,
+    JsonOpt,
+    app,
+    console,
+    err_console,
+    exec_module,
+    fail,
+    open_views,
+    print_json,
+    projections_app,
+    run_async,
+    settings_for,
+)
+from cairn.cli.demo import (
+    DEMO_TOPIC,
+    DEMO_WORKFLOW,
+    auto_approver,
+    demo_intent,
+    prompt_approver,
+    run_and_follow,
+    start_services,
+    wait_for_services,
+    waiting_notice,
+)
+from cairn.runtime.client import CairnClient
+from cairn.runtime.eventlog.store import StoreUnavailableError
+from cairn.runtime.settings import Settings
+
+# -- running things ---------------------------------------------------------------------------
+
+
+@app.command()
+def demo(
+    home: HomeOpt = None,
+    topic: Annotated[str, typer.Option(help="What the example report is about.")] = DEMO_TOPIC,
+    as_json: JsonOpt = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the run.")] = 60.0,
+    yes: Annotated[
+        bool, typer.Option("--yes", "-y", help="Approve the demo's gate automatically.")
+    ] = False,
+) -> None:
+    """Start NATS, the coordinator, projections and four agents as processes; run the example.
+
+    The run stops at an approval gate before the report is written: answer the prompt, run
+    `cairn approve RUN write --as NAME` from another terminal, or pass --yes."""
+    settings = settings_for(home)
+    result = run_async(_demo(settings, topic, as_json, timeout, yes))
+    if as_json:
+        print_json(result)
+        return
+    if result["status"] != "completed":
+        fail(f"the run ended {result['status']}: {result.get('error')}", code=1)
+
+
+async def _demo(
+    settings: Settings, topic: str, as_json: bool, timeout: float, yes: bool
+) -> dict[str, Any]:
+    show = None if as_json else console
+    who = os.environ.get("USER") or "demo-user"
+    if yes:
+        approver = auto_approver(f"{who} (demo --yes)")
+    elif sys.stdin.isatty() and not as_json:
+        approver = prompt_approver(console, who)
+    else:
+        approver = waiting_notice(err_console)
+    sup = await start_services(settings)
+    try:
+        if show:
+            show.print(
+                f"[bold]cairn demo[/] · NATS {sup.settings.resolved_nats_url()} · "
+                f"data in {settings.home}"
+            )
+            show.print(
+                "started as separate processes: "
+                + ", ".join(f"{n} (pid {p.pid})" for n, p in sup.processes.items())
+            )
+        client = await CairnClient.connect(sup.settings.nats_endpoint(), "cairn-demo")
+        try:
+            await wait_for_services(sup, client, timeout=30)
+            result = await run_and_follow(
+                client,
+                DEMO_WORKFLOW,
+                {"topic": topic, "audience": "curious readers"},
+                demo_intent(topic),
+                show,
+                timeout,
+                sup,
+                approver,
+            )
+        finally:
+            await client.close()
+        from cairn.projections import wait_for_views
+
+        await asyncio.to_thread(wait_for_views, settings.views, result.progress.position, 15.0)
+        summary = _summary(settings, result.run_id)
+        summary["seconds"] = round(result.seconds, 3)
+        summary["processes"] = {n: p.pid for n, p in sup.processes.items()}
+        if sup.nats is not None and sup.nats.process is not None:
+            summary["processes"]["nats-server"] = sup.nats.process.pid
+        if show:
+            _print_summary(show, summary, result.progress.output)
+        return summary
+    finally:
+        sup.stop_all()
+
+
+def _summary(settings: Settings, run_id: uuid.UUID) -> dict[str, Any]:
+    views = open_views(settings)
+    run = views.run(str(run_id))
+    assert run is not None
+    costs = views.costs(by="model", run_id=str(run_id))
+    short = str(run_id)[:8]
+    return {
+        "run_id": str(run_id),
+        "status": run.status,
+        "error": run.error,
+        "output": run.output,
+        "cost_usd": str(run.cost_usd),
+        "costs_by_model": [c.model_dump(mode="json") for c in costs],
+        "next": [
+            f"cairn show {short}",
+            f"cairn costs --by agent --run {short}",
+            f"cairn audit --run {short}",
+            "cairn runs",
+        ],
+    }
+
+
+def _print_summary(show: Console, summary: dict[str, Any], output: Any) -> None:
+    show.print()
+    if summary["status"] == "completed" and isinstance(output, dict):
+        report = output.get("report", {})
+        review = output.get("review", {})
+        show.print(f"[bold]{report.get('title', 'Report')}[/]")
+        for section in report.get("sections", []):
+            show.print(f"  [bold]{section.get('heading')}[/]")
+            show.print(f"    {section.get('body')}", highlight=False)
+        verdict = "approved" if review.get("approved") else "not approved"
+        show.print(f"review: {verdict}, score {review.get('score')}")
+    else:
+        show.print(f"[red]run {summary['status']}[/]: {summary.get('error')}")
+    costs = ", ".join(
+        f"{c['key']}: {c['input_tokens']}+{c['output_tokens']} tokens, ${c['amount_usd']}"
+        for c in summary["costs_by_model"]
+    )
+    show.print(f"cost: [bold]${summary['cost_usd']}[/] ({costs})")
+    show.print("look further:")
+    for command in summary["next"]:
+        show.print(f"  {command}")
+
+
+@app.command()
+def up(home: HomeOpt = None) -> None:
+    """Start everything but a run (NATS, coordinator, projections, agents) until Ctrl-C."""
+    settings = settings_for(home)
+    run_async(_up(settings))
+
+
+async def _up(settings: Settings) -> None:
+    sup = await start_services(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        from cairn.cli.serve import dashboard_lines, start_dashboard
+
+        dashboard = start_dashboard(sup)
+        client = await CairnClient.connect(sup.settings.nats_endpoint(), "cairn-up")
+        try:
+            await wait_for_services(sup, client, timeout=30)
+        finally:
+            await client.close()
+        console.print(f"cairn is up · NATS {sup.settings.resolved_nats_url()}")
+        console.print(f"data in {settings.home}, logs in {settings.home / 'logs'}")
+        for name, proc in sup.processes.items():
+            console.print(f"  {name}: pid {proc.pid}")
+        for line in await dashboard_lines(sup, dashboard):
+            console.print(line, highlight=False, soft_wrap=True)
+        console.print(
+            'start a run:  cairn run research-report --input \'{"topic": "tides"}\' --wait'
+        )
+        console.print("Ctrl-C stops everything.")
+        while not stop.is_set():
+            dead = sup.exited()
+            if dead:
+                name, code = next(iter(dead.items()))
+                fail(f"the {name} process exited with code {code}:\n{sup.log_tail(name)}")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.5)
+    finally:
+        sup.stop_all()
+        console.print("stopped.")
+
+
+@app.command()
+def coordinator(home: HomeOpt = None) -> None:
+    """Run the coordinator service in the foreground."""
+    exec_module("cairn.coordinator", home)
+
+
+@app.command()
+def agent(
+    name: Annotated[str, typer.Argument(help="planner, researcher, writer or reviewer.")],
+    home: HomeOpt = None,
+) -> None:
+    """Run one example agent in the foreground."""
+    from cairn.runtime.supervisor import EXAMPLE_AGENT_MODULE, EXAMPLE_AGENTS
+
+    if name not in EXAMPLE_AGENTS:
+        fail(f"unknown agent {name!r}: choose one of {', '.join(EXAMPLE_AGENTS)}")
+    exec_module(EXAMPLE_AGENT_MODULE.format(name=name), home)
+
+
+@projections_app.command("rebuild")
+def projections_rebuild(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """Drop the views and rebuild them from the event log."""
+    import gc
+    import time
+
+    from cairn.projections import VIEW_NAMES, ViewsUnavailableError, rebuild
+
+    settings = settings_for(home)
+    gc.collect()
+    gc.freeze()  # the process's long-lived objects stay out of the collector's full passes
+    started = time.perf_counter()
+    try:
+        count = rebuild(settings)
+    except (StoreUnavailableError, ViewsUnavailableError) as exc:
+        fail(str(exc))
+    seconds = time.perf_counter() - started
+    rate = count / seconds if seconds > 0 else 0.0
+    if as_json:
+        print_json(
+            {
+                "events": count,
+                "seconds": round(seconds, 3),
+                "events_per_s": round(rate),
+                "views": list(VIEW_NAMES),
+                "location": settings.views,
+            }
+        )
+    else:
+        console.print(
+            f"rebuilt the views ({', '.join(VIEW_NAMES)}) from {count} events "
+            f"in {seconds:.2f} s ({rate:,.0f} events/s) into {settings.views}",
+            highlight=False,
+        )
+
+
+@projections_app.command("run")
+def projections_run(home: HomeOpt = None) -> None:
+    """Run the projection runner in the foreground."""
+    exec_module("cairn.projections", home)
