@@ -14,12 +14,11 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Literal, NamedTuple
 
-from nats.aio.msg import Msg
 from pydantic import ValidationError
 
 from cairn.coordinator import spans
@@ -42,7 +41,6 @@ from cairn.coordinator.tenants import TenantLedger, TenantLimits
 from cairn.coordinator.timers import Timer, TimerQueue
 from cairn.coordinator.workflow import WorkflowCatalog, WorkflowError, check_workflow
 from cairn.events import (
-    MAX_PAYLOAD_BYTES,
     TERMINAL_EVENTS,
     ApprovalDecision,
     CancelRun,
@@ -61,7 +59,7 @@ from cairn.events import (
 )
 from cairn.runtime import tracing
 from cairn.runtime.crashpoints import crash_point
-from cairn.runtime.deadletters import DeadLetters, non_finite_reason, validation_reason
+from cairn.runtime.deadletters import validation_reason
 from cairn.runtime.eventlog.store import ConcurrencyError, EventStore, LoggedEvent
 
 log = logging.getLogger("cairn.coordinator")
@@ -76,10 +74,34 @@ class Stats:
     results: int = 0
     batches: int = 0
     events: int = 0
-    dead_letters: int = 0
     conflicts: int = 0
     timers_fired: int = 0
     by_type: dict[str, int] = field(default_factory=dict)
+
+
+class Received(NamedTuple):
+    """A result as it came off the wire: the validated message and its headers (trace context)."""
+
+    result: TaskResult
+    headers: Mapping[str, str] | None
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What became of one result: `decided` (its decision is committed and published: ack it),
+    `refused` (it belongs to no dispatched task: dead-letter it with `reason`, then ack), or
+    `again` (another writer moved its run first: hand it back to be decided anew)."""
+
+    outcome: Literal["decided", "refused", "again"]
+    reason: str = ""
+
+    @staticmethod
+    def refuse(reason: str) -> Verdict:
+        return Verdict("refused", reason)
+
+
+DECIDED = Verdict("decided")
+AGAIN = Verdict("again")
 
 
 class Coordinator:
@@ -91,7 +113,6 @@ class Coordinator:
         policy: Policy,
         catalog: WorkflowCatalog,
         outbox: Outbox,
-        dead_letters: DeadLetters,
         tenant_limits: TenantLimits | None = None,
     ) -> None:
         self.store = store
@@ -100,8 +121,6 @@ class Coordinator:
         self.ledger = TenantLedger()
         self.catalog = catalog
         self.outbox = outbox
-        outbox.run_state = lambda run_id: self.runs.get(run_id)  # a republished task's trace
-        self.dead_letters = dead_letters
         self.runs: dict[uuid.UUID, RunState] = {}
         self.stats = Stats()
         self.timers = TimerQueue()
@@ -174,7 +193,7 @@ class Coordinator:
             self._own = {p for p in self._own if p > self.followed}
             overdue = self._overdue_tasks(time.monotonic(), grace_s)
         if overdue:
-            await self.outbox.republish_tasks(overdue)
+            await self.outbox.republish_tasks(overdue, self.runs)
         return folded
 
     def _absorb(self, event: Event) -> None:
@@ -230,7 +249,7 @@ class Coordinator:
 
     async def catch_up(self) -> int:
         async with self._lock:
-            return await self.outbox.catch_up(self.is_current)
+            return await self.outbox.catch_up(self.is_current, self.runs)
 
     # -- commands ---------------------------------------------------------------------------
 
@@ -478,70 +497,46 @@ class Coordinator:
 
     # -- results (the hot path) -------------------------------------------------------------
 
-    async def handle_results(self, msgs: Sequence[Msg]) -> None:
-        """Decide, commit, publish and ack one batch of result messages."""
+    async def handle_results(self, received: Sequence[Received]) -> list[Verdict]:
+        """Decide and commit one batch of results, publish what the decisions call for, and
+        say what became of each result (in order): the caller acks, dead-letters or hands
+        back each message only after this returns, which keeps commit → publish → ack."""
         at = datetime.now(UTC)
+        verdicts: list[Verdict] = []
         async with self._lock:
             tentative: dict[uuid.UUID, RunState] = {}
             events: list[Event] = []
-            for msg in msgs:
-                result = await self._parse_result(msg)
-                if result is None:
-                    continue
+            for result, headers in received:
                 state = tentative.get(result.run_id) or self._state(result.run_id)
                 if state is None:
-                    await self._dead_letter(msg, f"result for unknown run {result.run_id}")
+                    verdicts.append(Verdict.refuse(f"result for unknown run {result.run_id}"))
                     continue
                 fact = ResultFact(result=result, at=at)
                 try:
-                    with spans.result_span(msg.headers, result, state):
+                    with spans.result_span(headers, result, state):
                         # A run decided earlier in this batch is newer than the store.
                         recheck = result.run_id not in tentative
                         new, after = self._decide_rechecked(state, fact, recheck=recheck)
                 except Rejected as exc:
-                    await self._dead_letter(msg, str(exc))
+                    verdicts.append(Verdict.refuse(str(exc)))
                     continue
                 assert after is not None
-                state = after
-                tentative[result.run_id] = state
+                tentative[result.run_id] = after
                 events.extend(new)
+                verdicts.append(DECIDED)
             try:
                 await self._commit_and_publish(tentative, events)
             except ConcurrencyError as exc:
-                # Another writer got to one of these runs first: forget what we believed,
-                # and let the results come back to be decided against the stored truth.
+                # Another writer got to one of these runs first: forget what we believed, and
+                # let every result come back to be decided against the stored truth.
                 self.stats.conflicts += 1
                 log.warning("concurrent append, reloading %d run(s): %s", len(tentative), exc)
                 for run_id in tentative:
                     self.runs.pop(run_id, None)
-                for msg in msgs:
-                    await msg.nak(delay=0.05)
-                return
-        self.stats.results += len(msgs)
+                return [AGAIN] * len(received)
+        self.stats.results += len(received)
         self.stats.batches += 1
-        for msg in msgs:
-            await msg.ack()
-
-    async def _parse_result(self, msg: Msg) -> TaskResult | None:
-        if len(msg.data) > MAX_PAYLOAD_BYTES:
-            await self._dead_letter(
-                msg, f"result of {len(msg.data)} bytes exceeds the {MAX_PAYLOAD_BYTES}-byte limit"
-            )
-            return None
-        try:
-            result = TaskResult.model_validate_json(msg.data)
-        except ValidationError as exc:
-            await self._dead_letter(msg, validation_reason(exc, "result"))
-            return None
-        not_finite = non_finite_reason(result, "result", msg.data)
-        if not_finite is not None:
-            await self._dead_letter(msg, not_finite)
-            return None
-        return result
-
-    async def _dead_letter(self, msg: Msg, reason: str) -> None:
-        self.stats.dead_letters += 1
-        await self.dead_letters.send("coordinator", msg.subject, msg.data, reason)
+        return verdicts
 
     # -- timers -----------------------------------------------------------------------------
 

@@ -102,9 +102,6 @@ class Outbox:
         self.position = store.position(OUTBOX_POSITION)
         self._saved_position = self.position
         self._saved_at = time.monotonic()
-        # The state of a run in memory (its owner sets it): the trace a task joins when it is
-        # sent by other than the decision that dispatched it (republished after a restart).
-        self.run_state: Callable[[uuid.UUID], RunState | None] = lambda run_id: None
 
     async def publish(
         self, logged: Sequence[LoggedEvent], runs: Mapping[uuid.UUID, RunState] | None = None
@@ -113,7 +110,8 @@ class Outbox:
 
         Retries until NATS takes them: the events are committed, so their messages must go out,
         and a repeat is harmless (the stream drops a repeated Nats-Msg-Id). `runs`: the states
-        of the runs they belong to, whose traces get a `publish` span.
+        of the runs they belong to, whose traces get a `publish` span (and a task sent by other
+        than the decision that dispatched it joins its run's trace at the root).
         """
         if not logged:
             return
@@ -121,7 +119,7 @@ class Outbox:
         while True:
             try:
                 with spans.run_spans("publish", runs, logged, "producer"):
-                    await self._publish_once(logged)
+                    await self._publish_once(logged, runs or {})
                 break
             except Exception as exc:
                 log.warning("publishing %d event(s) failed, retrying: %s", len(logged), exc)
@@ -131,33 +129,37 @@ class Outbox:
         if time.monotonic() - self._saved_at >= self._save_interval:
             self.save()
 
-    async def _publish_once(self, logged: Sequence[LoggedEvent]) -> None:
+    async def _publish_once(
+        self, logged: Sequence[LoggedEvent], runs: Mapping[uuid.UUID, RunState]
+    ) -> None:
         acks = []
         for item in logged:
             event = item.event
             if isinstance(event, TaskDispatched):
-                acks.append(await self._send_task(event))
+                acks.append(await self._send_task(event, runs.get(event.run_id)))
             subject = event_subject(event.run_id, event.type_name())
             await self._nc.publish(subject, notice_bytes(item))
         if acks:
             await asyncio.wait_for(asyncio.gather(*acks), PUBLISH_TIMEOUT_S)
 
-    async def _send_task(self, event: TaskDispatched) -> asyncio.Future[Any]:
+    async def _send_task(self, event: TaskDispatched, run: RunState | None) -> asyncio.Future[Any]:
         """Publish a task's envelope; the future resolves with JetStream's ack. The message id
         is the event's, so the stream drops a repeat within its duplicate window."""
         headers = {"Nats-Msg-Id": str(event.event_id)}
         if tracing.ENABLED and event.trace_id is not None:
-            spans.task_headers(event, headers, self.run_state(event.run_id))
+            spans.task_headers(event, headers, run)
         return await self._js.publish_async(
             task_subject(event.capability), envelope_bytes(envelope_of(event)), headers=headers
         )
 
-    async def republish_tasks(self, events: Sequence[TaskDispatched]) -> None:
+    async def republish_tasks(
+        self, events: Sequence[TaskDispatched], runs: Mapping[uuid.UUID, RunState]
+    ) -> None:
         """Send tasks again that another coordinator committed (it may have died before
         sending them): the stream drops each one it already has, so none runs twice."""
         if not events:
             return
-        acks = [await self._send_task(event) for event in events]
+        acks = [await self._send_task(event, runs.get(event.run_id)) for event in events]
         await asyncio.wait_for(asyncio.gather(*acks), PUBLISH_TIMEOUT_S)
 
     def save(self) -> None:
@@ -166,11 +168,15 @@ class Outbox:
             self._saved_position = self.position
         self._saved_at = time.monotonic()
 
-    async def catch_up(self, still_current: Callable[[TaskDispatched], bool]) -> int:
+    async def catch_up(
+        self,
+        still_current: Callable[[TaskDispatched], bool],
+        runs: Mapping[uuid.UUID, RunState],
+    ) -> int:
         """Republish what was committed after the saved position (a crash before publishing).
 
         Tasks that are no longer current (their step moved on) are not sent again: an agent
-        would only do paid work whose result is ignored.
+        would only do paid work whose result is ignored. `runs`: the active runs' states.
         """
         count = 0
         while True:
@@ -182,7 +188,8 @@ class Outbox:
                 for item in batch
                 if not isinstance(item.event, TaskDispatched) or still_current(item.event)
             ]
-            await self.publish(todo)
+            touched = {i.event.run_id for i in todo}
+            await self.publish(todo, {r: runs[r] for r in touched if r in runs})
             self.position = batch[-1].position
             count += len(todo)
         self.save()

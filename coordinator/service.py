@@ -9,7 +9,7 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,7 +23,7 @@ from nats.js.api import AckPolicy, ConsumerConfig
 from pydantic import BaseModel, ValidationError
 
 from cairn.coordinator.domain.decide import Policy
-from cairn.coordinator.engine import Coordinator
+from cairn.coordinator.engine import Coordinator, Received
 from cairn.coordinator.outbox import Outbox
 from cairn.coordinator.pricing import load_price_table
 from cairn.coordinator.tenants import TenantLimits, tenant_limits_path
@@ -46,6 +46,7 @@ from cairn.events import (
     ForkRun,
     RaiseBudget,
     StartRun,
+    TaskResult,
 )
 from cairn.events.contracts import resolve_contract
 from cairn.runtime import tracing
@@ -72,6 +73,7 @@ class CoordinatorRuntime:
         self.broker = broker
         self.ready = asyncio.Event()
         self.coordinator: Coordinator | None = None
+        self.dead_letters: DeadLetters | None = None
         self.store: EventStore | None = None
         self._pull: StandingPull | None = None
         self._loop: asyncio.Task[None] | None = None
@@ -113,12 +115,12 @@ class CoordinatorRuntime:
         # Bounded by the streams' duplicate window, so a restart's republishing is deduplicated.
         save_interval = min(float(os.environ.get("CAIRN_OUTBOX_SAVE_INTERVAL", "1")), 60.0)
         outbox = Outbox(nc, js, self.store, save_interval_s=save_interval)
+        self.dead_letters = DeadLetters(js, "coordinator")
         self.coordinator = Coordinator(
             self.store,
             policy,
             catalog,
             outbox,
-            DeadLetters(js, "coordinator"),
             TenantLimits(tenant_limits_path(self.settings.home)),
         )
         active = self.coordinator.recover()
@@ -167,7 +169,7 @@ class CoordinatorRuntime:
             msgs = await self._pull.next_batch()
             self._idle.clear()
             try:
-                await self.coordinator.handle_results(msgs)
+                await self._take_results(msgs)
             except Exception:
                 log.exception("handling %d result(s) failed; they will be redelivered", len(msgs))
                 for msg in msgs:
@@ -175,6 +177,36 @@ class CoordinatorRuntime:
                         await msg.nak(delay=1)
             finally:
                 self._idle.set()
+
+    async def _take_results(self, msgs: Sequence[Msg]) -> None:
+        """One batch off the results stream: bytes to models (or dead letters), the engine's
+        verdicts, then the acks. Nothing is acked before the engine has committed and published
+        what the batch decided; a result another writer raced is handed back, not acked."""
+        assert self.coordinator is not None
+        assert self.dead_letters is not None
+        received: list[Received] = []
+        carriers: list[Msg] = []
+        refused: list[tuple[Msg, str]] = []
+        for msg in msgs:
+            parsed = parse_result(msg.data)
+            if isinstance(parsed, str):
+                refused.append((msg, parsed))
+            else:
+                received.append(Received(parsed, msg.headers))
+                carriers.append(msg)
+        verdicts = await self.coordinator.handle_results(received) if received else []
+        again: set[int] = set()
+        for msg, verdict in zip(carriers, verdicts, strict=True):
+            if verdict.outcome == "refused":
+                refused.append((msg, verdict.reason))
+            elif verdict.outcome == "again":
+                again.add(id(msg))
+                await msg.nak(delay=0.05)
+        for msg, reason in refused:
+            await self.dead_letters.send("coordinator", msg.subject, msg.data, reason)
+        for msg in msgs:
+            if id(msg) not in again:
+                await msg.ack()
 
     async def _follow_the_log(self) -> None:
         """Take in what other coordinators on the same store commit (see `Coordinator.follow`);
@@ -225,6 +257,17 @@ class CoordinatorRuntime:
             self.store.close()
 
 
+def parse_result(data: bytes) -> TaskResult | str:
+    """A result message's model, or the sentence its dead letter carries."""
+    if len(data) > MAX_PAYLOAD_BYTES:
+        return f"result of {len(data)} bytes exceeds the {MAX_PAYLOAD_BYTES}-byte limit"
+    try:
+        result = TaskResult.model_validate_json(data)
+    except ValidationError as exc:
+        return validation_reason(exc, "result")
+    return non_finite_reason(result, "result", data) or result
+
+
 def _broker_options(endpoint: NatsEndpoint) -> dict[str, Any]:
     """`connect_options` as FastStream takes them: credentials and TLS go in `security`."""
     options = connect_options(endpoint)
@@ -269,8 +312,9 @@ def create_app(settings: Settings) -> FastStream:
         subject: str, body: bytes, reason: str, reply: CommandReply | None = None
     ) -> CommandReply:
         """Dead-letter a command that will not be carried out, and answer with the reason."""
-        coordinator = await engine()
-        await coordinator.dead_letters.send("coordinator", subject, body, reason)
+        await engine()
+        assert runtime.dead_letters is not None
+        await runtime.dead_letters.send("coordinator", subject, body, reason)
         return reply or CommandReply(ok=False, error=reason)
 
     async def carry_out(
@@ -375,7 +419,9 @@ def create_app(settings: Settings) -> FastStream:
             "results": stats.results,
             "events": stats.events,
             # Every dead letter: bad commands as well as bad results.
-            "dead_letters": sum(coordinator.dead_letters.counts.values()),
+            "dead_letters": sum(runtime.dead_letters.counts.values())
+            if runtime.dead_letters
+            else 0,
             "store": json.dumps(settings.store)[1:-1],
             # Which coordinator answered: several may share the store and take commands.
             "coordinator": f"{socket.gethostname()}:{os.getpid()}",

@@ -103,6 +103,10 @@ class DeadLetters:
         self._service = service
         self.counts: Counter[str] = Counter()
 
+    def total(self) -> int:
+        """Dead letters sent by this process so far."""
+        return sum(self.counts.values())
+
     async def send(self, source: str, subject: str, payload: bytes, reason: str) -> None:
         self.counts[source] += 1
         letter = DeadLetter(
