@@ -22,13 +22,11 @@ from nats.js import JetStreamContext
 from cairn.coordinator import spans
 from cairn.coordinator.domain.state import RunState
 from cairn.events import (
-    EventNotice,
     TaskDispatched,
-    TaskEnvelope,
     event_subject,
     task_subject,
 )
-from cairn.events.codec import event_json
+from cairn.events.mappings import envelope_bytes, envelope_of, notice_bytes
 from cairn.runtime import tracing
 from cairn.runtime.eventlog.store import EventStore, LoggedEvent
 
@@ -36,52 +34,6 @@ log = logging.getLogger("cairn.outbox")
 
 OUTBOX_POSITION = "cairn-outbox"
 PUBLISH_TIMEOUT_S = 10.0
-
-
-def envelope_of(event: TaskDispatched) -> TaskEnvelope:
-    """The one place where a stored TaskDispatched becomes a wire TaskEnvelope."""
-    return TaskEnvelope(
-        task_id=event.task_id,
-        run_id=event.run_id,
-        step=event.step,
-        attempt=event.attempt,
-        capability=event.capability,
-        input=event.input,
-        intent=event.intent,
-        lineage=event.lineage,
-        contract=event.contract,
-        repair=event.repair,
-        timeout_s=event.timeout_s,
-        model=event.model,
-    )
-
-
-def envelope_bytes(envelope: TaskEnvelope) -> bytes:
-    """The envelope as published: `model` only when the step names one, so agents that know
-    nothing of it keep taking the tasks that do not need it."""
-    return envelope.model_dump_json(exclude=None if envelope.model else {"model"}).encode()
-
-
-def notice_of(logged: LoggedEvent) -> EventNotice:
-    event = logged.event
-    return EventNotice(
-        position=logged.position,
-        event_id=event.event_id,
-        type=event.type_name(),
-        event=event.model_dump(mode="json"),
-    )
-
-
-def notice_bytes(logged: LoggedEvent) -> bytes:
-    """`notice_of(logged)` as JSON, written directly around the event's canonical JSON, which
-    storing it has already produced (an event is encoded once for all its uses)."""
-    event = logged.event
-    return b'{"position":%d,"event_id":"%s","type":"%s","event":%s}' % (
-        logged.position,
-        str(event.event_id).encode(),
-        event.type_name().encode(),
-        event_json(event),
-    )
 
 
 class Outbox:
@@ -138,7 +90,7 @@ class Outbox:
             if isinstance(event, TaskDispatched):
                 acks.append(await self._send_task(event, runs.get(event.run_id)))
             subject = event_subject(event.run_id, event.type_name())
-            await self._nc.publish(subject, notice_bytes(item))
+            await self._nc.publish(subject, notice_bytes(item.position, item.event))
         if acks:
             await asyncio.wait_for(asyncio.gather(*acks), PUBLISH_TIMEOUT_S)
 

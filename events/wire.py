@@ -1,5 +1,5 @@
 """Messages that cross NATS. Kept apart from stored events: the wire may change shape without
-rewriting history, and the translation happens in one place (`coordinator/outbox.py`).
+rewriting history, and the translation happens in one place (`events/mappings.py`).
 
 Every message carries `v`, the protocol version; a receiver rejects versions it does not know.
 """

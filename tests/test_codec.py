@@ -11,8 +11,17 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cairn.events import RunCompleted, RunFailed
+from cairn.events import (
+    EventNotice,
+    ResultReceived,
+    RunCompleted,
+    RunFailed,
+    TaskError,
+    TaskResult,
+    Usage,
+)
 from cairn.events.codec import canonical_json, decode_event, encode_event, event_hash, event_json
+from cairn.events.mappings import notice_bytes, notice_of, received_fields, result_of
 
 keys = st.sampled_from(["run_id", "seq", "a", "z", "ü", "step", ""]) | st.text(max_size=5)
 json_values = st.recursive(
@@ -40,3 +49,37 @@ def test_one_encoding_equals_the_canonical_one(output: Any, seq: int, reason: st
         back = decode_event(f"{event.type_name()}@{event.version}", stored, run, seq)
         assert back == event
         assert event_hash(back) == event_hash(event)
+
+
+@given(output=json_values, position=st.integers(min_value=1, max_value=2**62), reason=st.text())
+def test_a_notice_written_around_the_stored_bytes_is_the_notice_of_the_event(
+    output: Any, position: int, reason: str
+) -> None:
+    event = RunCompleted(
+        run_id=uuid.uuid4(), seq=3, at=datetime(2026, 1, 1, tzinfo=UTC), actor="c",
+        reason=reason, output=output,
+    )  # fmt: skip
+    fast = EventNotice.model_validate_json(notice_bytes(position, event))
+    assert fast == notice_of(position, event)
+
+
+@given(
+    output=st.none() | st.dictionaries(keys, json_values, max_size=3),
+    review=st.none() | st.text(max_size=10),
+    error=st.none() | st.tuples(st.text(max_size=10), st.booleans()),
+)
+def test_a_result_recorded_as_received_comes_back_as_the_same_result(
+    output: dict[str, Any] | None, review: str | None, error: tuple[str, bool] | None
+) -> None:
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    run = uuid.uuid4()
+    result = TaskResult(
+        task_id=f"{run}:plan:1", run_id=run, step="plan", attempt=1, agent_id="a",
+        output=output, review=review, started_at=at, finished_at=at,
+        error=TaskError(message=error[0], retryable=error[1]) if error else None,
+        usage=[Usage(model="m", input_tokens=3, output_tokens=4)],
+    )  # fmt: skip
+    received = ResultReceived(
+        run_id=run, seq=2, at=at, actor="agent:a", reason="r", **received_fields(result)
+    )
+    assert result_of(received) == result

@@ -119,8 +119,8 @@ def fork_cli(settings: Settings, *args: str, code: int = 0) -> str:
 async def test_fork_with_another_model_reruns_the_step_and_what_was_built_from_it(
     settings: Settings, supervisor: Supervisor, client: CairnClient
 ) -> None:
-    from cairn.coordinator.outbox import envelope_bytes, envelope_of
     from cairn.events import ResultReceived, TaskDispatched
+    from cairn.events.mappings import envelope_bytes, envelope_of
 
     supervisor.start_all()
     await client.wait_ready()
