@@ -552,42 +552,53 @@ def verify(
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Check the hash chain of every run in the event store (exit 1 if one is broken).
+    """Check every run's hash chain and signed checkpoint, and the store's signed head (exit 1
+    if anything is wrong).
 
-    Names the first broken link of each run (run, seq, expected and found hash), missing events,
-    and runs that do not begin with RunStarted.
-
-    An edit of a run's last event cannot show in its chain: keep the `head` hashes (--json)
-    elsewhere to protect the tails too."""
+    Names the first broken link of each run (run, seq, expected and found hash), missing
+    events, runs that do not begin with RunStarted, runs cut short or re-chained since they
+    were signed, and runs deleted whole."""
     store = _open_store(settings_for(home))
     runs = [_resolve(store, run)] if run else None
     started = time.perf_counter()
     reports = verify_store(store, runs)
     seconds = time.perf_counter() - started
-    broken = [r for r in reports if not r.ok]
-    events = sum(r.events for r in reports)
+    whole = next((r for r in reports if r.is_store), None)
+    chains = [r for r in reports if not r.is_store]
+    broken = [r for r in chains if not r.ok]
+    events = sum(r.events for r in chains)
     if as_json:
         print_json(
             {
-                "ok": not broken,
-                "runs": len(reports),
+                "ok": not broken and whole is None,
+                "runs": len(chains),
                 "broken": len(broken),
                 "events": events,
                 "seconds": round(seconds, 6),
-                "chains": [_chain_json(r) for r in reports],
+                "chains": [_chain_json(r) for r in chains],
+                "store": {
+                    "ok": whole is None,
+                    "problems": [p.message for p in whole.problems] if whole else [],
+                },
             }
         )
     else:
         for r in broken:
             _print_chain(r)
+        if whole is not None:
+            for p in whole.problems:
+                _say(f"the store: {p.message}", "red")
         if broken:
             _say(
-                f"{len(broken)} of {len(reports)} run(s) have a broken chain "
+                f"{len(broken)} of {len(chains)} run(s) have a broken chain "
                 f"({events:,} events checked)"
             )
-        else:
-            _say(f"verified {len(reports)} run(s), {events:,} events: every chain is intact")
-    if broken:
+        elif whole is None:
+            _say(
+                f"verified {len(chains)} run(s), {events:,} events: every chain is intact and "
+                "matches its signed checkpoint"
+            )
+    if broken or whole is not None:
         raise typer.Exit(1)
 
 

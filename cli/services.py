@@ -230,14 +230,53 @@ def agent(
 
 
 @projections_app.command("rebuild")
-def projections_rebuild(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
-    """Drop the views and rebuild them from the event log."""
+def projections_rebuild(
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+    no_verify: Annotated[
+        bool,
+        typer.Option(
+            "--no-verify",
+            help="Rebuild without checking the log's chains and signed checkpoints first.",
+        ),
+    ] = False,
+) -> None:
+    """Check the event log (as `cairn verify` does), then drop the views and rebuild them from
+    it. A log that does not verify is refused: views rebuilt from it would show its tampered
+    figures as the record."""
     import gc
     import time
 
+    from cairn.coordinator.history.verify import verify_store
     from cairn.projections import VIEW_NAMES, ViewsUnavailableError, rebuild
+    from cairn.runtime.eventlog.store import EventStore
 
     settings = settings_for(home)
+    verified: dict[str, Any] | None = None
+    if not no_verify:
+        began = time.perf_counter()
+        try:
+            store = EventStore(settings.store)
+            try:
+                reports = verify_store(store)
+            finally:
+                store.close()
+        except StoreUnavailableError as exc:
+            fail(str(exc))
+        wrong = [r for r in reports if not r.ok]
+        if wrong:
+            first = wrong[0]
+            where = "the store" if first.is_store else f"run {first.run_id}"
+            fail(
+                f"the event log does not verify ({len(wrong)} problem(s); {where}: "
+                f"{first.problems[0].message}): the views were left as they are. "
+                "See `cairn verify`; `--no-verify` rebuilds from the log as it is",
+                code=1,
+            )
+        verified = {
+            "runs": sum(1 for r in reports if not r.is_store),
+            "seconds": round(time.perf_counter() - began, 3),
+        }
     gc.collect()
     gc.freeze()  # the process's long-lived objects stay out of the collector's full passes
     started = time.perf_counter()
@@ -255,11 +294,17 @@ def projections_rebuild(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
                 "events_per_s": round(rate),
                 "views": list(VIEW_NAMES),
                 "location": settings.views,
+                "verified": verified,
             }
         )
     else:
+        checked = (
+            f"the log verified ({verified['runs']} run(s) in {verified['seconds']:.2f} s); "
+            if verified
+            else "not verified (--no-verify); "
+        )
         console.print(
-            f"rebuilt the views ({', '.join(VIEW_NAMES)}) from {count} events "
+            f"{checked}rebuilt the views ({', '.join(VIEW_NAMES)}) from {count} events "
             f"in {seconds:.2f} s ({rate:,.0f} events/s) into {settings.views}",
             highlight=False,
         )

@@ -68,9 +68,7 @@ def _encoded(event: Event) -> _HashRef:
     if ref is not None and ref() is event:
         ref.stored, ref.full = stored, full  # the hash was known (an upcast event's)
         return ref
-    return _remember(
-        event, hashlib.sha256(full).hexdigest(), upcast=False, stored=stored, full=full
-    )
+    return _remember(event, _link(topic_of(event), full), upcast=False, stored=stored, full=full)
 
 
 def _members(data: dict[str, Any]) -> bytes:
@@ -97,7 +95,7 @@ def decode_event(topic: str, state: bytes, run_id: Any, seq: int) -> Event:
             f"event {seq} of run {run_id} is {name} version {version}, newer than this code's "
             f"version {cls.version}: upgrade cairn to read it"
         )
-    stored_hash = link_hash(data, run_id, seq) if version < cls.version else None
+    stored_hash = link_hash(topic, data, run_id, seq) if version < cls.version else None
     while version < cls.version:
         try:
             upcast = cls.upcasters[version]
@@ -114,8 +112,8 @@ def decode_event(topic: str, state: bytes, run_id: Any, seq: int) -> Event:
 
 
 def event_hash(event: Event) -> str:
-    """The link to this event in its run's hash chain: SHA-256 over its canonical encoding,
-    run id and position included.
+    """The link to this event in its run's hash chain: SHA-256 over its topic (type and
+    version) and its canonical encoding, run id and position included: every stored field.
 
     For an event read from an older version it is the hash of what was written (the link the
     next event recorded), not of its upcast form: upgrading the code must not break chains.
@@ -126,10 +124,24 @@ def event_hash(event: Event) -> str:
     return _encoded(event).digest
 
 
-def link_hash(data: dict[str, Any], run_id: Any, seq: int) -> str:
-    """`event_hash` of a stored event, from its stored JSON object and its place in the store
-    (equal to `event_hash` of the event as it was written, whatever version the code is now)."""
+def link_hash(topic: str, data: dict[str, Any], run_id: Any, seq: int) -> str:
+    """`event_hash` of a stored event, from its topic, its stored JSON object and its place in
+    the store (equal to `event_hash` of the event as it was written, whatever version the code
+    is now)."""
+    return _link(topic, canonical_json({**data, "run_id": str(run_id), "seq": seq}))
+
+
+def legacy_link_hash(data: dict[str, Any], run_id: Any, seq: int) -> str:
+    """The link of a stored event as cairn wrote it before links covered the topic: SHA-256
+    over the canonical JSON alone. Accepted only where a run's signed checkpoint says its
+    links were written that way (see `cairn.runtime.eventlog.checkpoints`)."""
     return hashlib.sha256(canonical_json({**data, "run_id": str(run_id), "seq": seq})).hexdigest()
+
+
+def _link(topic: str, full: bytes) -> str:
+    # The topic first and apart from the JSON (which cannot hold a newline outside a string),
+    # so that flipping an event's type or version breaks the link as an edit would.
+    return hashlib.sha256(topic.encode() + b"\n" + full).hexdigest()
 
 
 def was_upcast(event: Event) -> bool:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from cairn.runtime.eventlog.checkpoints import ChainKey
 from cairn.runtime.roles import (
     CONFIG_NAME,
     EMBEDDED_AUTH_DIR,
@@ -18,6 +20,7 @@ from cairn.runtime.roles import (
 )
 
 DEFAULT_HOME = ".cairn"
+CHAIN_KEY_NAME = "chain.key"
 CREDS_ENV = "CAIRN_NATS_CREDS"
 TLS_CA_ENV = "CAIRN_NATS_TLS_CA"
 TLS_CERT_ENV = "CAIRN_NATS_TLS_CERT"
@@ -167,3 +170,26 @@ def blob_threshold(environ: Mapping[str, str] | None = None) -> int | None:
             f"CAIRN_BLOB_THRESHOLD must be a number of bytes (e.g. 16384) or off, not {raw!r}"
         ) from None
     return value
+
+
+def chain_key(
+    store_url: str, *, create: bool, environ: Mapping[str, str] | None = None
+) -> ChainKey:
+    """The key that signs the store's checkpoints: `CAIRN_CHAIN_KEY` (hex), else the file
+    `CAIRN_CHAIN_KEY_FILE`, else `chain.key` beside a SQLite store or in the data directory
+    (`CAIRN_HOME`, default `.cairn`) for PostgreSQL; the file is made (mode 0600) when missing
+    and `create`. An in-memory SQLite store gets a key of its own for the process's life."""
+    env = os.environ if environ is None else environ
+    inline = (env.get("CAIRN_CHAIN_KEY") or "").strip()
+    if inline:
+        return ChainKey.from_hex(inline, "CAIRN_CHAIN_KEY")
+    named = (env.get("CAIRN_CHAIN_KEY_FILE") or "").strip()
+    if named:
+        return ChainKey.from_file(Path(named).absolute(), create=create)
+    if store_url.startswith(("postgresql://", "postgres://")):
+        home = Path(env.get("CAIRN_HOME") or DEFAULT_HOME).absolute()
+        return ChainKey.from_file(home / CHAIN_KEY_NAME, create=create)
+    path = store_url.removeprefix("sqlite:///").removeprefix("sqlite://")
+    if ":memory:" in path:
+        return ChainKey(secrets.token_bytes(32))
+    return ChainKey.from_file(Path(path).absolute().parent / CHAIN_KEY_NAME, create=create)

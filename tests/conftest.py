@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import secrets
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -15,6 +17,11 @@ from cairn.runtime.client import TERMINAL_TYPES, CairnClient
 from cairn.runtime.embedded import EmbeddedNats
 from cairn.runtime.settings import Settings
 from cairn.runtime.supervisor import Supervisor
+
+# One key signs every store the tests write, in this process and in the processes it starts
+# (they inherit it), wherever each one looks for its data directory. Tests of where a key is
+# found or made take it away (tests/test_tamper.py).
+os.environ.setdefault("CAIRN_CHAIN_KEY", secrets.token_hex(32))
 
 
 @pytest.fixture

@@ -706,6 +706,7 @@ class AgentProcess:
 @pytest.fixture
 def agent_env(tmp_path: Path, nats_server: EmbeddedNats) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CAIRN_", "NATS_"))}
+    env["CAIRN_CHAIN_KEY"] = os.environ["CAIRN_CHAIN_KEY"]  # the tests' one key (conftest)
     return env | {
         "NATS_URL": nats_server.url,
         "CAIRN_HOME": str(tmp_path / "home"),

@@ -44,6 +44,7 @@ from cairn.events import (
     Usage,
     WorkflowSpec,
     content_hash,
+    event_hash,
 )
 from cairn.projections import (
     ProjectionRunner,
@@ -90,7 +91,10 @@ class History:
     def add(self, cls: type[Event], actor: str = "coordinator", **fields: Any) -> History:
         seq = len(self.events) + 1
         at = self.start + timedelta(seconds=seq)
-        self.events.append(cls(run_id=self.run_id, seq=seq, at=at, actor=actor, **fields))
+        link = event_hash(self.events[-1]) if self.events else ""  # chained, as cairn writes
+        self.events.append(
+            cls(run_id=self.run_id, seq=seq, at=at, actor=actor, prev_hash=link, **fields)
+        )
         return self
 
     def task(self, step: str, attempt: int) -> str:
@@ -516,6 +520,7 @@ def test_projection_status_shows_the_lag(settings: Settings, store: EventStore) 
 
 def cli(settings: Settings, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CAIRN_", "NATS_"))}
+    env["CAIRN_CHAIN_KEY"] = os.environ["CAIRN_CHAIN_KEY"]  # the tests' one key (conftest)
     env.update(
         CAIRN_HOME=str(settings.home),
         CAIRN_STORE=settings.store,

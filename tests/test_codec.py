@@ -1,5 +1,6 @@
 """An event is encoded once for all its uses (stored bytes, hashed bytes, hash, live notice):
-each must equal the plain canonical encoding of the event it stands for."""
+each must equal the plain canonical encoding of the event it stands for. The hash covers the
+event's topic (type and version) as well as every field."""
 
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ def test_one_encoding_equals_the_canonical_one(output: Any, seq: int, reason: st
     ):
         full = canonical_json(event.model_dump(mode="json"))
         # Asked for in either order, the answers are the same.
-        assert event_hash(event) == hashlib.sha256(full).hexdigest()
+        topic = f"{event.type_name()}@{event.version}".encode()
+        assert event_hash(event) == hashlib.sha256(topic + b"\n" + full).hexdigest()
         assert event_json(event) == full
         stored = encode_event(event)
         assert stored == canonical_json(event.model_dump(mode="json", exclude={"run_id", "seq"}))

@@ -4,6 +4,7 @@ PostgreSQL, run the example workflow through them, and run each service's health
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -119,7 +120,13 @@ async def test_compose_commands_run_the_example(
                 argv[0] = sys.executable
             if "CAIRN_HEALTH_FILE" in env:
                 argv = [a.replace("/tmp/cairn-health", env["CAIRN_HEALTH_FILE"]) for a in argv]
-            done = subprocess.run(argv, capture_output=True, text=True, timeout=30, env=env)
+            # As compose runs it: every few seconds until it passes, a bounded number of times
+            # (a replica still starting is not healthy yet, nor failed).
+            for _ in range(15):
+                done = subprocess.run(argv, capture_output=True, text=True, timeout=30, env=env)
+                if done.returncode == 0:
+                    break
+                await asyncio.sleep(1)
             assert done.returncode == 0, (name, done.stderr)
     finally:
         for _, p, _ in procs:

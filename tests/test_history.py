@@ -38,7 +38,7 @@ from cairn.events import (
 from cairn.events import base as events_base
 from cairn.events.codec import link_hash, was_upcast
 from cairn.runtime.client import TERMINAL_TYPES, CairnClient
-from cairn.runtime.eventlog.store import EventStore
+from cairn.runtime.eventlog.store import EventStore, StoredRow
 from cairn.runtime.settings import Settings
 from cairn.runtime.supervisor import Supervisor
 
@@ -400,11 +400,12 @@ def note_type(monkeypatch: pytest.MonkeyPatch) -> type[Event]:
 
 
 def insert_raw(path: Path, run_id: uuid.UUID, seq: int, topic: str, data: dict[str, Any]) -> None:
-    with sqlite3.connect(path) as db:
-        db.execute(
-            "INSERT INTO stored_events VALUES (?,?,?,?)",
-            (run_id.hex, seq, topic, canonical_json(data)),
-        )
+    """An event as another version of cairn wrote it: bytes and topic as given, signed."""
+    store = EventStore(str(path))
+    try:
+        store.append_rows([StoredRow(run_id, seq, topic, canonical_json(data))])
+    finally:
+        store.close()
 
 
 def test_an_old_version_is_upcast_on_read_and_keeps_its_chain(
@@ -417,9 +418,13 @@ def test_an_old_version_is_upcast_on_read_and_keeps_its_chain(
     assert isinstance(started, RunStarted)
     # Written by the code of version 1, when the field was still called `note`.
     v1 = {"at": "2026-01-01T00:00:05Z", "actor": "human:ann", "reason": "", "note": "hello"}
-    insert_raw(path, RUN, 2, "HistoryTestNote@1", {**v1, "prev_hash": event_hash(started)})
-    v1_hash = link_hash({**v1, "prev_hash": event_hash(started)}, RUN, 2)
-    insert_raw(path, RUN, 3, "HistoryTestNote@1", {**v1, "note": "again", "prev_hash": v1_hash})
+    v1_hash = link_hash("HistoryTestNote@1", {**v1, "prev_hash": event_hash(started)}, RUN, 2)
+    store.append_rows([
+        StoredRow(RUN, 2, "HistoryTestNote@1",
+                  canonical_json({**v1, "prev_hash": event_hash(started)})),
+        StoredRow(RUN, 3, "HistoryTestNote@1",
+                  canonical_json({**v1, "note": "again", "prev_hash": v1_hash})),
+    ])  # fmt: skip
 
     events = store.load(RUN)
     note = events[1]
@@ -455,7 +460,6 @@ def test_events_written_before_steps_could_name_a_model_read_link_and_replay(
 
     from cairn.coordinator.history.replay import check_history
     from cairn.events import encode_event, topic_of
-    from cairn.runtime.eventlog.store import StoredRow
 
     older = {"RunStarted", "TaskDispatched", "ResultReceived", "StepAdmitted"}
     rows: list[StoredRow] = []
@@ -467,7 +471,7 @@ def test_events_written_before_steps_could_name_a_model_read_link_and_replay(
             data, topic = _without_models(data), f"{e.type_name()}@1"
         data["prev_hash"] = link
         rows.append(StoredRow(RUN, e.seq, topic, canonical_json(data)))
-        link = link_hash(data, RUN, e.seq)
+        link = link_hash(topic, data, RUN, e.seq)
     assert any(r.topic == "TaskDispatched@1" for r in rows)
     store = EventStore(str(tmp_path / "events.db"))
     store.append_rows(rows)

@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -430,3 +431,124 @@ def test_tokens_come_from_the_first_configured_source(
             load_tokens(home, file)
     with pytest.raises(TokenConfigError, match="cannot read the token file"):
         load_tokens(home, tmp_path / "missing.yaml")
+
+
+# -- before the body is read: the token, the size, where a login comes from ----------------------
+
+
+@pytest.fixture
+def live_api(settings: Settings) -> Iterator[tuple[str, int]]:
+    """The API served as its own process on a real socket, with a small body limit."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, **settings.env(), "CAIRN_API_TOKENS": json.dumps(TOKENS)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cairn.projections.http", "--host", "127.0.0.1", "--port", "0",
+         "--max-body", "4096"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not url_file(settings).exists():
+            assert proc.poll() is None, "the API process exited"
+            assert time.monotonic() < deadline, "the API did not start listening in 30 s"
+            time.sleep(0.02)
+        port = int(url_file(settings).read_text().strip().rpartition(":")[2])
+        yield "127.0.0.1", port
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def raw_request(address: tuple[str, int], head: str, body: bytes = b"") -> tuple[int, bytes]:
+    """Send a request's head (and what of its body is given), return the status and reply
+    body the server sends back within a few seconds, before the rest of any body."""
+    import socket
+
+    with socket.create_connection(address, timeout=5) as conn:
+        conn.sendall(head.replace("\n", "\r\n").encode() + b"\r\n" + body)
+        reply = b""
+        while b"\r\n\r\n" not in reply or len(reply.partition(b"\r\n\r\n")[2]) < int(
+            dict(
+                line.split(": ", 1)
+                for line in reply.partition(b"\r\n\r\n")[0].decode().split("\r\n")[1:]
+                if ": " in line
+            ).get("content-length", "0")
+        ):
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    status = int(reply.split(b" ", 2)[1])
+    return status, reply.partition(b"\r\n\r\n")[2]
+
+
+def test_a_huge_body_without_a_token_is_refused_before_it_is_read(
+    live_api: tuple[str, int],
+) -> None:
+    # 400 MB announced, 16 bytes sent: the answer comes at once, nothing waits for the rest.
+    head = (
+        f"POST /api/runs/{uuid.uuid4()}/cancel HTTP/1.1\nHost: 127.0.0.1\n"
+        "Content-Type: application/json\nContent-Length: 400000000\n"
+    )
+    started = time.monotonic()
+    status, body = raw_request(live_api, head, b'{"reason": "x", ')
+    assert status == 401
+    assert "Bearer TOKEN" in json.loads(body)["error"]
+    assert time.monotonic() - started < 5
+    # A wrong token is no better than none.
+    status, _ = raw_request(
+        live_api, head.replace("Host:", f"Authorization: Bearer {'x' * 20}\nHost:")
+    )
+    assert status == 401
+
+
+def test_a_body_over_the_limit_gets_413_with_or_without_its_length(
+    live_api: tuple[str, int],
+) -> None:
+    auth = f"Authorization: Bearer {ADMIN}\nHost: 127.0.0.1\nContent-Type: application/json\n"
+    path = f"/api/runs/{uuid.uuid4()}/cancel"
+    status, body = raw_request(live_api, f"POST {path} HTTP/1.1\n{auth}Content-Length: 400000000\n")
+    assert status == 413
+    assert "over this server's 4096-byte limit" in json.loads(body)["error"]
+    # Chunked, with no length to go by: counted as it arrives.
+    chunk = b"x" * 3000
+    chunked = (b"%x\r\n" % len(chunk) + chunk + b"\r\n") * 3 + b"0\r\n\r\n"
+    status, body = raw_request(
+        live_api, f"POST {path} HTTP/1.1\n{auth}Transfer-Encoding: chunked\n", chunked
+    )
+    assert status == 413
+    assert "at least" in json.loads(body)["error"]
+    # Within the limit, the request goes on to the app (here: NATS is not there, 503).
+    small = b'{"reason": "why not"}'
+    status, _ = raw_request(
+        live_api, f"POST {path} HTTP/1.1\n{auth}Content-Length: {len(small)}\n", small
+    )
+    assert status not in (401, 413)
+
+
+def test_login_is_refused_from_another_site(live_api: tuple[str, int]) -> None:
+    form = f"token={ADMIN}&next=/runs".encode()
+    base = (
+        "POST /login HTTP/1.1\nHost: 127.0.0.1:{port}\n"
+        "Content-Type: application/x-www-form-urlencoded\n"
+        f"Content-Length: {len(form)}\n"
+    ).replace("{port}", str(live_api[1]))
+    for header in (
+        "Origin: https://evil.example\n",
+        "Origin: null\n",
+        "Sec-Fetch-Site: cross-site\n",
+        "Referer: https://evil.example/x\n",
+    ):
+        status, body = raw_request(live_api, base + header, form)
+        assert status == 403, header
+        assert "posted from this site" in json.loads(body)["error"]
+    for header in (
+        f"Origin: http://127.0.0.1:{live_api[1]}\n",
+        "Sec-Fetch-Site: same-origin\n",
+        "",
+    ):
+        status, _ = raw_request(live_api, base + header, form)
+        assert status == 303, header

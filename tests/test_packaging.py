@@ -61,7 +61,7 @@ def test_the_agent_sdk_loads_no_coordinator_and_no_event_log(tmp_path: Path) -> 
         "import sys\n"
         "import cairn.agents\n"
         "from cairn.agents.examples import planner\n"
-        "heavy = ('cairn.coordinator', 'cairn.projections', 'cairn.runtime.eventlog',\n"
+        "heavy = ('cairn.coordinator', 'cairn.projections', 'cairn.runtime.eventlog.store',\n"
         "         'eventsourcing')\n"
         "print(sorted(m for m in sys.modules if m.startswith(heavy)))\n"
     )

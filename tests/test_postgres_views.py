@@ -278,6 +278,7 @@ def test_passwords_stay_out_of_what_is_shown() -> None:
 
 def cli(settings: Settings, *args: str) -> Any:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CAIRN_", "NATS_"))}
+    env["CAIRN_CHAIN_KEY"] = os.environ["CAIRN_CHAIN_KEY"]  # the tests' one key (conftest)
     env.update(settings.env())
     proc = subprocess.run(
         [sys.executable, "-m", "cairn.cli", *args, "--json"],

@@ -625,6 +625,7 @@ def test_wait_for_times_out(settings: Settings, events: list[Event]) -> None:
 
 def _module_env(settings: Settings, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CAIRN_", "NATS_"))}
+    env["CAIRN_CHAIN_KEY"] = os.environ["CAIRN_CHAIN_KEY"]  # the tests' one key (conftest)
     return {
         **env,
         "CAIRN_HOME": str(settings.home),

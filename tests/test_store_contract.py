@@ -3,6 +3,7 @@ PostgreSQL (the running server named by CAIRN_TEST_POSTGRES, each test in its ow
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import uuid
@@ -216,15 +217,17 @@ def started(run: uuid.UUID) -> Event:
 
 def test_rows_are_kept_as_given_and_read_back_raw(store: EventStore) -> None:
     from cairn.coordinator.history.verify import verify_store
-    from cairn.events import canonical_json, encode_event, event_hash
+    from cairn.events import canonical_json, encode_event
+    from cairn.events.codec import link_hash
     from cairn.runtime.eventlog.store import StoredRow
 
     run = uuid.uuid4()
     first = started(run)
+    link = link_hash("RunStarted@1", json.loads(encode_event(first)), run, 1)
     rows = [
         StoredRow(run, 1, "RunStarted@1", encode_event(first)),
         StoredRow(run, 2, "RunCancelled@1", canonical_json(
-            {"at": "2026-01-01T00:00:00Z", "actor": "test", "prev_hash": event_hash(first)}
+            {"at": "2026-01-01T00:00:00Z", "actor": "test", "prev_hash": link}
         )),
     ]  # fmt: skip
     positions = store.append_rows(rows)

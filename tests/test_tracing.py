@@ -459,7 +459,7 @@ def test_events_without_a_trace_keep_their_bytes_and_hashes() -> None:
     assert isinstance(event, TaskDispatched)
     stored = encode_event(event)
     assert b"trace_id" not in stored
-    # The hash as every earlier cairn computed it: over exactly these members.
+    # The hash over the topic and exactly these members: no trace id among them.
     expected = {
         "run_id": str(RUN),
         "seq": 2,
@@ -479,7 +479,8 @@ def test_events_without_a_trace_keep_their_bytes_and_hashes() -> None:
         "timeout_s": 60.0,
         "model": None,
     }
-    assert event_hash(event) == hashlib.sha256(canonical_json(expected)).hexdigest()
+    topic = topic_of(event).encode()
+    assert event_hash(event) == hashlib.sha256(topic + b"\n" + canonical_json(expected)).hexdigest()
     again = decode_event(topic_of(event), stored, RUN, 2)
     assert again == event
     assert event_hash(again) == event_hash(event)

@@ -18,7 +18,7 @@ from typing import Any
 from cairn.coordinator.domain.state import EvolveError, RunState, fold
 from cairn.coordinator.history.verify import check_chain
 from cairn.events import Event, canonical_json, decode_event
-from cairn.events.codec import link_hash
+from cairn.events.codec import legacy_link_hash, link_hash
 from cairn.runtime.eventlog.store import ConcurrencyError, EventStore, StoredRow
 
 FORMAT = "cairn-run-history"
@@ -37,13 +37,14 @@ class PortableHistory:
     rows: list[StoredRow]
     events: list[Event]
     state: RunState
+    chain_from: int = 1  # the first seq whose link covers the topic (older files: later)
 
 
 def export_lines(run_id: uuid.UUID, rows: list[StoredRow]) -> Iterator[bytes]:
     """The file's lines (each ending in a newline) for a run's stored rows."""
     ordered = sorted(rows, key=lambda r: r.seq)
     objects = [json.loads(r.state) for r in ordered]
-    last = link_hash(objects[-1], run_id, ordered[-1].seq) if ordered else ""
+    last = link_hash(ordered[-1].topic, objects[-1], run_id, ordered[-1].seq) if ordered else ""
     yield (
         canonical_json(
             {
@@ -121,7 +122,8 @@ def read_history(lines: Iterable[str | bytes], source: str = "<file>") -> Portab
         raise PortableError(
             f"{source}: the hash chain is broken at event {first.seq}: {first.message}"
         )
-    if chain.head != last_hash:
+    legacy = legacy_link_hash(json.loads(rows[-1].state), run_id, rows[-1].seq)
+    if last_hash not in (chain.head, legacy):
         raise PortableError(
             f"{source}: the last event hashes to {chain.head}, the header says {last_hash} "
             "(the last event or the header was changed)"
@@ -131,7 +133,7 @@ def read_history(lines: Iterable[str | bytes], source: str = "<file>") -> Portab
     except EvolveError as exc:
         raise PortableError(f"{source}: the events do not make a run: {exc}") from None
     assert state is not None
-    return PortableHistory(run_id, rows, events, state)
+    return PortableHistory(run_id, rows, events, state, chain.chain_from)
 
 
 def import_history(
@@ -147,7 +149,7 @@ def import_history(
             "a separate store (CAIRN_STORE=...), or pass --allow-unfinished"
         )
     try:
-        return store.append_rows(history.rows)
+        return store.append_rows(history.rows, {history.run_id: history.chain_from})
     except ConcurrencyError:
         raise PortableError(f"run {history.run_id} was written to the store meanwhile") from None
 

@@ -12,6 +12,7 @@ from fastapi.staticfiles import StaticFiles
 from cairn.projections.http import api, errors, live, pages
 from cairn.projections.http.auth import Tokens
 from cairn.projections.http.backend import Backend
+from cairn.projections.http.guard import DEFAULT_MAX_BODY, RequestGuard
 from cairn.runtime.settings import Settings
 
 DESCRIPTION = """\
@@ -22,15 +23,16 @@ live, and send commands (approve, deny, cancel, raise a budget) to the coordinat
 login cookie. Roles: `viewer` reads, `approver` also approves and denies, `admin` also cancels
 and raises budgets. Who decided, as the record shows it, is the token's subject.
 
-**Errors** are JSON `{"error": "..."}`: 401 without a valid token, 403 for a role that may not,
-404 for an unknown run, 409 when the coordinator refuses a command, 422 for invalid input, 503
-when the views, NATS or the coordinator cannot be reached (the message says which and what to
-start).
+**Errors** are JSON `{"error": "..."}`: 401 without a valid token (answered before a body is
+read), 403 for a role that may not, 404 for an unknown run, 409 when the coordinator refuses a
+command, 413 for a body over the server's limit, 422 for invalid input, 503 when the views, NATS
+or the coordinator cannot be reached (the message says which and what to start).
 """
 
 
-def create_app(settings: Settings, tokens: Tokens) -> FastAPI:
-    """A fresh application: its own connections, opened on first use and closed on shutdown."""
+def create_app(settings: Settings, tokens: Tokens, *, max_body: int = DEFAULT_MAX_BODY) -> FastAPI:
+    """A fresh application: its own connections, opened on first use and closed on shutdown.
+    Tokens and body sizes are checked before a body is read (`guard.py`)."""
     backend = Backend(settings)
 
     @asynccontextmanager
@@ -61,4 +63,5 @@ def create_app(settings: Settings, tokens: Tokens) -> FastAPI:
     app.include_router(live.router)
     app.include_router(pages.router)
     app.mount("/static", StaticFiles(directory=Path(__file__).parent / "static"), name="static")
+    app.add_middleware(RequestGuard, tokens=tokens, max_body=max_body)
     return app

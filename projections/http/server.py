@@ -17,6 +17,7 @@ import uvicorn
 
 from cairn.projections.http.app import create_app
 from cairn.projections.http.auth import Tokens
+from cairn.projections.http.guard import DEFAULT_MAX_BODY
 from cairn.runtime.settings import Settings
 
 log = logging.getLogger("cairn.http")
@@ -70,6 +71,8 @@ def serve(
     host: str,
     port: int,
     on_listening: Callable[[str], None] | None = None,
+    *,
+    max_body: int = DEFAULT_MAX_BODY,
 ) -> None:
     """Serve until SIGINT or SIGTERM; the address is in `<home>/http.url` meanwhile.
 
@@ -78,7 +81,7 @@ def serve(
     sock = bind(host, port)
     url = address(sock)
     config = uvicorn.Config(
-        create_app(settings, tokens),
+        create_app(settings, tokens, max_body=max_body),
         log_level="info",
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         proxy_headers=False,

@@ -1,20 +1,9 @@
 """The event log: one stream per run in the `eventsourcing` library's recorders (SQLite by
-default, PostgreSQL in production), with large outputs stored once by content hash."""
+default, PostgreSQL in production; `store.py`), with large outputs stored once by content hash
+(`blobs.py`) and every run's head signed in the same transaction (`checkpoints.py`).
 
-from cairn.runtime.eventlog.store import (
-    ConcurrencyError,
-    EventStore,
-    LoggedEvent,
-    RunNotFoundError,
-    StoredRow,
-    StoreUnavailableError,
-)
+Importing this package loads none of its modules: `checkpoints` and `blobs` are plain Python,
+`store` loads the `eventsourcing` library.
+"""
 
-__all__ = [
-    "ConcurrencyError",
-    "EventStore",
-    "LoggedEvent",
-    "RunNotFoundError",
-    "StoreUnavailableError",
-    "StoredRow",
-]
+__all__: list[str] = []

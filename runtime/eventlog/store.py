@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import sqlite3
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -30,9 +31,18 @@ from eventsourcing.persistence import (
 )
 from eventsourcing.sqlite import SQLiteApplicationRecorder, SQLiteCursor
 
-from cairn.events import Event, decode_event, encode_event, event_class, topic_of
+from cairn.events import Event, decode_event, encode_event, event_class, event_hash, topic_of
+from cairn.events.codec import link_hash
 from cairn.runtime import settings
 from cairn.runtime.eventlog.blobs import MARKER, BrokenBlob, offload, references, resolve
+from cairn.runtime.eventlog.checkpoints import (
+    STORE_ROW,
+    ChainKey,
+    ChainKeyError,
+    Checkpoint,
+    Head,
+    advance,
+)
 
 
 class StoreUnavailableError(RuntimeError):
@@ -107,19 +117,46 @@ def describe(url: str) -> str:
 
 class BlobRecorder(Protocol):
     """What the store needs of its recorder besides the library's interface: reading the
-    outputs kept apart (they are written by `insert_events(..., blobs={hash: bytes})`)."""
+    outputs kept apart (they are written by `insert_events(..., blobs={hash: bytes})`) and
+    the signed checkpoints (written by `insert_events(..., heads=Signing(...))`)."""
 
     def select_blobs(self, hashes: Sequence[str]) -> dict[str, bytes]: ...
 
+    def select_checkpoints(self) -> dict[uuid.UUID, Checkpoint]: ...
+
+
+@dataclass(frozen=True)
+class Signing:
+    """What an append checkpoints: each touched run's new head, signed with `key`."""
+
+    key: ChainKey
+    heads: dict[uuid.UUID, Head]
+
+
+CHECKPOINT_COLUMNS = "run_id, last_seq, last_hash, chain_from, mac"
+
+
+def checkpoint_of(row: Mapping[str, Any]) -> Checkpoint:
+    head = Head(_as_uuid(row["run_id"]), row["last_seq"], row["last_hash"], row["chain_from"])
+    return Checkpoint(head, row["mac"])
+
+
+def checkpoint_params(rows: Sequence[Checkpoint]) -> list[tuple[str, int, str, int, str]]:
+    return [(str(c.head.run_id), c.head.seq, c.head.hash, c.head.chain_from, c.mac) for c in rows]
+
 
 class SQLiteBlobRecorder(SQLiteApplicationRecorder):
-    """The library's SQLite recorder, with the table of outputs kept apart by content hash."""
+    """The library's SQLite recorder, with the table of outputs kept apart by content hash
+    and the table of signed checkpoints."""
 
     def construct_create_table_statements(self) -> list[str]:
         return [
             *super().construct_create_table_statements(),
             "CREATE TABLE IF NOT EXISTS cairn_blobs "
             "(sha256 TEXT PRIMARY KEY, data BLOB NOT NULL) WITHOUT ROWID",
+            "CREATE TABLE IF NOT EXISTS cairn_checkpoints (run_id TEXT PRIMARY KEY, "
+            "last_seq INTEGER NOT NULL, last_hash TEXT NOT NULL, chain_from INTEGER NOT NULL, "
+            "mac TEXT NOT NULL) WITHOUT ROWID",
         ]
 
     def _insert_events(
@@ -128,7 +165,33 @@ class SQLiteBlobRecorder(SQLiteApplicationRecorder):
         blobs: Mapping[str, bytes] | None = kwargs.get("blobs")
         if blobs:  # an output stored before is not stored again
             c.executemany("INSERT OR IGNORE INTO cairn_blobs VALUES (?, ?)", sorted(blobs.items()))
-        return super()._insert_events(c, stored_events, **kwargs)
+        ids = super()._insert_events(c, stored_events, **kwargs)
+        signing: Signing | None = kwargs.get("heads")
+        if signing is not None:
+            # After the events: the insert holds the write lock, so what is read here is
+            # what the last writer committed.
+            wanted = [str(r) for r in (*signing.heads, STORE_ROW)]
+            marks = ",".join("?" * len(wanted))
+            c.execute(
+                f"SELECT {CHECKPOINT_COLUMNS} FROM cairn_checkpoints WHERE run_id IN ({marks})",  # noqa: S608
+                wanted,
+            )
+            found = {row["run_id"]: checkpoint_of(row) for row in c.fetchall()}
+            store = found.pop(str(STORE_ROW), None)
+            rows = advance(
+                signing.key, signing.heads, {c.head.run_id: c for c in found.values()}, store
+            )
+            c.executemany(
+                f"INSERT OR REPLACE INTO cairn_checkpoints ({CHECKPOINT_COLUMNS}) "  # noqa: S608
+                "VALUES (?, ?, ?, ?, ?)",
+                checkpoint_params(rows),
+            )
+        return ids
+
+    def select_checkpoints(self) -> dict[uuid.UUID, Checkpoint]:
+        with self.datastore.transaction(commit=False) as c:
+            c.execute(f"SELECT {CHECKPOINT_COLUMNS} FROM cairn_checkpoints")  # noqa: S608
+            return {(cp := checkpoint_of(row)).head.run_id: cp for row in c.fetchall()}
 
     def select_blobs(self, hashes: Sequence[str]) -> dict[str, bytes]:
         found: dict[str, bytes] = {}
@@ -255,8 +318,15 @@ class EventStore:
     `CAIRN_BLOB_THRESHOLD`, else 16 KiB; `off` keeps them all inside their events) are stored
     once by content hash, apart from the events that carry them; every read gives them back."""
 
-    def __init__(self, url: str, *, blob_threshold: int | Literal["env", "off"] = "env") -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        blob_threshold: int | Literal["env", "off"] = "env",
+        chain_key: ChainKey | None = None,
+    ) -> None:
         self.url = url
+        self._key = chain_key  # found (or made) at the first append when not given
         self.blob_threshold: int | None
         if blob_threshold == "env":
             try:
@@ -283,6 +353,20 @@ class EventStore:
     def close(self) -> None:
         self._factory.close()
 
+    def chain_key(self, *, create: bool = False) -> ChainKey:
+        """The key this store's checkpoints are signed with (see `checkpoints.py`); made on
+        first use by a writer (`create`), never by a reader."""
+        if self._key is None:
+            try:
+                self._key = settings.chain_key(self.url, create=create)
+            except ChainKeyError as exc:
+                raise StoreUnavailableError(str(exc)) from None
+        return self._key
+
+    def checkpoints(self) -> dict[uuid.UUID, Checkpoint]:
+        """Every signed checkpoint, by run (`STORE_ROW` is the store's own)."""
+        return self._blobs.select_checkpoints()
+
     def append(self, events: Sequence[Event]) -> list[int]:
         """Store events of any number of runs in one transaction; return their log positions."""
         if not events:
@@ -290,6 +374,8 @@ class EventStore:
         limit = self.blob_threshold
         blobs: dict[str, bytes] = {}
         stored: list[StoredEvent] = []
+        firsts: dict[uuid.UUID, int] = {}
+        heads: dict[uuid.UUID, Head] = {}
         for e in events:
             state = encode_event(e)
             # Only an event larger than the threshold can hold an output that is.
@@ -297,7 +383,9 @@ class EventStore:
                 state, found = offload(e.type_name(), state, limit)
                 blobs.update(found)
             stored.append(StoredEvent(e.run_id, e.seq, topic_of(e), state))
-        return self._insert(stored, blobs)
+            first = firsts.setdefault(e.run_id, e.seq)
+            heads[e.run_id] = Head(e.run_id, e.seq, event_hash(e), first)
+        return self._insert(stored, blobs, heads)
 
     def load(self, run_id: uuid.UUID, after: int = 0) -> list[Event]:
         """A run's events in order (those after position `after` in the run's stream)."""
@@ -326,23 +414,32 @@ class EventStore:
             logged.append(LoggedEvent(n.id, decode_event(n.topic, state, run_id, seq)))
         return logged
 
-    def append_rows(self, rows: Sequence[StoredRow]) -> list[int]:
+    def append_rows(
+        self, rows: Sequence[StoredRow], chain_from: Mapping[uuid.UUID, int] | None = None
+    ) -> list[int]:
         """Store events as given (topic and JSON unchanged, e.g. an imported history that
         holds older versions) in one transaction, large outputs kept apart as by `append`;
-        return their log positions."""
+        return their log positions. `chain_from`: per run, the first seq whose link covers the
+        topic, when the rows hold links written before links did (default: their first)."""
         limit = self.blob_threshold
         blobs: dict[str, bytes] = {}
         stored: list[StoredEvent] = []
+        heads: dict[uuid.UUID, Head] = {}
         for r in rows:
             state = r.state
             if state.startswith(MARKER):
                 raise ValueError(f"event {r.seq} of run {r.run_id} is not an event: it has $blobs")
+            link = link_hash(r.topic, json.loads(state), r.run_id, r.seq)
+            first = (chain_from or {}).get(r.run_id)
+            if first is None:
+                first = heads[r.run_id].chain_from if r.run_id in heads else r.seq
+            heads[r.run_id] = Head(r.run_id, r.seq, link, first)
             if limit is not None and len(state) > limit:
                 name = r.topic.partition("@")[0]
                 state, found = offload(name, state, limit)
                 blobs.update(found)
             stored.append(StoredEvent(r.run_id, r.seq, r.topic, state))
-        return self._insert(stored, blobs)
+        return self._insert(stored, blobs, heads)
 
     def rows(self, run_id: uuid.UUID, *, whole: bool = True) -> list[StoredRow]:
         """A run's events as stored, in the order of their positions in the run: whole (with
@@ -362,12 +459,17 @@ class EventStore:
             rows.append(StoredRow(run_id, r.originator_version, r.topic, state, tuple(broken)))
         return rows
 
-    def _insert(self, stored: list[StoredEvent], blobs: dict[str, bytes]) -> list[int]:
+    def _insert(
+        self, stored: list[StoredEvent], blobs: dict[str, bytes], heads: dict[uuid.UUID, Head]
+    ) -> list[int]:
+        # Outputs kept apart and the runs' signed heads go in the events' transaction: an
+        # event never refers to a missing output, and no append leaves a run's head behind.
+        signing = Signing(self.chain_key(create=True), heads)
         try:
-            if blobs:  # in the events' transaction: an event never refers to a missing output
-                ids = self._recorder.insert_events(stored, blobs=blobs)
+            if blobs:
+                ids = self._recorder.insert_events(stored, blobs=blobs, heads=signing)
             else:
-                ids = self._recorder.insert_events(stored)
+                ids = self._recorder.insert_events(stored, heads=signing)
         except IntegrityError as exc:
             raise ConcurrencyError(str(exc)) from exc
         return list(ids or [])
