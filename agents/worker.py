@@ -58,12 +58,12 @@ from cairn.runtime import tracing
 from cairn.runtime.connection import (
     NatsUnavailableError,
     connect,
-    declare_streams,
     display_url,
 )
 from cairn.runtime.health import Heartbeat
 from cairn.runtime.roles import NatsEndpoint, agent_role
 from cairn.runtime.settings import Settings
+from cairn.runtime.streams import wait_for_streams
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
@@ -257,7 +257,12 @@ async def _declare(
     js: JetStreamContext, capability: str, options: WorkerOptions, url: str | None
 ) -> None:
     try:
-        await declare_streams(js, update=False)
+        await wait_for_streams(
+            js,
+            on_wait=lambda missing: log.info(
+                "waiting for cairn's streams (%s): the coordinator creates them", ", ".join(missing)
+            ),
+        )
         await declare_agent_consumer(
             js, capability, ack_wait=options.ack_wait, max_deliver=options.max_deliver
         )

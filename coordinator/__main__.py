@@ -13,13 +13,17 @@ from cairn.runtime.connection import NatsUnavailableError, connect
 from cairn.runtime.eventlog.store import EventStore, StoreUnavailableError
 from cairn.runtime.roles import ROLE_COORDINATOR
 from cairn.runtime.settings import Settings
+from cairn.runtime.streams import StreamMismatchError, declare_streams
 
 
 async def _preflight(settings: Settings) -> None:
     """Fail with one clear sentence when NATS or the store cannot be reached."""
     endpoint = settings.nats_endpoint(ROLE_COORDINATOR)
     nc = await connect(endpoint, "cairn-preflight", reconnect=False)
-    await nc.close()
+    try:
+        await declare_streams(nc.jetstream())  # the coordinator owns them: made or checked here
+    finally:
+        await nc.close()
     EventStore(settings.store).close()
     load_tenant_limits(tenant_limits_path(settings.home))
 
@@ -34,6 +38,7 @@ def main() -> None:
         NatsUnavailableError,
         StoreUnavailableError,
         TenantLimitsError,
+        StreamMismatchError,
         tracing.TracingConfigError,
     ) as exc:
         print(f"cairn coordinator: {exc}", file=sys.stderr)

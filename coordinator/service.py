@@ -50,13 +50,14 @@ from cairn.events import (
 )
 from cairn.events.contracts import resolve_contract
 from cairn.runtime import tracing
-from cairn.runtime.connection import connect_options, declare_streams, unreachable_message
+from cairn.runtime.connection import connect_options, unreachable_message
 from cairn.runtime.deadletters import DeadLetters, non_finite_reason, validation_reason
 from cairn.runtime.eventlog.store import EventStore
 from cairn.runtime.health import Heartbeat
 from cairn.runtime.pull import StandingPull
 from cairn.runtime.roles import ROLE_COORDINATOR, NatsEndpoint
 from cairn.runtime.settings import Settings
+from cairn.runtime.streams import declare_streams
 
 log = logging.getLogger("cairn.coordinator")
 

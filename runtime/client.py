@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import uuid
 from decimal import Decimal
 from types import TracebackType
 from typing import Any
 
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
@@ -33,11 +35,15 @@ from cairn.events import (
     Intent,
     RaiseBudget,
     StartRun,
+    UnknownEventError,
     WorkflowSpec,
+    event_class,
     event_subject,
 )
 from cairn.runtime.connection import connect
 from cairn.runtime.roles import NatsEndpoint
+
+log = logging.getLogger("cairn.client")
 
 TERMINAL_TYPES = frozenset({"RunCompleted", "RunFailed", "RunCancelled"})
 _PROPAGATOR = TraceContextTextMapPropagator()
@@ -185,21 +191,56 @@ class CairnClient:
 
 
 class EventFeed:
-    """Live notices of committed events from a subscription made before the command was sent."""
+    """Live notices of committed events from a subscription made before the command was sent.
+
+    Notices are untrusted input: anyone allowed a JetStream API request can have the server
+    publish its answer on any subject, `cairn.event.>` included. What is not a committed event
+    of the run and type its subject names is skipped (counted in `skipped`, logged), never
+    handed on."""
 
     def __init__(self, sub: Subscription) -> None:
         self._sub = sub
+        self.skipped: list[str] = []
 
     def __aiter__(self) -> EventFeed:
         return self
 
     async def __anext__(self) -> EventNotice:
-        msg = await self._sub.next_msg(timeout=None)
-        return EventNotice.model_validate_json(msg.data)
+        while True:
+            notice = self._parse(await self._sub.next_msg(timeout=None))
+            if notice is not None:
+                return notice
 
     async def next(self, timeout: float) -> EventNotice:
-        msg = await self._sub.next_msg(timeout=timeout)
-        return EventNotice.model_validate_json(msg.data)
+        """The next notice within `timeout` seconds (nats' TimeoutError otherwise); what is
+        skipped does not restart the clock."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            left = deadline - loop.time()
+            if left <= 0:
+                raise NatsTimeoutError
+            notice = self._parse(await self._sub.next_msg(timeout=left))
+            if notice is not None:
+                return notice
+
+    def _parse(self, msg: Msg) -> EventNotice | None:
+        try:
+            notice = EventNotice.model_validate_json(msg.data)
+            event = event_class(notice.type).model_validate(notice.event)
+            if msg.subject != event_subject(event.run_id, notice.type):
+                raise ValueError(f"it names run {event.run_id} and type {notice.type}")
+        except (ValueError, UnknownEventError) as exc:
+            reason = f"a message on {msg.subject} is not a committed event: {_first_line(exc)}"
+            self.skipped.append(reason)
+            log.warning("skipped %s", reason)
+            return None
+        return notice
 
     async def close(self) -> None:
         await self._sub.unsubscribe()
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__

@@ -1,4 +1,4 @@
-"""Connecting to NATS with clear errors, and declaring cairn's streams idempotently."""
+"""Connecting to NATS with clear errors (cairn's streams are in `streams.py`)."""
 
 from __future__ import annotations
 
@@ -11,17 +11,10 @@ from urllib.parse import unquote, urlparse
 
 from nats.aio.client import Client
 from nats.errors import AuthorizationError
-from nats.js import JetStreamContext
-from nats.js.api import RetentionPolicy, StreamConfig
-from nats.js.errors import BadRequestError
 
-from cairn.events import stream_configs
 from cairn.runtime.roles import NatsCredentialsError, NatsEndpoint, inbox_prefix
 
 log = logging.getLogger("cairn.nats")
-
-# JetStream's "stream name already in use with a different configuration".
-STREAM_EXISTS_DIFFERENTLY = 10058
 
 
 class NatsUnavailableError(RuntimeError):
@@ -221,22 +214,3 @@ async def connect(
         raise NatsUnavailableError(unreachable_message(url)) from exc
     connecting = False
     return nc
-
-
-async def declare_streams(js: JetStreamContext, *, update: bool = True) -> None:
-    """Create cairn's streams, or bring an existing one's settings up to date.
-
-    `update=False` only makes sure they exist: what an agent does, whose NATS user may
-    create cairn's streams but not change them (the coordinator keeps them up to date).
-    """
-    for spec in stream_configs():
-        params: dict[str, Any] = dict(spec)
-        params["retention"] = RetentionPolicy(params["retention"])
-        config = StreamConfig(**params)
-        try:
-            await js.add_stream(config)
-        except BadRequestError as exc:
-            if update:
-                await js.update_stream(config)
-            elif exc.err_code != STREAM_EXISTS_DIFFERENTLY:
-                raise

@@ -122,14 +122,15 @@ def agent_permissions(capability: str) -> Permissions:
     """Pull from the capability's own consumer, ack its messages, publish results.
 
     The consumer may be created only under its own name and with its own task subject as the
-    filter (the server checks the subject's filter against the request's). Streams may be
-    created, so an agent can start before the coordinator, but not changed or deleted.
+    filter (the server checks the subject's filter against the request's). Streams belong to
+    the coordinator: an agent may look them up (to wait for them) but not create, change or
+    delete them.
     """
     check_capability(capability)
     consumer = agent_consumer(capability)
     return Permissions(
         publish=(
-            *(f"$JS.API.STREAM.CREATE.{s['name']}" for s in stream_configs()),
+            *(f"$JS.API.STREAM.INFO.{s['name']}" for s in stream_configs()),
             f"$JS.API.CONSUMER.INFO.{TASKS_STREAM}.{consumer}",
             f"$JS.API.CONSUMER.CREATE.{TASKS_STREAM}.{consumer}.{task_subject(capability)}",
             f"$JS.API.CONSUMER.MSG.NEXT.{TASKS_STREAM}.{consumer}",

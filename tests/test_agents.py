@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import re
 import signal
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import wait_until
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerInfo
@@ -54,8 +56,9 @@ from cairn.events import (
     task_subject,
 )
 from cairn.events.contracts import resolve_contract
-from cairn.runtime.connection import NatsUnavailableError, connect, declare_streams
+from cairn.runtime.connection import NatsUnavailableError, connect
 from cairn.runtime.embedded import EmbeddedNats, free_port, nats_server_binary
+from cairn.runtime.streams import declare_streams
 
 INTENT = Intent(
     goal="Explain heat pumps to homeowners",
@@ -579,6 +582,7 @@ async def test_worker_survives_a_nats_restart(tmp_path: Path) -> None:
     store = tmp_path / "nats"
     server = EmbeddedNats(store).start()
     try:
+        await streams_made(server.url)
         async with worker(example_agent("planner"), server.url) as running:
             server.stop()
             server = EmbeddedNats(store, port=server.port).start()
@@ -597,6 +601,36 @@ async def test_worker_survives_a_nats_restart(tmp_path: Path) -> None:
                 await client.close()
     finally:
         server.stop()
+
+
+async def streams_made(url: str) -> None:
+    """What the coordinator does first: cairn's streams exist."""
+    client = await connect(url, "test-coordinator")
+    try:
+        await declare_streams(client.jetstream())
+    finally:
+        await client.close()
+
+
+async def test_a_worker_started_before_the_coordinator_waits_for_its_streams(
+    nats_server: EmbeddedNats, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="cairn.agents.worker")
+    stop = asyncio.Event()
+    ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(
+        run_worker(example_agent("planner"), nats_server.url, stop=stop, llm=OfflineModel(),
+                   on_ready=ready.set_result, fetch_timeout=0.5)
+    )  # fmt: skip
+    try:
+        await wait_until(lambda: "waiting for cairn's streams" in caplog.text, 10, "the notice")
+        assert not ready.done()
+        assert not task.done()  # it waits, it does not exit
+        await streams_made(nats_server.url)
+        await asyncio.wait_for(asyncio.shield(ready), 10)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
 
 
 async def test_run_worker_says_when_nats_cannot_be_reached() -> None:

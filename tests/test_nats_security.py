@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 import urllib.request
 import uuid
@@ -32,12 +33,14 @@ from cairn.agents.worker import declare_agent_consumer
 from cairn.cli import app
 from cairn.events import (
     DLQ_STREAM,
+    RESULTS_STREAM,
     TASKS_STREAM,
     DeadLetter,
     Intent,
     ResultReceived,
     TaskDispatched,
     agent_consumer,
+    event_subject,
     result_subject,
     task_subject,
 )
@@ -47,7 +50,6 @@ from cairn.runtime.connection import (
     NatsAuthError,
     connect,
     connect_options,
-    declare_streams,
 )
 from cairn.runtime.embedded import EmbeddedNats, free_port, nats_server_binary
 from cairn.runtime.eventlog.store import EventStore
@@ -63,6 +65,7 @@ from cairn.runtime.roles import (
     write_deployment,
 )
 from cairn.runtime.settings import Settings
+from cairn.runtime.streams import declare_streams
 from cairn.runtime.supervisor import EXAMPLE_AGENTS, Supervisor, service_modules
 
 pytestmark = pytest.mark.timeout(120)
@@ -533,3 +536,102 @@ def test_permissions_in_the_config_match_the_roles(deployment: Deployment) -> No
     assert '"_INBOX.agent-writer.>"' in writer
     assert "cairn.cmd" not in writer
     assert "cairn-agent-planner" not in writer
+
+
+# -- the streams belong to the coordinator --------------------------------------------------------
+
+
+async def test_no_role_but_the_coordinator_may_create_or_change_the_streams(
+    secure_nats: EmbeddedNats, deployment: Deployment
+) -> None:
+    # Before any coordinator ran: the streams do not exist, and no one else may make them.
+    for role in (agent_role("planner"), ROLE_OBSERVER, ROLE_ADMIN):
+        probe = await Probe.open(endpoint(secure_nats, deployment, role))
+        try:
+            for name in (RESULTS_STREAM, DLQ_STREAM, TASKS_STREAM):
+                await probe.refused(f"$JS.API.STREAM.CREATE.{name}")
+                await probe.refused(f"$JS.API.STREAM.UPDATE.{name}")
+        finally:
+            await probe.close()
+
+
+async def test_the_coordinator_refuses_a_stream_it_did_not_make(
+    tmp_path: Path, deployment: Deployment
+) -> None:
+    """A CAIRN_RESULTS made first by someone else, in memory and taking commands' subjects:
+    the coordinator will not start on it, and says why and what to do in one sentence."""
+    from nats.js.api import RetentionPolicy, StorageType, StreamConfig
+
+    # A server without cairn's users stands for whoever held stream rights.
+    server = EmbeddedNats(tmp_path / "plain").start()
+    try:
+        nc = await connect(server.url, "someone-else")
+        try:
+            await nc.jetstream().add_stream(
+                StreamConfig(
+                    name=RESULTS_STREAM, subjects=["cairn.result.>", "cairn.cmd.>"],
+                    retention=RetentionPolicy.WORK_QUEUE, storage=StorageType.MEMORY,
+                    max_msgs=5,
+                )
+            )  # fmt: skip
+        finally:
+            await nc.close()
+        home = tmp_path / "home"
+        env = {**os.environ, "CAIRN_HOME": str(home), "NATS_URL": server.url}
+        proc = subprocess.run([sys.executable, "-m", "cairn.coordinator"], env=env,
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert proc.returncode == 2
+        (line,) = proc.stderr.strip().splitlines()
+        assert f"the stream {RESULTS_STREAM} exists with storage 'memory'" in line
+        assert f"nats stream rm {RESULTS_STREAM}" in line
+        assert "Traceback" not in proc.stderr
+    finally:
+        server.stop()
+
+
+async def test_the_coordinator_sets_back_what_can_be_set_back(nats_server: EmbeddedNats) -> None:
+    from nats.js.api import RetentionPolicy, StreamConfig
+
+    nc = await connect(nats_server.url, "someone-else")
+    try:
+        js = nc.jetstream()
+        await js.add_stream(
+            StreamConfig(name=DLQ_STREAM, subjects=["cairn.dlq.>", "cairn.cmd.>"],
+                         retention=RetentionPolicy.LIMITS, max_age=1.0, max_msgs=1)
+        )  # fmt: skip
+        await declare_streams(js)
+        config = (await js.stream_info(DLQ_STREAM)).config
+        assert config.subjects == ["cairn.dlq.>"]
+        assert (config.max_msgs, config.max_age) == (-1, 7 * 24 * 3600.0)
+    finally:
+        await nc.close()
+
+
+async def test_a_spoofed_notice_is_skipped_by_whoever_follows_the_feed(
+    secure_nats: EmbeddedNats, deployment: Deployment, coordinator_nc: Client
+) -> None:
+    """An agent names `cairn.event.<run>.RunCompleted` as the reply subject of a JetStream API
+    request it may make: the server answers there, past the agent's own permissions. A client
+    following the run skips it and waits on for the real events."""
+    run_id = uuid.uuid4()
+    js = coordinator_nc.jetstream()
+    await declare_agent_consumer(js, "planner", ack_wait=30, max_deliver=5)
+    client = await CairnClient.connect(endpoint(secure_nats, deployment, ROLE_ADMIN))
+    planner = await connect(endpoint(secure_nats, deployment, agent_role("planner")), "planner")
+    try:
+        feed = await client.follow(run_id)
+        await client.nc.flush()  # the subscription is in place at the server
+        spoofed = event_subject(run_id, "RunCompleted")
+        await planner.publish(
+            f"$JS.API.CONSUMER.INFO.{TASKS_STREAM}.{agent_consumer('planner')}", b"",
+            reply=spoofed,
+        )  # fmt: skip
+        await planner.flush()
+        with pytest.raises(nats.errors.TimeoutError):
+            await feed.next(timeout=2)  # the spoofed answer came, and was not handed on
+        assert len(feed.skipped) == 1
+        assert spoofed in feed.skipped[0]
+        assert "is not a committed event" in feed.skipped[0]
+    finally:
+        await planner.close()
+        await client.close()
