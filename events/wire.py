@@ -8,13 +8,26 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
 from cairn.events.base import Frozen
-from cairn.events.run import Budget, Intent, Lineage, Usage
+from cairn.events.bounds import (
+    MAX_ITEMS,
+    MAX_NAME,
+    MAX_USAGE_RECORDS,
+    Amount,
+    Attempt,
+    BoundedBudget,
+    BoundedIntent,
+    BudgetTokens,
+    JsonObject,
+    Name,
+    ReportedUsage,
+    Text,
+)
+from cairn.events.run import Intent, Lineage
 from cairn.events.workflow import StepSpec, WorkflowSpec
 
 PROTOCOL_VERSION = 1
@@ -41,7 +54,7 @@ class TaskEnvelope(Frozen):
 
 
 class TaskError(Frozen):
-    message: str
+    message: Text
     retryable: bool = True
 
 
@@ -49,18 +62,18 @@ class TaskResult(Frozen):
     """What an agent publishes on `cairn.result.<run_id>` when it is done with a task."""
 
     v: Literal[1] = 1
-    task_id: str
+    task_id: Annotated[str, Field(max_length=3 * MAX_NAME)]
     run_id: uuid.UUID
-    step: str
-    attempt: int
-    agent_id: str
-    output: dict[str, Any] | None = None
+    step: Name
+    attempt: Attempt
+    agent_id: Name
+    output: JsonObject | None = None
     error: TaskError | None = None
-    usage: list[Usage] = Field(default_factory=list)
+    usage: list[ReportedUsage] = Field(default_factory=list, max_length=MAX_USAGE_RECORDS)
     started_at: datetime
     finished_at: datetime
     # Set by an agent that wants a person to look at its output before the run uses it.
-    review: str | None = None
+    review: Text | None = None
     # Follow-up steps the agent proposes (admitted only if the step may propose, within limits).
     proposals: list[StepSpec] = Field(default_factory=list, max_length=50)
 
@@ -70,12 +83,12 @@ class StartRun(Frozen):
 
     v: Literal[1] = 1
     run_id: uuid.UUID | None = None  # give one to make the command idempotent
-    workflow: str | WorkflowSpec
-    input: dict[str, Any] = Field(default_factory=dict)
-    intent: Intent | None = None
-    budget: Budget | None = None
+    workflow: Name | WorkflowSpec
+    input: JsonObject = Field(default_factory=dict)
+    intent: BoundedIntent | None = None
+    budget: BoundedBudget | None = None
     tenant: str = Field(default="default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-    requested_by: str = "client:cli"
+    requested_by: Name = "client:cli"
 
 
 class CancelRun(Frozen):
@@ -83,8 +96,8 @@ class CancelRun(Frozen):
 
     v: Literal[1] = 1
     run_id: uuid.UUID
-    requested_by: str = "client:cli"
-    reason: str = ""
+    requested_by: Name = "client:cli"
+    reason: Text = ""
 
 
 class ForkRun(Frozen):
@@ -96,12 +109,10 @@ class ForkRun(Frozen):
     v: Literal[1] = 1
     parent_run_id: uuid.UUID
     at_seq: int = Field(ge=1)
-    overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    models: dict[str, Annotated[str, Field(min_length=1, max_length=200)]] = Field(
-        default_factory=dict
-    )
+    overrides: dict[Name, JsonObject] = Field(default_factory=dict, max_length=MAX_ITEMS)
+    models: dict[Name, Name] = Field(default_factory=dict, max_length=MAX_ITEMS)
     run_id: uuid.UUID | None = None
-    requested_by: str = "client:cli"
+    requested_by: Name = "client:cli"
 
 
 class ApprovalDecision(Frozen):
@@ -109,9 +120,9 @@ class ApprovalDecision(Frozen):
 
     v: Literal[1] = 1
     run_id: uuid.UUID
-    step: str
-    by: str = Field(min_length=1, max_length=200)
-    reason: str = ""
+    step: Name
+    by: Name
+    reason: Text = ""
 
 
 class RaiseBudget(Frozen):
@@ -119,10 +130,10 @@ class RaiseBudget(Frozen):
 
     v: Literal[1] = 1
     run_id: uuid.UUID
-    usd: Decimal | None = Field(default=None, ge=0)
-    tokens: int | None = Field(default=None, ge=0)
-    by: str = Field(min_length=1, max_length=200)
-    reason: str = ""
+    usd: Amount | None = None
+    tokens: BudgetTokens | None = None
+    by: Name
+    reason: Text = ""
 
 
 class CommandReply(Frozen):
