@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from cairn.coordinator.domain.decide import Policy, ResultFact, StartRunFact, decide
+from cairn.coordinator.domain.decide import decide
+from cairn.coordinator.domain.facts import Policy, ResultFact, StartRunFact
 from cairn.coordinator.domain.state import RunState, evolve, fold
 from cairn.coordinator.pricing import load_price_table
 from cairn.coordinator.workflow import parse_workflow

@@ -23,7 +23,8 @@ from nats.aio.msg import Msg
 from pydantic import ValidationError
 
 from cairn.coordinator import spans
-from cairn.coordinator.domain.decide import (
+from cairn.coordinator.domain.decide import decide_with_state
+from cairn.coordinator.domain.facts import (
     ApprovalFact,
     BudgetFact,
     CancelFact,
@@ -33,9 +34,8 @@ from cairn.coordinator.domain.decide import (
     ResultFact,
     StartRunFact,
     TimerFact,
-    decide_with_state,
-    descendants,
 )
+from cairn.coordinator.domain.graph import descendants
 from cairn.coordinator.domain.state import RunState, evolve, fold
 from cairn.coordinator.outbox import Outbox
 from cairn.coordinator.tenants import TenantLedger, TenantLimits

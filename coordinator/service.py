@@ -22,7 +22,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
 from pydantic import BaseModel, ValidationError
 
-from cairn.coordinator.domain.decide import Policy
+from cairn.coordinator.domain.facts import Policy
 from cairn.coordinator.engine import Coordinator
 from cairn.coordinator.outbox import Outbox
 from cairn.coordinator.pricing import load_price_table

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Literal
 
-from cairn.coordinator.domain.decide import TimerFact
+from cairn.coordinator.domain.facts import TimerFact
 from cairn.coordinator.domain.state import RunState
 from cairn.events import (
     ApprovalEscalated,
