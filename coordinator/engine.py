@@ -39,7 +39,7 @@ from cairn.coordinator.domain.graph import descendants
 from cairn.coordinator.domain.state import RunState, evolve, fold
 from cairn.coordinator.outbox import Outbox
 from cairn.coordinator.tenants import TenantLedger, TenantLimits
-from cairn.coordinator.timers import Timer, TimerQueue
+from cairn.coordinator.timers import TimerQueue
 from cairn.coordinator.workflow import WorkflowCatalog, WorkflowError, check_workflow
 from cairn.events import (
     MAX_PAYLOAD_BYTES,
@@ -222,11 +222,9 @@ class Coordinator:
         return overdue
 
     def is_current(self, event: TaskDispatched) -> bool:
+        """The task is still wanted by a run this coordinator holds."""
         state = self.runs.get(event.run_id)
-        if state is None or state.terminal:
-            return False
-        step = state.steps.get(event.step)
-        return step is not None and step.status == "dispatched" and step.task_id == event.task_id
+        return state is not None and state.is_current(event.step, event.task_id)
 
     async def catch_up(self) -> int:
         async with self._lock:
@@ -559,20 +557,6 @@ class Coordinator:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._timers_changed.wait(), max(wait, 0.001))
 
-    def _timer_matters(self, timer: Timer) -> bool:
-        state = self.runs.get(timer.run_id)
-        if state is None or state.terminal:
-            return False
-        if timer.kind in ("approval", "approval_warn"):
-            approval = state.approvals.get(timer.request_id or "")
-            return approval is not None and approval.status == "pending"
-        step = state.steps.get(timer.step)
-        if step is None:
-            return False
-        if timer.kind == "timeout":
-            return step.status == "dispatched" and step.attempt == timer.attempt
-        return step.status == "retry_wait" and step.attempt + 1 == timer.attempt
-
     async def fire(self, facts: Sequence[TimerFact]) -> None:
         async with self._lock:
             tentative: dict[uuid.UUID, RunState] = {}
@@ -694,7 +678,7 @@ class Coordinator:
         before = self.timers.next_due()
         self.timers.add_for_events(events)
         if len(self.timers) > 1000 + 8 * len(self.runs):
-            self.timers.compact(self._timer_matters)
+            self.timers.compact(lambda timer: timer.matters(self.runs.get(timer.run_id)))
         if self.timers.next_due() != before:
             self._timers_changed.set()
         self.stats.events += len(events)

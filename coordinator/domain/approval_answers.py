@@ -86,13 +86,14 @@ def answer(state: RunState, fact: ApprovalFact, policy: Policy) -> list[Event]:
 def approval_timer(state: RunState, fact: TimerFact, policy: Policy) -> list[Event]:
     """A pending request's warning time or deadline came: warn its group, escalate it to the
     next group, or let it expire (a denial, or the run fails, as the step's gate says)."""
-    approval = state.approvals.get(fact.request_id or "")
-    if state.terminal or approval is None or approval.status != "pending":
+    if not state.timer_matters(fact.kind, fact.step, fact.attempt, fact.request_id):
         return []
+    approval = state.approvals[fact.request_id or ""]
     d = Decision(state, state.run_id, fact.at, policy)
     gate = state.workflow.step(approval.step).approval or ApprovalPolicy()
     if fact.kind == "approval_warn":
-        if approval.warn_at is None or fact.at < approval.warn_at:
+        assert approval.warn_at is not None  # else the timer would not matter
+        if fact.at < approval.warn_at:
             return []
         d.emit(
             ApprovalWarned,

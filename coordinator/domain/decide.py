@@ -155,7 +155,7 @@ def _result(state: RunState, fact: ResultFact, policy: Policy) -> list[Event]:
             agent_id=result.agent_id,
         )
         return d.events
-    if step.status != "dispatched" or step.task_id != result.task_id:
+    if not state.is_current(result.step, result.task_id):
         if step.status == "completed" and step.task_id == result.task_id:
             why = "duplicate result: the attempt was already completed"
         elif step.task_id != result.task_id:

@@ -39,11 +39,11 @@ from cairn.events import (
 def step_timer(state: RunState, fact: TimerFact, policy: Policy) -> list[Event]:
     """A step's timeout or the end of its backoff. A timer that no longer matters (its result
     came, the run ended) does nothing."""
-    step = state.steps.get(fact.step)
-    if state.terminal or step is None:
+    if not state.timer_matters(fact.kind, fact.step, fact.attempt, fact.request_id):
         return []
+    step = state.step(fact.step)
     d = Decision(state, state.run_id, fact.at, policy)
-    if fact.kind == "timeout" and step.status == "dispatched" and step.attempt == fact.attempt:
+    if fact.kind == "timeout":
         assert step.task_id is not None
         d.emit(
             TaskTimedOut,
@@ -63,7 +63,7 @@ def step_timer(state: RunState, fact: TimerFact, policy: Policy) -> list[Event]:
             retryable=True,
             repair=[],
         )
-    elif fact.kind == "retry" and step.status == "retry_wait" and step.attempt + 1 == fact.attempt:
+    else:
         limit = state.workflow.step(fact.step).retry.max_attempts + step.extra_attempts
         reason = f"backoff over: attempt {fact.attempt}/{limit}"
         begin(d, fact.step, fact.attempt, reason, list(step.repair))
