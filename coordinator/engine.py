@@ -35,7 +35,7 @@ from cairn.coordinator.domain.facts import (
     StartRunFact,
     TimerFact,
 )
-from cairn.coordinator.domain.graph import descendants
+from cairn.coordinator.domain.fork import fork_fact
 from cairn.coordinator.domain.state import RunState, evolve, fold
 from cairn.coordinator.outbox import Outbox
 from cairn.coordinator.tenants import TenantLedger, TenantLimits
@@ -46,10 +46,8 @@ from cairn.events import (
     TERMINAL_EVENTS,
     ApprovalDecision,
     CancelRun,
-    CarriedOutput,
     CommandReply,
     Event,
-    ForkOrigin,
     ForkRun,
     Intent,
     RaiseBudget,
@@ -312,81 +310,22 @@ class Coordinator:
                 reply.set_result(answer)
 
     async def fork_run(self, command: ForkRun, at: datetime | None = None) -> CommandReply:
-        """Start a new run from a run's state after event `at_seq`: completed steps' outputs
-        are taken over (not paid for again), overrides replace outputs, steps given another
-        model run again with it, and every step built from an overridden or re-run one runs
-        again."""
+        """Start a new run from a run's state after event `at_seq`; what it takes over and what
+        runs again is decided by `domain/fork.py`."""
         parent = self.store.load(command.parent_run_id)
-        if not parent:
-            return CommandReply(ok=False, error=f"unknown run {command.parent_run_id}")
-        if command.at_seq > len(parent):
-            return CommandReply(
-                ok=False,
-                error=f"run {command.parent_run_id} has {len(parent)} events, not {command.at_seq}",
-            )
-        state = fold(parent[: command.at_seq])
-        assert state is not None
-        workflow = state.workflow
-        carried: dict[str, CarriedOutput] = {}
-        for name, step in state.steps.items():
-            if step.status == "completed" and step.output is not None:
-                carried[name] = CarriedOutput(
-                    output=step.output,
-                    source=f"run {state.run_id} step {name} attempt {step.attempt}",
-                )
-        for name, output in command.overrides.items():
-            if name not in state.steps:
-                return CommandReply(ok=False, error=f"run has no step {name!r} to override")
-            spec = workflow.step(name)
-            if spec.contract:
-                try:
-                    self.policy.contract(spec.contract).model_validate(output)
-                except ValidationError as exc:
-                    return CommandReply(
-                        ok=False,
-                        error=validation_reason(exc, f"the override of {name} ({spec.contract})"),
-                    )
-            for later in descendants(workflow, name):
-                carried.pop(later, None)  # built from the old output: they run again
-            carried[name] = CarriedOutput(
-                output=output, source=f"override by {command.requested_by}"
-            )
-        for name, model in command.models.items():
-            if name not in state.steps:
-                return CommandReply(ok=False, error=f"run has no step {name!r} to set a model for")
-            if name in command.overrides:
-                return CommandReply(
-                    ok=False,
-                    error=f"step {name!r} has both an override and a model: an overridden "
-                    "output is not produced by any model; give one or the other",
-                )
-            for later in {name, *descendants(workflow, name)} - command.overrides.keys():
-                carried.pop(later, None)  # runs again with the new model, or built from it
-            workflow = workflow.model_copy(
-                update={
-                    "steps": [
-                        s.model_copy(update={"model": model}) if s.name == name else s
-                        for s in workflow.steps
-                    ]
-                }
-            )
         trace_id, trace_span_id = tracing.current_ids()  # the fork command's span: the root
-        fact = StartRunFact(
-            run_id=command.run_id or uuid.uuid4(),
-            workflow=workflow,
-            input=state.input,
-            intent=state.intent,
-            requested_by=command.requested_by,
-            at=at or datetime.now(UTC),
-            budget=state.budget,
-            tenant=state.tenant,
-            forked_from=ForkOrigin(
-                run_id=command.parent_run_id, seq=command.at_seq, models=command.models
-            ),
-            carried=carried,
-            trace_id=trace_id,
-            trace_span_id=trace_span_id,
-        )
+        try:
+            fact = fork_fact(
+                parent,
+                command,
+                self.policy.contract,
+                run_id=command.run_id or uuid.uuid4(),
+                at=at or datetime.now(UTC),
+                trace_id=trace_id,
+                trace_span_id=trace_span_id,
+            )
+        except Rejected as exc:
+            return CommandReply(ok=False, error=str(exc))
         async with self._lock:
             if self._state(fact.run_id) is not None:
                 return CommandReply(ok=False, error=f"run {fact.run_id} already exists")

@@ -5,7 +5,7 @@ with the fact, so running this code over a recorded history reproduces its decis
 By layer, lowest first (import-linter keeps imports going down): `mapping`, `pricing`;
 `state` (the fold); `facts` (what is decided from, the policy, `fact_for`); `builder` (chaining
 a decision's events); `approval_requests`; `money` and `graph`; `lifecycle` (a step's way
-through a run); `approval_answers`; `decide` (one handler per fact).
+through a run); `approval_answers`; `decide` (one handler per fact) and `fork`.
 """
 
 __all__: list[str] = []
