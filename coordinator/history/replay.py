@@ -25,6 +25,7 @@ from typing import Literal
 
 from cairn.coordinator.domain.decide import decide
 from cairn.coordinator.domain.facts import (
+    DEFAULT_ESTIMATE_USD,
     ApprovalFact,
     CancelFact,
     Fact,
@@ -38,8 +39,8 @@ from cairn.coordinator.domain.facts import (
 )
 from cairn.coordinator.domain.pricing import PriceTable
 from cairn.coordinator.domain.state import EvolveError, RunState, evolve
+from cairn.coordinator.policy import decision_policy
 from cairn.coordinator.pricing import load_price_table
-from cairn.coordinator.workflow import load_contract_modules
 from cairn.events import (
     BudgetExhausted,
     BudgetReserved,
@@ -48,7 +49,6 @@ from cairn.events import (
     event_hash,
 )
 from cairn.events.codec import was_upcast
-from cairn.events.contracts import resolve_contract
 
 DivergenceKind = Literal["differs", "missing", "extra", "rejected", "error", "invalid"]
 
@@ -300,12 +300,11 @@ def replay_policy(
     prices: PriceTable | None = None,
     *,
     known: Sequence[PriceTable] = (),
-    default_estimate_usd: Decimal = Decimal("0.01"),
+    default_estimate_usd: Decimal = DEFAULT_ESTIMATE_USD,
 ) -> Policy:
     """The policy to re-decide a history with: `prices` when given (e.g. `--prices FILE`), else
     the table among the shipped one and `known` (e.g. CAIRN_PRICES) whose version the history's
     charges name. Output contracts come from the registry."""
-    load_contract_modules()
     if prices is None:
         tables = {t.version: t for t in (*known, _shipped_prices())}
         named = price_tables_named(events)
@@ -317,7 +316,7 @@ def replay_policy(
                 f"{'that table' if len(named) == 1 else 'one'} with --prices FILE"
             )
         prices = tables[named[0]] if named else _shipped_prices()
-    return Policy(prices, resolve_contract, default_estimate_usd=default_estimate_usd)
+    return decision_policy(prices, default_estimate_usd=default_estimate_usd)
 
 
 @cache
