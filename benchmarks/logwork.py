@@ -10,12 +10,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from cairn.coordinator.domain.decide import Policy, ResultFact, StartRunFact, decide
+from cairn.coordinator.domain.decide import decide
+from cairn.coordinator.domain.facts import ResultFact, StartRunFact
 from cairn.coordinator.domain.state import RunState, evolve, fold
-from cairn.coordinator.pricing import load_price_table
+from cairn.coordinator.policy import decision_policy
 from cairn.coordinator.workflow import parse_workflow
 from cairn.events import Event, Intent, TaskResult, Usage, WorkflowSpec
-from cairn.events.contracts import resolve_contract
 from cairn.runtime.eventlog.store import EventStore
 from cairn.runtime.settings import Settings
 
@@ -39,7 +39,7 @@ def generated_history(target_events: int, concurrent: int = 50) -> Iterator[list
     """Batches of events as a coordinator under load commits them: `concurrent` runs of the
     three-step pipeline at a time, each round of their results decided together. Agents
     report model usage, so each step is charged as well. Ids and times are deterministic."""
-    policy = Policy(load_price_table(), resolve_contract)
+    policy = decision_policy()
     spec = pipeline_spec()
     model = next(iter(policy.prices.models))
     at = datetime(2026, 1, 1, tzinfo=UTC)

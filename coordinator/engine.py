@@ -19,10 +19,9 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, NamedTuple
 
-from pydantic import ValidationError
-
 from cairn.coordinator import spans
-from cairn.coordinator.domain.decide import (
+from cairn.coordinator.domain.decide import decide_with_state
+from cairn.coordinator.domain.facts import (
     ApprovalFact,
     BudgetFact,
     CancelFact,
@@ -32,22 +31,19 @@ from cairn.coordinator.domain.decide import (
     ResultFact,
     StartRunFact,
     TimerFact,
-    decide_with_state,
-    descendants,
 )
+from cairn.coordinator.domain.fork import fork_fact
 from cairn.coordinator.domain.state import RunState, evolve, fold
 from cairn.coordinator.outbox import Outbox
 from cairn.coordinator.tenants import TenantLedger, TenantLimits
-from cairn.coordinator.timers import Timer, TimerQueue
+from cairn.coordinator.timers import TimerQueue
 from cairn.coordinator.workflow import WorkflowCatalog, WorkflowError, check_workflow
 from cairn.events import (
     TERMINAL_EVENTS,
     ApprovalDecision,
     CancelRun,
-    CarriedOutput,
     CommandReply,
     Event,
-    ForkOrigin,
     ForkRun,
     Intent,
     RaiseBudget,
@@ -59,7 +55,6 @@ from cairn.events import (
 )
 from cairn.runtime import tracing
 from cairn.runtime.crashpoints import crash_point
-from cairn.runtime.deadletters import validation_reason
 from cairn.runtime.eventlog.store import ConcurrencyError, EventStore, LoggedEvent
 
 log = logging.getLogger("cairn.coordinator")
@@ -241,11 +236,9 @@ class Coordinator:
         return overdue
 
     def is_current(self, event: TaskDispatched) -> bool:
+        """The task is still wanted by a run this coordinator holds."""
         state = self.runs.get(event.run_id)
-        if state is None or state.terminal:
-            return False
-        step = state.steps.get(event.step)
-        return step is not None and step.status == "dispatched" and step.task_id == event.task_id
+        return state is not None and state.is_current(event.step, event.task_id)
 
     async def catch_up(self) -> int:
         async with self._lock:
@@ -333,81 +326,22 @@ class Coordinator:
                 reply.set_result(answer)
 
     async def fork_run(self, command: ForkRun, at: datetime | None = None) -> CommandReply:
-        """Start a new run from a run's state after event `at_seq`: completed steps' outputs
-        are taken over (not paid for again), overrides replace outputs, steps given another
-        model run again with it, and every step built from an overridden or re-run one runs
-        again."""
+        """Start a new run from a run's state after event `at_seq`; what it takes over and what
+        runs again is decided by `domain/fork.py`."""
         parent = self.store.load(command.parent_run_id)
-        if not parent:
-            return CommandReply(ok=False, error=f"unknown run {command.parent_run_id}")
-        if command.at_seq > len(parent):
-            return CommandReply(
-                ok=False,
-                error=f"run {command.parent_run_id} has {len(parent)} events, not {command.at_seq}",
-            )
-        state = fold(parent[: command.at_seq])
-        assert state is not None
-        workflow = state.workflow
-        carried: dict[str, CarriedOutput] = {}
-        for name, step in state.steps.items():
-            if step.status == "completed" and step.output is not None:
-                carried[name] = CarriedOutput(
-                    output=step.output,
-                    source=f"run {state.run_id} step {name} attempt {step.attempt}",
-                )
-        for name, output in command.overrides.items():
-            if name not in state.steps:
-                return CommandReply(ok=False, error=f"run has no step {name!r} to override")
-            spec = workflow.step(name)
-            if spec.contract:
-                try:
-                    self.policy.contract(spec.contract).model_validate(output)
-                except ValidationError as exc:
-                    return CommandReply(
-                        ok=False,
-                        error=validation_reason(exc, f"the override of {name} ({spec.contract})"),
-                    )
-            for later in descendants(workflow, name):
-                carried.pop(later, None)  # built from the old output: they run again
-            carried[name] = CarriedOutput(
-                output=output, source=f"override by {command.requested_by}"
-            )
-        for name, model in command.models.items():
-            if name not in state.steps:
-                return CommandReply(ok=False, error=f"run has no step {name!r} to set a model for")
-            if name in command.overrides:
-                return CommandReply(
-                    ok=False,
-                    error=f"step {name!r} has both an override and a model: an overridden "
-                    "output is not produced by any model; give one or the other",
-                )
-            for later in {name, *descendants(workflow, name)} - command.overrides.keys():
-                carried.pop(later, None)  # runs again with the new model, or built from it
-            workflow = workflow.model_copy(
-                update={
-                    "steps": [
-                        s.model_copy(update={"model": model}) if s.name == name else s
-                        for s in workflow.steps
-                    ]
-                }
-            )
         trace_id, trace_span_id = tracing.current_ids()  # the fork command's span: the root
-        fact = StartRunFact(
-            run_id=command.run_id or uuid.uuid4(),
-            workflow=workflow,
-            input=state.input,
-            intent=state.intent,
-            requested_by=command.requested_by,
-            at=at or datetime.now(UTC),
-            budget=state.budget,
-            tenant=state.tenant,
-            forked_from=ForkOrigin(
-                run_id=command.parent_run_id, seq=command.at_seq, models=command.models
-            ),
-            carried=carried,
-            trace_id=trace_id,
-            trace_span_id=trace_span_id,
-        )
+        try:
+            fact = fork_fact(
+                parent,
+                command,
+                self.policy.contract,
+                run_id=command.run_id or uuid.uuid4(),
+                at=at or datetime.now(UTC),
+                trace_id=trace_id,
+                trace_span_id=trace_span_id,
+            )
+        except Rejected as exc:
+            return CommandReply(ok=False, error=str(exc))
         async with self._lock:
             if self._state(fact.run_id) is not None:
                 return CommandReply(ok=False, error=f"run {fact.run_id} already exists")
@@ -554,20 +488,6 @@ class Coordinator:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._timers_changed.wait(), max(wait, 0.001))
 
-    def _timer_matters(self, timer: Timer) -> bool:
-        state = self.runs.get(timer.run_id)
-        if state is None or state.terminal:
-            return False
-        if timer.kind in ("approval", "approval_warn"):
-            approval = state.approvals.get(timer.request_id or "")
-            return approval is not None and approval.status == "pending"
-        step = state.steps.get(timer.step)
-        if step is None:
-            return False
-        if timer.kind == "timeout":
-            return step.status == "dispatched" and step.attempt == timer.attempt
-        return step.status == "retry_wait" and step.attempt + 1 == timer.attempt
-
     async def fire(self, facts: Sequence[TimerFact]) -> None:
         async with self._lock:
             tentative: dict[uuid.UUID, RunState] = {}
@@ -689,7 +609,7 @@ class Coordinator:
         before = self.timers.next_due()
         self.timers.add_for_events(events)
         if len(self.timers) > 1000 + 8 * len(self.runs):
-            self.timers.compact(self._timer_matters)
+            self.timers.compact(lambda timer: timer.matters(self.runs.get(timer.run_id)))
         if self.timers.next_due() != before:
             self._timers_changed.set()
         self.stats.events += len(events)

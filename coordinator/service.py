@@ -22,9 +22,9 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
 from pydantic import BaseModel, ValidationError
 
-from cairn.coordinator.domain.decide import Policy
 from cairn.coordinator.engine import Coordinator, Received
 from cairn.coordinator.outbox import Outbox
+from cairn.coordinator.policy import decision_policy
 from cairn.coordinator.pricing import load_price_table
 from cairn.coordinator.tenants import TenantLimits, tenant_limits_path
 from cairn.coordinator.workflow import WorkflowCatalog
@@ -48,7 +48,6 @@ from cairn.events import (
     StartRun,
     TaskResult,
 )
-from cairn.events.contracts import resolve_contract
 from cairn.runtime import tracing
 from cairn.runtime.connection import connect_options, unreachable_message
 from cairn.runtime.deadletters import DeadLetters, non_finite_reason, validation_reason
@@ -108,10 +107,7 @@ class CoordinatorRuntime:
         )
         self.store = EventStore(self.settings.store)
         prices_path = os.environ.get("CAIRN_PRICES")
-        policy = Policy(
-            prices=load_price_table(Path(prices_path) if prices_path else None),
-            contract=resolve_contract,
-        )
+        policy = decision_policy(load_price_table(Path(prices_path) if prices_path else None))
         catalog = WorkflowCatalog([self.settings.home / "workflows"])
         # Bounded by the streams' duplicate window, so a restart's republishing is deduplicated.
         save_interval = min(float(os.environ.get("CAIRN_OUTBOX_SAVE_INTERVAL", "1")), 60.0)

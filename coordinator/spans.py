@@ -20,7 +20,7 @@ from cairn.events import Event, TaskDispatched
 from cairn.runtime import tracing
 
 if TYPE_CHECKING:
-    from cairn.coordinator.domain.decide import Fact
+    from cairn.coordinator.domain.facts import Fact
     from cairn.coordinator.domain.state import RunState
     from cairn.events import TaskResult
     from cairn.runtime.eventlog.store import LoggedEvent

@@ -28,7 +28,7 @@ from pathlib import Path
 import yaml
 from pydantic import Field, ValidationError
 
-from cairn.coordinator.domain.decide import TenantAllowance
+from cairn.coordinator.domain.facts import TenantAllowance
 from cairn.events import (
     BudgetReserved,
     BudgetSettled,

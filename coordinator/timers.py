@@ -13,9 +13,8 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Literal
 
-from cairn.coordinator.domain.decide import TimerFact
+from cairn.coordinator.domain.facts import TimerFact, TimerKind
 from cairn.coordinator.domain.state import RunState
 from cairn.events import (
     ApprovalEscalated,
@@ -24,8 +23,6 @@ from cairn.events import (
     RetryScheduled,
     TaskDispatched,
 )
-
-TimerKind = Literal["timeout", "retry", "approval", "approval_warn"]
 
 
 @dataclass(frozen=True, order=True)
@@ -37,6 +34,13 @@ class Timer:
     attempt: int = field(compare=False)
     kind: TimerKind = field(compare=False)
     request_id: str | None = field(default=None, compare=False)
+
+    def matters(self, state: RunState | None) -> bool:
+        """The timer still has something to act on in its run's `state` (None: a run not held,
+        or ended)."""
+        return state is not None and state.timer_matters(
+            self.kind, self.step, self.attempt, self.request_id
+        )
 
     def fact(self, at: datetime) -> TimerFact:
         return TimerFact(

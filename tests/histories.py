@@ -10,14 +10,14 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from cairn.coordinator.domain.decide import (
+from cairn.coordinator.domain.decide import decide
+from cairn.coordinator.domain.facts import (
     CancelFact,
     Fact,
     Policy,
     ResultFact,
     StartRunFact,
     TimerFact,
-    decide,
     task_id,
 )
 from cairn.coordinator.domain.pricing import PriceTable

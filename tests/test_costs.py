@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 from views_backends import BACKENDS, backend_settings, raw_sql
 
-from cairn.coordinator.domain.decide import Policy, ResultFact, StartRunFact, decide, task_id
+from cairn.coordinator.domain.decide import decide
+from cairn.coordinator.domain.facts import Policy, ResultFact, StartRunFact, task_id
 from cairn.coordinator.domain.pricing import PriceTable
 from cairn.coordinator.domain.state import fold
 from cairn.coordinator.pricing import load_price_table

@@ -10,17 +10,17 @@ from typing import Any
 
 import pytest
 
-from cairn.coordinator.domain.decide import (
+from cairn.coordinator.domain.decide import decide
+from cairn.coordinator.domain.facts import (
     CancelFact,
     Policy,
     Rejected,
     ResultFact,
     StartRunFact,
     TimerFact,
-    backoff_delay,
-    decide,
     task_id,
 )
+from cairn.coordinator.domain.lifecycle import backoff_delay
 from cairn.coordinator.domain.pricing import PriceTable
 from cairn.coordinator.domain.state import EvolveError, RunState, evolve, fold
 from cairn.coordinator.pricing import load_price_table

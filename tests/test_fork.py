@@ -83,7 +83,7 @@ async def test_fork_takes_over_done_steps_and_reruns_what_an_override_invalidate
     assert write_input["findings"] == fixed["findings"]
 
     # A forked run replays like any other: its carried outputs are part of its start.
-    from cairn.coordinator.domain.decide import Policy
+    from cairn.coordinator.domain.facts import Policy
     from cairn.coordinator.history.replay import check_history
     from cairn.coordinator.pricing import load_price_table
     from cairn.coordinator.workflow import load_contract_modules
@@ -175,7 +175,7 @@ async def test_fork_with_another_model_reruns_the_step_and_what_was_built_from_i
     redone = next(e for e in events if isinstance(e, TaskCompleted) and e.step == "research")
     assert redone.output_hash != research_done.output_hash  # another model, another answer
 
-    from cairn.coordinator.domain.decide import Policy
+    from cairn.coordinator.domain.facts import Policy
     from cairn.coordinator.history.replay import check_history
     from cairn.coordinator.pricing import load_price_table
     from cairn.coordinator.workflow import load_contract_modules

@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from cairn.coordinator.domain.decide import (
+from cairn.coordinator.domain.decide import decide
+from cairn.coordinator.domain.facts import (
     ApprovalFact,
     BudgetFact,
     Policy,
@@ -18,7 +19,6 @@ from cairn.coordinator.domain.decide import (
     ResultFact,
     StartRunFact,
     TimerFact,
-    decide,
     task_id,
 )
 from cairn.coordinator.domain.state import RunState, fold

@@ -13,7 +13,8 @@ import pytest
 from histories import PIPELINE, POLICY, T0, doubled_prices, many_runs, simulate
 from pydantic import BaseModel, ConfigDict
 
-from cairn.coordinator.domain.decide import (
+from cairn.coordinator.domain.decide import decide
+from cairn.coordinator.domain.facts import (
     ApprovalFact,
     BudgetFact,
     CancelFact,
@@ -22,14 +23,13 @@ from cairn.coordinator.domain.decide import (
     ResultFact,
     StartRunFact,
     TimerFact,
-    decide,
+    fact_for,
     task_id,
 )
 from cairn.coordinator.domain.state import RunState, evolve, fold
 from cairn.coordinator.history.replay import (
     ReplayPolicyError,
     check_history,
-    fact_for,
     price_tables_named,
     replay_policy,
 )

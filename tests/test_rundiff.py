@@ -12,7 +12,8 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from cairn.coordinator.domain.decide import Policy, ResultFact, StartRunFact, decide, task_id
+from cairn.coordinator.domain.decide import decide
+from cairn.coordinator.domain.facts import Policy, ResultFact, StartRunFact, task_id
 from cairn.coordinator.domain.state import fold
 from cairn.coordinator.history.diff import diff_runs
 from cairn.coordinator.pricing import load_price_table

@@ -19,7 +19,8 @@ from conftest import run_to_end
 from test_governance import POLICY, RUN, T0, approve, result, state_of, types, wf
 from test_oversight import cli, next_of
 
-from cairn.coordinator.domain.decide import StartRunFact, TenantAllowance, decide
+from cairn.coordinator.domain.decide import decide
+from cairn.coordinator.domain.facts import StartRunFact, TenantAllowance
 from cairn.coordinator.history.replay import check_history
 from cairn.coordinator.tenants import (
     TenantLedger,

@@ -34,15 +34,8 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFl
 
 from cairn.benchmarks.logwork import pipeline_spec
 from cairn.coordinator import spans as coordinator_spans
-from cairn.coordinator.domain.decide import (
-    CancelFact,
-    Policy,
-    ResultFact,
-    StartRunFact,
-    TimerFact,
-    decide,
-    decide_with_state,
-)
+from cairn.coordinator.domain.decide import decide, decide_with_state
+from cairn.coordinator.domain.facts import CancelFact, Policy, ResultFact, StartRunFact, TimerFact
 from cairn.coordinator.domain.state import fold
 from cairn.coordinator.history.replay import check_history
 from cairn.coordinator.history.verify import verify_store

@@ -90,6 +90,10 @@ class StepState:
             return None
         return self.dispatched_at + timedelta(seconds=self.timeout_s)
 
+    def awaits(self, task_id: str) -> bool:
+        """The task is this step's attempt in flight: its result is the one expected."""
+        return self.status == "dispatched" and self.task_id == task_id
+
 
 @dataclass(frozen=True)
 class ApprovalState:
@@ -165,6 +169,35 @@ class RunState:
     def step(self, name: str) -> StepState:
         return self.steps[name]
 
+    def is_current(self, step: str, task_id: str) -> bool:
+        """The task is still wanted: the run goes on and the step awaits its result. A task that
+        is not current is neither sent again nor expected to change anything."""
+        found = self.steps.get(step)
+        return not self.terminal and found is not None and found.awaits(task_id)
+
+    def timer_matters(
+        self, kind: str, step: str, attempt: int, request_id: str | None = None
+    ) -> bool:
+        """A timer set for this run still has something to act on: the run goes on and the
+        timer is the step's current attempt's timeout (`timeout`), the end of the backoff before
+        its next attempt (`retry`), or the deadline (`approval`) or warning not yet given
+        (`approval_warn`) of a pending request. A timer that does not matter decides nothing
+        and may be dropped. (Whether a matching approval timer is due yet is decide's to judge:
+        an escalation moves the deadline.)"""
+        if self.terminal:
+            return False
+        if kind in ("approval", "approval_warn"):
+            approval = self.approvals.get(request_id or "")
+            if approval is None or approval.status != "pending":
+                return False
+            return kind == "approval" or approval.warn_at is not None
+        current = self.steps.get(step)
+        if current is None:
+            return False
+        if kind == "timeout":
+            return current.status == "dispatched" and current.attempt == attempt
+        return kind == "retry" and current.status == "retry_wait" and current.attempt + 1 == attempt
+
 
 T = TypeVar("T")
 
@@ -216,7 +249,7 @@ def evolve(state: RunState | None, event: Event) -> RunState:
     state = _update(state, version=event.seq, updated_at=event.at, last_event=event)
     if isinstance(event, ResultReceived):
         step = state.steps.get(event.step)
-        if step is None or step.status != "dispatched" or step.task_id != event.task_id:
+        if step is None or not step.awaits(event.task_id):
             return state  # a duplicate or stale result: recorded, changes nothing
         digest = content_hash(event.output) if event.output is not None else None
         return _with_step(

@@ -2,11 +2,12 @@
 
 A history is a sequence of decisions. Each began with a *fact head*, the first event a fact
 produced (a received result, a started or cancelled run, a timer, a person's approval or budget),
-from which the fact itself can be rebuilt; the events after it, up to the next head, are what the
-coordinator decided. `check_history` rebuilds each fact, asks `decide` with the state folded
-from the recorded events before it, and compares what comes back with what was recorded, field
-by field and by canonical encoding (the hash chain's bytes). Ids and times come from the facts,
-so an unchanged decision reproduces its events exactly, `prev_hash` included.
+from which the fact itself can be rebuilt (`fact_for`, beside the facts in `domain/facts.py`); the
+events after it, up to the next head, are what the coordinator decided. `check_history` rebuilds
+each fact, asks `decide` with the state folded from the recorded events before it, and compares
+what comes back with what was recorded, field by field and by canonical encoding (the hash
+chain's bytes). Ids and times come from the facts, so an unchanged decision reproduces its events
+exactly, `prev_hash` included.
 
 A history that ends mid-run is fine: what today's code would still record after the last event
 is reported as `trailing`, not as a divergence.
@@ -22,9 +23,10 @@ from decimal import Decimal
 from functools import cache
 from typing import Literal
 
-from cairn.coordinator.domain.decide import (
+from cairn.coordinator.domain.decide import decide
+from cairn.coordinator.domain.facts import (
+    DEFAULT_ESTIMATE_USD,
     ApprovalFact,
-    BudgetFact,
     CancelFact,
     Fact,
     Policy,
@@ -33,33 +35,20 @@ from cairn.coordinator.domain.decide import (
     StartRunFact,
     TenantAllowance,
     TimerFact,
-    decide,
+    fact_for,
 )
 from cairn.coordinator.domain.pricing import PriceTable
 from cairn.coordinator.domain.state import EvolveError, RunState, evolve
+from cairn.coordinator.policy import decision_policy
 from cairn.coordinator.pricing import load_price_table
-from cairn.coordinator.workflow import load_contract_modules
 from cairn.events import (
-    ApprovalDenied,
-    ApprovalEscalated,
-    ApprovalExpired,
-    ApprovalGranted,
-    ApprovalWarned,
     BudgetExhausted,
-    BudgetRaised,
     BudgetReserved,
     CostCharged,
     Event,
-    ResultReceived,
-    RunCancelled,
-    RunStarted,
-    TaskError,
-    TaskResult,
-    TaskTimedOut,
     event_hash,
 )
 from cairn.events.codec import was_upcast
-from cairn.events.contracts import resolve_contract
 
 DivergenceKind = Literal["differs", "missing", "extra", "rejected", "error", "invalid"]
 
@@ -99,107 +88,6 @@ class ReplayReport:
     @property
     def rate(self) -> float:
         return self.events / self.seconds if self.seconds > 0 else float("inf")
-
-
-def fact_for(state: RunState | None, event: Event) -> Fact | None:
-    """The fact whose decision begins with `event`, given the state before it; None when the
-    event cannot begin a decision."""
-    if isinstance(event, RunStarted):
-        return StartRunFact(
-            run_id=event.run_id,
-            workflow=event.workflow,
-            input=event.input,
-            intent=event.intent,
-            requested_by=event.actor,
-            at=event.at,
-            budget=event.budget,
-            tenant=event.tenant,
-            forked_from=event.forked_from,
-            carried=event.carried,
-            trace_id=event.trace_id,
-            trace_span_id=event.trace_span_id,
-        )
-    if state is None:
-        return None
-    if isinstance(event, ResultReceived):
-        # Rebuilt without validating again: every field comes from a validated event.
-        error = event.error
-        result = TaskResult.model_construct(
-            task_id=event.task_id,
-            run_id=event.run_id,
-            step=event.step,
-            attempt=event.attempt,
-            agent_id=event.agent_id,
-            output=event.output,
-            error=(
-                TaskError.model_construct(message=error.message, retryable=error.retryable)
-                if error
-                else None
-            ),
-            usage=list(event.usage),
-            started_at=event.started_at,
-            finished_at=event.finished_at,
-            review=event.review,
-            proposals=list(event.proposals),
-        )
-        return ResultFact.model_construct(result=result, at=event.at)
-    if isinstance(event, RunCancelled):
-        return CancelFact(
-            run_id=event.run_id, requested_by=event.actor, reason=event.reason, at=event.at
-        )
-    if isinstance(event, TaskTimedOut):
-        return TimerFact(
-            run_id=event.run_id,
-            step=event.step,
-            attempt=event.attempt,
-            kind="timeout",
-            at=event.at,
-        )
-    if isinstance(event, ApprovalGranted | ApprovalDenied):
-        approve = isinstance(event, ApprovalGranted)
-        # A denial records `reason or "denied"` but decides with "no reason given" when the
-        # person gave none: the recorded default stands for an empty reason.
-        reason = "" if event.reason == ("approved" if approve else "denied") else event.reason
-        return ApprovalFact(
-            run_id=event.run_id,
-            step=event.step,
-            by=event.by,
-            approve=approve,
-            reason=reason,
-            at=event.at,
-        )
-    if isinstance(event, BudgetRaised):
-        return BudgetFact(
-            run_id=event.run_id,
-            usd=event.usd,
-            tokens=event.tokens,
-            by=event.by,
-            reason=event.reason,
-            at=event.at,
-        )
-    if isinstance(event, ApprovalWarned | ApprovalEscalated | ApprovalExpired):
-        approval = state.approvals.get(event.request_id)
-        return TimerFact(
-            run_id=event.run_id,
-            step=event.step,
-            attempt=approval.attempt if approval else 0,
-            kind="approval_warn" if isinstance(event, ApprovalWarned) else "approval",
-            at=event.at,
-            request_id=event.request_id,
-        )
-    # The end of a retry backoff: the first event of its decision is about a step waiting to
-    # retry (usually its TaskDispatched; a reservation, an exhausted budget or a failure too).
-    step_name = getattr(event, "step", None)
-    step = state.steps.get(step_name) if isinstance(step_name, str) else None
-    if step is not None and step.status == "retry_wait":
-        return TimerFact(
-            run_id=event.run_id,
-            step=step.name,
-            attempt=step.attempt + 1,
-            kind="retry",
-            at=event.at,
-        )
-    return None
 
 
 def recorded_allowances(events: Sequence[Event]) -> dict[int, TenantAllowance]:
@@ -412,12 +300,11 @@ def replay_policy(
     prices: PriceTable | None = None,
     *,
     known: Sequence[PriceTable] = (),
-    default_estimate_usd: Decimal = Decimal("0.01"),
+    default_estimate_usd: Decimal = DEFAULT_ESTIMATE_USD,
 ) -> Policy:
     """The policy to re-decide a history with: `prices` when given (e.g. `--prices FILE`), else
     the table among the shipped one and `known` (e.g. CAIRN_PRICES) whose version the history's
     charges name. Output contracts come from the registry."""
-    load_contract_modules()
     if prices is None:
         tables = {t.version: t for t in (*known, _shipped_prices())}
         named = price_tables_named(events)
@@ -429,7 +316,7 @@ def replay_policy(
                 f"{'that table' if len(named) == 1 else 'one'} with --prices FILE"
             )
         prices = tables[named[0]] if named else _shipped_prices()
-    return Policy(prices, resolve_contract, default_estimate_usd=default_estimate_usd)
+    return decision_policy(prices, default_estimate_usd=default_estimate_usd)
 
 
 @cache
@@ -442,7 +329,6 @@ __all__ = [
     "ReplayPolicyError",
     "ReplayReport",
     "check_history",
-    "fact_for",
     "price_tables_named",
     "replay_policy",
 ]
