@@ -14,10 +14,10 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal, NamedTuple
+from typing import Any
 
 from cairn.coordinator import spans
 from cairn.coordinator.domain.decide import decide_with_state
@@ -37,6 +37,7 @@ from cairn.coordinator.domain.state import RunState, evolve, fold
 from cairn.coordinator.outbox import Outbox
 from cairn.coordinator.tenants import TenantLedger, TenantLimits
 from cairn.coordinator.timers import TimerQueue
+from cairn.coordinator.verdicts import AGAIN, DECIDED, Received, Stats, Verdict
 from cairn.coordinator.workflow import WorkflowCatalog, WorkflowError, check_workflow
 from cairn.events import (
     TERMINAL_EVENTS,
@@ -50,7 +51,6 @@ from cairn.events import (
     RunStarted,
     StartRun,
     TaskDispatched,
-    TaskResult,
     WorkflowSpec,
 )
 from cairn.runtime import tracing
@@ -62,41 +62,6 @@ log = logging.getLogger("cairn.coordinator")
 # How long a task another coordinator committed may wait for its result before this one sends
 # it again (deduplicated by the stream if it was sent).
 FOREIGN_TASK_GRACE_S = 10.0
-
-
-@dataclass
-class Stats:
-    results: int = 0
-    batches: int = 0
-    events: int = 0
-    conflicts: int = 0
-    timers_fired: int = 0
-    by_type: dict[str, int] = field(default_factory=dict)
-
-
-class Received(NamedTuple):
-    """A result as it came off the wire: the validated message and its headers (trace context)."""
-
-    result: TaskResult
-    headers: Mapping[str, str] | None
-
-
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    """What became of one result: `decided` (its decision is committed and published: ack it),
-    `refused` (it belongs to no dispatched task: dead-letter it with `reason`, then ack), or
-    `again` (another writer moved its run first: hand it back to be decided anew)."""
-
-    outcome: Literal["decided", "refused", "again"]
-    reason: str = ""
-
-    @staticmethod
-    def refuse(reason: str) -> Verdict:
-        return Verdict("refused", reason)
-
-
-DECIDED = Verdict("decided")
-AGAIN = Verdict("again")
 
 
 class Coordinator:

@@ -22,11 +22,12 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
 from pydantic import BaseModel, ValidationError
 
-from cairn.coordinator.engine import Coordinator, Received
+from cairn.coordinator.engine import Coordinator
 from cairn.coordinator.outbox import Outbox
 from cairn.coordinator.policy import decision_policy
 from cairn.coordinator.pricing import load_price_table
 from cairn.coordinator.tenants import TenantLimits, tenant_limits_path
+from cairn.coordinator.verdicts import Received
 from cairn.coordinator.workflow import WorkflowCatalog
 from cairn.events import (
     CMD_APPROVALS,
