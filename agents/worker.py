@@ -51,6 +51,7 @@ from cairn.events import (
     Usage,
     agent_consumer,
     dlq_subject,
+    error_lines,
     result_subject,
     task_subject,
 )
@@ -627,12 +628,9 @@ class _Worker:
 
 def format_errors(exc: ValidationError, limit: int = 10) -> str:
     """Pydantic's errors as one line: `field.path: message; ...`."""
-    errors = exc.errors()
-    parts = [
-        f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in errors[:limit]
-    ]
-    if len(errors) > limit:
-        parts.append(f"and {len(errors) - limit} more")
+    parts = error_lines(exc, limit=limit)
+    if exc.error_count() > limit:
+        parts.append(f"and {exc.error_count() - limit} more")
     return "; ".join(parts)
 
 

@@ -14,7 +14,7 @@ import yaml
 from pydantic import ValidationError
 
 from cairn.coordinator.domain.mapping import references
-from cairn.events import WorkflowSpec
+from cairn.events import WorkflowSpec, error_lines
 from cairn.events.contracts import UnknownContractError, resolve_contract
 
 # Modules whose import registers output contracts; CAIRN_CONTRACTS adds more (comma-separated).
@@ -41,9 +41,7 @@ def parse_workflow(data: Any, source: str = "<inline>") -> WorkflowSpec:
     try:
         spec = WorkflowSpec.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'workflow'}: {e['msg']}" for e in exc.errors()
-        )
+        problems = "; ".join(error_lines(exc, root="workflow"))
         raise WorkflowError(f"{source}: invalid workflow: {problems}") from None
     check_workflow(spec, source)
     return spec

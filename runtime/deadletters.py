@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from nats.js import JetStreamContext
 from pydantic import BaseModel, ValidationError
 
-from cairn.events import PROTOCOL_VERSION, DeadLetter, dlq_subject
+from cairn.events import PROTOCOL_VERSION, DeadLetter, dlq_subject, error_lines
 
 log = logging.getLogger("cairn.dlq")
 
@@ -30,19 +30,9 @@ def validation_reason(exc: ValidationError, what: str, limit: int = 3) -> str:
         )
     # Several errors, because the first alone can mislead: for a field that takes a name or an
     # inline definition (`workflow`), it says only that the value is not a string.
-    parts = [f"{_where(e['loc'])}: {e['msg']}" for e in errors[:limit]]
+    parts = error_lines(errors, limit=limit, name_members=True)
     more = f" (and {len(errors) - limit} more)" if len(errors) > limit else ""
     return f"{what} has the wrong shape: {'; '.join(parts)}{more}"
-
-
-def _where(loc: tuple[int | str, ...]) -> str:
-    """A dotted path; a union member named by its validator (`function-after[check(), Spec]`)
-    is named by its model (`Spec`)."""
-    parts = [
-        str(p).rpartition(", ")[2].rstrip("]") if isinstance(p, str) and p.endswith("]") else str(p)
-        for p in loc
-    ]
-    return ".".join(parts) or "(root)"
 
 
 # What a number that parses to NaN or ±Infinity must contain in the raw JSON: the words, an

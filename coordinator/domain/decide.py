@@ -63,6 +63,7 @@ from cairn.events import (
     WorkflowSpec,
     content_hash,
 )
+from cairn.events.validation import error_lines
 
 COORDINATOR = "coordinator"
 
@@ -411,10 +412,7 @@ def _result(state: RunState, fact: ResultFact, policy: Policy) -> list[Event]:
         try:
             model.model_validate(result.output)
         except ValidationError as exc:
-            errors = [
-                f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}"
-                for e in exc.errors()
-            ]
+            errors = error_lines(exc)
             d.emit(
                 ContractViolated,
                 actor=COORDINATOR,

@@ -30,6 +30,7 @@ import yaml
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from cairn.events import error_location
 from cairn.projections.http.errors import ApiError, LoginRequired, unauthorized
 
 TOKENS_ENV = "CAIRN_API_TOKENS"
@@ -104,7 +105,7 @@ class Tokens:
                 grants[_digest(token)] = Grant.model_validate(entry)
             except ValidationError as exc:
                 first = exc.errors()[0]
-                where = ".".join(str(p) for p in first["loc"]) or "entry"
+                where = error_location(first["loc"], "entry")
                 raise TokenConfigError(
                     f"{source}: a token's {where} is invalid ({first['msg']}); each token "
                     "needs {subject: NAME, role: viewer|approver|admin}"
