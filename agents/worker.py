@@ -43,14 +43,12 @@ from cairn.events import (
     MAX_PAYLOAD_BYTES,
     PROTOCOL_VERSION,
     TASKS_STREAM,
-    DeadLetter,
     StepSpec,
     TaskEnvelope,
     TaskError,
     TaskResult,
     Usage,
     agent_consumer,
-    dlq_subject,
     error_lines,
     result_subject,
     task_subject,
@@ -62,6 +60,7 @@ from cairn.runtime.connection import (
     declare_streams,
     display_url,
 )
+from cairn.runtime.deadletters import DeadLetters
 from cairn.runtime.health import Heartbeat
 from cairn.runtime.roles import NatsEndpoint, agent_role
 from cairn.runtime.settings import Settings
@@ -78,8 +77,6 @@ DEFAULT_MAX_DELIVER = 5
 # the value only bounds how long a request lost in a NATS restart goes unnoticed.
 DEFAULT_FETCH_TIMEOUT = 2.0
 DEFAULT_SHUTDOWN_GRACE = 20.0
-# A dead letter keeps the start of a bad payload: enough to diagnose, never too big to store.
-DEAD_LETTER_EXCERPT = 64 * 1024
 
 
 def new_agent_id(capability: str) -> str:
@@ -294,7 +291,8 @@ class _Worker:
         self.agent_id = agent_id
         self.ack_wait = ack_wait
         self.capability = agent.capability
-        self.dead_letters = dlq_subject(f"agent.{agent.capability}")
+        self.dead_letters = DeadLetters(js, f"agent:{agent_id}")
+        self.dlq_source = f"agent.{agent.capability}"
         self.in_flight = 0
         self.heartbeat = Heartbeat()  # CAIRN_HEALTH_FILE, for a container's health check
         self.provider = llm_provider(llm)
@@ -455,30 +453,8 @@ class _Worker:
         return envelope
 
     async def _dead_letter(self, msg: Msg, reason: str) -> None:
-        sequence = msg.metadata.sequence.stream
-        letter = DeadLetter(
-            subject=msg.subject,
-            reason=reason,
-            payload=msg.data[:DEAD_LETTER_EXCERPT].decode("utf-8", errors="replace"),
-            received_at=_now(),
-            service=f"agent:{self.agent_id}",
-        )
-        try:
-            await self.js.publish(
-                self.dead_letters,
-                letter.model_dump_json().encode(),
-                # Redeliveries of the same bad message land in the DLQ once.
-                headers={"Nats-Msg-Id": f"{TASKS_STREAM}:{sequence}"},
-            )
-        except Exception as exc:
-            log.error(
-                "could not dead-letter task message %s (%s): %s; it will be redelivered",
-                sequence,
-                reason,
-                exc,
-            )
-            return
-        log.warning("dead-lettered task message %s from %s: %s", sequence, msg.subject, reason)
+        if not await self.dead_letters.send_message(self.dlq_source, msg, reason):
+            return  # not recorded: left unacked, it comes back after ack_wait and is tried again
         await _quietly(msg.term())
 
     async def _execute(self, envelope: TaskEnvelope, msg: Msg, started: datetime) -> TaskResult:
