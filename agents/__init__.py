@@ -23,6 +23,7 @@ from cairn.agents.llm import (
     OpenAICompatibleClient,
     estimate_tokens,
     llm_from_env,
+    llm_from_settings,
 )
 from cairn.agents.worker import (
     WorkerOptions,
@@ -55,6 +56,7 @@ __all__ = [
     "example_agent",
     "format_errors",
     "llm_from_env",
+    "llm_from_settings",
     "main",
     "new_agent_id",
     "run_agent_process",

@@ -12,14 +12,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import secrets
 import signal
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import nats
 from nats.aio.client import Client
@@ -37,6 +37,7 @@ from cairn.agents.llm import (
     LLMClient,
     LLMConfigError,
     llm_from_env,
+    llm_from_settings,
     llm_provider,
 )
 from cairn.events import (
@@ -63,20 +64,27 @@ from cairn.runtime.connection import (
 from cairn.runtime.deadletters import DeadLetters
 from cairn.runtime.health import Heartbeat
 from cairn.runtime.roles import NatsEndpoint, agent_role
-from cairn.runtime.settings import Settings
+from cairn.runtime.settings import (
+    DEFAULT_AGENT_ACK_WAIT,
+    DEFAULT_AGENT_CONCURRENCY,
+    DEFAULT_AGENT_MAX_DELIVER,
+    DEFAULT_AGENT_SHUTDOWN_GRACE,
+    Settings,
+    SettingsError,
+)
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
 
 log = logging.getLogger("cairn.agents.worker")
 
-DEFAULT_CONCURRENCY = 4
-DEFAULT_ACK_WAIT = 30.0
-DEFAULT_MAX_DELIVER = 5
+DEFAULT_CONCURRENCY = DEFAULT_AGENT_CONCURRENCY
+DEFAULT_ACK_WAIT = DEFAULT_AGENT_ACK_WAIT
+DEFAULT_MAX_DELIVER = DEFAULT_AGENT_MAX_DELIVER
 # How long one pull request waits on an idle stream. An expired request is renewed at once;
 # the value only bounds how long a request lost in a NATS restart goes unnoticed.
 DEFAULT_FETCH_TIMEOUT = 2.0
-DEFAULT_SHUTDOWN_GRACE = 20.0
+DEFAULT_SHUTDOWN_GRACE = DEFAULT_AGENT_SHUTDOWN_GRACE
 
 
 def new_agent_id(capability: str) -> str:
@@ -88,9 +96,9 @@ def new_agent_id(capability: str) -> str:
 class WorkerOptions:
     """How a worker consumes: parallel pull loops, ack deadline and delivery limit.
 
-    From the environment: `CAIRN_AGENT_CONCURRENCY`, `CAIRN_AGENT_ACK_WAIT` (seconds),
-    `CAIRN_AGENT_MAX_DELIVER`, `CAIRN_AGENT_SHUTDOWN_GRACE` (seconds in-flight tasks get to
-    finish after SIGTERM).
+    From `Settings` (`from_settings`): `CAIRN_AGENT_CONCURRENCY`, `CAIRN_AGENT_ACK_WAIT`
+    (seconds), `CAIRN_AGENT_MAX_DELIVER`, `CAIRN_AGENT_SHUTDOWN_GRACE` (seconds in-flight tasks
+    get to finish after SIGTERM).
     """
 
     concurrency: int = DEFAULT_CONCURRENCY
@@ -111,29 +119,24 @@ class WorkerOptions:
             raise AgentConfigError(f"shutdown_grace cannot be negative, not {self.shutdown_grace}")
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> WorkerOptions:
-        env = os.environ if environ is None else environ
+    def from_settings(cls, settings: Settings) -> WorkerOptions:
+        """The options the settings give; AgentConfigError for one out of range."""
         return cls(
-            concurrency=_env_number(env, "CAIRN_AGENT_CONCURRENCY", DEFAULT_CONCURRENCY, int),
-            ack_wait=_env_number(env, "CAIRN_AGENT_ACK_WAIT", DEFAULT_ACK_WAIT, float),
-            max_deliver=_env_number(env, "CAIRN_AGENT_MAX_DELIVER", DEFAULT_MAX_DELIVER, int),
-            shutdown_grace=_env_number(
-                env, "CAIRN_AGENT_SHUTDOWN_GRACE", DEFAULT_SHUTDOWN_GRACE, float
-            ),
+            concurrency=settings.agent_concurrency,
+            ack_wait=settings.agent_ack_wait,
+            max_deliver=settings.agent_max_deliver,
+            shutdown_grace=settings.agent_shutdown_grace,
         )
 
-
-N = TypeVar("N", int, float)
-
-
-def _env_number(env: Mapping[str, str], name: str, default: N, kind: Callable[[str], N]) -> N:
-    raw = env.get(name)
-    if not raw:
-        return default
-    try:
-        return kind(raw)
-    except ValueError:
-        raise AgentConfigError(f"{name} must be a number, not {raw!r}") from None
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> WorkerOptions:
+        """The options `environ` (default: this process's environment) gives, as
+        `Settings.from_env` reads it."""
+        try:
+            settings = Settings.from_env(environ=environ)
+        except SettingsError as exc:
+            raise AgentConfigError(str(exc)) from None
+        return cls.from_settings(settings)
 
 
 async def declare_agent_consumer(
@@ -197,8 +200,9 @@ async def run_worker(
     consumer, then runs `concurrency` independent pull loops. `on_ready(agent_id)`
     is called once the consumer is bound. On stop: no new fetches, in-flight tasks get
     `shutdown_grace` seconds to finish (unfinished ones are handed back, never acked), then
-    the connection is drained. `llm` defaults to `llm_from_env()` (closed on exit; a client
-    passed in is left to its owner).
+    the connection is drained. `llm` defaults to the settings' (`llm_from_settings`; given
+    only a URL, `llm_from_env()`), closed on exit; a client passed in is left to its owner.
+    With `Settings`, the loops touch `settings.health_file` as they turn.
     """
     check_agent(agent)
     options = WorkerOptions(
@@ -208,14 +212,19 @@ async def run_worker(
         shutdown_grace=shutdown_grace,
     )
     capability = agent.capability
-    endpoint = (
-        settings_or_url.nats_endpoint(agent_role(capability))
-        if isinstance(settings_or_url, Settings)
-        else settings_or_url
-    )
+    settings: Settings | None = None
+    endpoint: NatsEndpoint | str | None
+    if isinstance(settings_or_url, Settings):
+        settings = settings_or_url
+        endpoint = settings.nats_endpoint(agent_role(capability))
+    else:
+        endpoint = settings_or_url
     agent_id = agent_id or new_agent_id(capability)
     owned_llm = llm is None
-    client = llm if llm is not None else llm_from_env()
+    if llm is not None:
+        client = llm
+    else:
+        client = llm_from_settings(settings) if settings is not None else llm_from_env()
     nc: Client | None = None
     subs: list[JetStreamContext.PullSubscription] = []
     try:
@@ -236,7 +245,8 @@ async def run_worker(
         )
         if on_ready is not None:
             on_ready(agent_id)
-        worker = _Worker(agent, nc, js, client, agent_id, options.ack_wait)
+        health_file = settings.health_file if settings is not None else None
+        worker = _Worker(agent, nc, js, client, agent_id, options.ack_wait, health_file)
         await worker.serve(subs, stop or asyncio.Event(), options.shutdown_grace, fetch_timeout)
     finally:
         for sub in subs:
@@ -283,6 +293,7 @@ class _Worker:
         llm: LLMClient,
         agent_id: str,
         ack_wait: float,
+        health_file: Path | None,
     ) -> None:
         self.agent = agent
         self.nc = nc
@@ -294,7 +305,7 @@ class _Worker:
         self.dead_letters = DeadLetters(js, f"agent:{agent_id}")
         self.dlq_source = f"agent.{agent.capability}"
         self.in_flight = 0
-        self.heartbeat = Heartbeat()  # CAIRN_HEALTH_FILE, for a container's health check
+        self.heartbeat = Heartbeat(health_file)  # for a container's health check
         self.provider = llm_provider(llm)
 
     async def serve(
@@ -666,24 +677,31 @@ def main(
 ) -> NoReturn:
     """Run one agent as a process: the body of an agent module's `__main__`.
 
-    NATS comes from `Settings.from_env()` (`NATS_URL`, or the embedded server that `cairn up`
-    started), connecting as the user `agent-<capability>`; worker options from
-    `CAIRN_AGENT_*` and the model from `CAIRN_LLM*`. SIGTERM and SIGINT stop it gracefully
-    (exit 0). A NATS server that cannot be reached, or wrong configuration, is one line on
-    stderr and exit status 2.
+    Settings default to `Settings.from_env()`: NATS from `NATS_URL` (or the embedded server
+    that `cairn up` started), connecting as the user `agent-<capability>`; worker options from
+    `CAIRN_AGENT_*`, the model from `CAIRN_LLM*`, the log level from `CAIRN_LOG_LEVEL`.
+    SIGTERM and SIGINT stop it gracefully (exit 0). A NATS server that cannot be reached, or
+    wrong configuration, is one line on stderr and exit status 2.
     """
-    _configure_logging()
     try:
+        settings = settings or Settings.from_env()
+        _configure_logging(settings.log_level)
         agent = agent_factory()
         check_agent(agent)
-        options = WorkerOptions.from_env()
-        llm = llm_from_env()
+        options = WorkerOptions.from_settings(settings)
+        llm = llm_from_settings(settings)
         tracing.setup(f"cairn-agent-{agent.capability}")
-    except (AgentConfigError, LLMConfigError, TypeError, tracing.TracingConfigError) as exc:
+    except (
+        SettingsError,
+        AgentConfigError,
+        LLMConfigError,
+        TypeError,
+        tracing.TracingConfigError,
+    ) as exc:
         sys.stderr.write(f"cairn agent: {exc}\n")
         raise SystemExit(2) from None
     try:
-        code = asyncio.run(_serve(agent, settings or Settings.from_env(), llm, options))
+        code = asyncio.run(_serve(agent, settings, llm, options))
     finally:
         tracing.shutdown()  # what is still buffered goes out before the process ends
     raise SystemExit(code)
@@ -733,8 +751,7 @@ async def _serve(
     return 0
 
 
-def _configure_logging() -> None:
-    level = os.environ.get("CAIRN_LOG_LEVEL", "INFO").upper()
+def _configure_logging(level: str) -> None:
     logging.basicConfig(
         level=level if level in logging.getLevelNamesMapping() else "INFO",
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

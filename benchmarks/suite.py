@@ -441,7 +441,7 @@ async def _per_step(
     progress(f"per step: one run of {scale.chain_steps} steps")
     chain = await run_once(client, ends, CHAIN, 0)
     services.check_alive()
-    store = EventStore(services.settings.store)
+    store = EventStore.from_settings(services.settings)
     try:
         figures.pipeline_ms = dispatch_intervals(store, run_ids)
         figures.chain_ms = dispatch_intervals(store, [chain])
@@ -459,7 +459,7 @@ async def _throughput(
     progress: Progress,
 ) -> None:
     await services.add_replicas(client, scale.replicas - services.replicas)
-    store = EventStore(services.settings.store)
+    store = EventStore.from_settings(services.settings)
     position = store.last_position()
     progress(
         f"throughput: {scale.concurrent_runs} concurrent three-step runs, "

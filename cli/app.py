@@ -26,7 +26,7 @@ from cairn.runtime.client import CairnClient, CoordinatorUnavailableError
 from cairn.runtime.connection import NatsUnavailableError
 from cairn.runtime.embedded import EmbeddedServerError
 from cairn.runtime.eventlog.store import StoreUnavailableError
-from cairn.runtime.settings import Settings
+from cairn.runtime.settings import Settings, SettingsError
 
 app = typer.Typer(
     help="cairn: an event-sourced coordinator for AI agents that run as separate services.",
@@ -97,7 +97,11 @@ def send_command(
 
 
 def settings_for(home: Path | None) -> Settings:
-    return Settings.from_env(home)
+    """The settings of this command: `--home`, and the environment (see `Settings`)."""
+    try:
+        return Settings.from_env(home)
+    except SettingsError as exc:
+        fail(str(exc))
 
 
 def open_views(settings: Settings) -> Any:

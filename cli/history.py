@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 import time
 import uuid
@@ -59,7 +58,7 @@ def _open_store(settings: Settings, *, create: bool = False) -> EventStore:
                 "(give --home or set CAIRN_STORE)"
             )
     try:
-        return EventStore(url)
+        return EventStore.from_settings(settings)
     except StoreUnavailableError as exc:
         fail(str(exc))
 
@@ -388,26 +387,27 @@ def replay(
     be checked."""
     if not check:
         fail("replay checks histories: pass --check")
+    settings = settings_for(home)
     table: PriceTable | None = None
     known: list[PriceTable] = []
     try:
         if prices is not None:
             table = load_price_table(prices)
-        elif os.environ.get("CAIRN_PRICES"):  # the coordinator's table, if it was another
-            known.append(load_price_table(Path(os.environ["CAIRN_PRICES"])))
+        elif settings.prices:  # the coordinator's table, if it was another
+            known.append(load_price_table(settings.prices))
     except PriceTableError as exc:
         fail(str(exc))
     store: EventStore | None = None
     sources: list[tuple[str, Callable[[], list[Event]]]] = []
     refs = histories or []
     if not refs:
-        store = _open_store(settings_for(home))
+        store = _open_store(settings)
         sources = [(str(r), partial(store.load, r)) for r in store.run_ids()]
     for ref in refs:
         if ref.endswith(".jsonl") or Path(ref).is_file():
             sources.append((ref, partial(_portable_events, ref)))
         else:
-            store = store or _open_store(settings_for(home))
+            store = store or _open_store(settings)
             sources.append((ref, partial(store.load, _resolve(store, ref))))
 
     # One history at a time: a whole store's events need not fit in memory at once.
@@ -415,7 +415,7 @@ def replay(
     results: list[dict[str, Any]] = []
     reports: list[ReplayReport] = []
     for source, load in sources:
-        item, report = _replay_one(source, load, table, known)
+        item, report = _replay_one(source, load, table, known, settings.contract_modules)
         results.append(item)
         if report is not None:
             reports.append(report)
@@ -455,10 +455,11 @@ def _replay_one(
     load: Callable[[], list[Event]],
     prices: PriceTable | None,
     known: list[PriceTable],
+    contract_modules: tuple[str, ...],
 ) -> tuple[dict[str, Any], ReplayReport | None]:
     try:
         events = load()
-        policy = replay_policy(events, prices, known=known)
+        policy = replay_policy(events, prices, known=known, contract_modules=contract_modules)
     except (ValueError, OSError) as exc:  # unreadable, or no price table for it
         return {"source": source, "ok": False, "error": str(exc)}, None
     report = check_history(events, policy)

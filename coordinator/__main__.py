@@ -7,12 +7,12 @@ import logging
 import sys
 
 from cairn.coordinator.service import create_app
-from cairn.coordinator.tenants import TenantLimitsError, load_tenant_limits, tenant_limits_path
-from cairn.runtime import tracing
+from cairn.coordinator.tenants import TenantLimitsError, load_tenant_limits
+from cairn.runtime import crashpoints, tracing
 from cairn.runtime.connection import NatsUnavailableError, connect
 from cairn.runtime.eventlog.store import EventStore, StoreUnavailableError
 from cairn.runtime.roles import ROLE_COORDINATOR
-from cairn.runtime.settings import Settings
+from cairn.runtime.settings import Settings, SettingsError
 
 
 async def _preflight(settings: Settings) -> None:
@@ -20,17 +20,19 @@ async def _preflight(settings: Settings) -> None:
     endpoint = settings.nats_endpoint(ROLE_COORDINATOR)
     nc = await connect(endpoint, "cairn-preflight", reconnect=False)
     await nc.close()
-    EventStore(settings.store).close()
-    load_tenant_limits(tenant_limits_path(settings.home))
+    EventStore.from_settings(settings).close()
+    load_tenant_limits(settings.tenants)
 
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    settings = Settings.from_env()
     try:
+        settings = Settings.from_env()
+        crashpoints.arm(settings.crash_at)
         asyncio.run(_preflight(settings))
         tracing.setup("cairn-coordinator")
     except (
+        SettingsError,
         NatsUnavailableError,
         StoreUnavailableError,
         TenantLimitsError,

@@ -10,7 +10,6 @@ import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable, Coroutine
-from pathlib import Path
 from typing import Any, TypeVar
 
 from faststream import FastStream
@@ -26,8 +25,8 @@ from cairn.coordinator.domain.decide import Policy
 from cairn.coordinator.engine import Coordinator
 from cairn.coordinator.outbox import Outbox
 from cairn.coordinator.pricing import load_price_table
-from cairn.coordinator.tenants import TenantLimits, tenant_limits_path
-from cairn.coordinator.workflow import WorkflowCatalog
+from cairn.coordinator.tenants import TenantLimits
+from cairn.coordinator.workflow import WorkflowCatalog, load_contract_modules
 from cairn.events import (
     CMD_APPROVALS,
     CMD_APPROVE,
@@ -80,7 +79,7 @@ class CoordinatorRuntime:
         self._stop_timers = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
-        self.result_ack_wait = 30.0
+        self.result_ack_wait = settings.result_ack_wait
         self._stopping = False
         self.start_handler: Callable[[Msg], Coroutine[Any, Any, None]] | None = None
         self._start_sub: Subscription | None = None
@@ -89,7 +88,6 @@ class CoordinatorRuntime:
     async def start(self) -> None:
         nc = self.broker.connection
         js = nc.jetstream()
-        self.result_ack_wait = float(os.environ.get("CAIRN_RESULT_ACK_WAIT", "30"))
         await declare_streams(js)
         await js.add_consumer(
             RESULTS_STREAM,
@@ -103,15 +101,12 @@ class CoordinatorRuntime:
                 filter_subject="cairn.result.>",
             ),
         )
-        self.store = EventStore(self.settings.store)
-        prices_path = os.environ.get("CAIRN_PRICES")
-        policy = Policy(
-            prices=load_price_table(Path(prices_path) if prices_path else None),
-            contract=resolve_contract,
-        )
+        self.store = EventStore.from_settings(self.settings)
+        policy = Policy(prices=load_price_table(self.settings.prices), contract=resolve_contract)
+        load_contract_modules(self.settings.contract_modules)
         catalog = WorkflowCatalog([self.settings.home / "workflows"])
         # Bounded by the streams' duplicate window, so a restart's republishing is deduplicated.
-        save_interval = min(float(os.environ.get("CAIRN_OUTBOX_SAVE_INTERVAL", "1")), 60.0)
+        save_interval = min(self.settings.outbox_save_interval, 60.0)
         outbox = Outbox(nc, js, self.store, save_interval_s=save_interval)
         self.coordinator = Coordinator(
             self.store,
@@ -119,7 +114,7 @@ class CoordinatorRuntime:
             catalog,
             outbox,
             DeadLetters(js, "coordinator"),
-            TenantLimits(tenant_limits_path(self.settings.home)),
+            TenantLimits(self.settings.tenants),
         )
         active = self.coordinator.recover()
         republished = await self.coordinator.catch_up()
@@ -180,9 +175,9 @@ class CoordinatorRuntime:
         """Take in what other coordinators on the same store commit (see `Coordinator.follow`);
         with one coordinator this is one cheap query per interval."""
         assert self.coordinator is not None
-        interval = float(os.environ.get("CAIRN_FOLLOW_INTERVAL", "0.25"))
-        resend_after = float(os.environ.get("CAIRN_TASK_RESEND_AFTER", "10"))
-        heartbeat = Heartbeat()
+        interval = self.settings.follow_interval
+        resend_after = self.settings.task_resend_after
+        heartbeat = Heartbeat(self.settings.health_file)
         while not self._stop_timers.is_set():
             try:
                 await self.coordinator.follow(resend_after)

@@ -6,7 +6,7 @@ is resolved is pure and lives in `domain/mapping.py`.
 from __future__ import annotations
 
 import importlib
-import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +21,9 @@ from cairn.events.contracts import UnknownContractError, resolve_contract
 DEFAULT_CONTRACT_MODULES = ("cairn.agents.examples.contracts",)
 
 
-def load_contract_modules() -> None:
-    """Import the modules that register output contracts (importing twice is free)."""
-    extra = [m.strip() for m in os.environ.get("CAIRN_CONTRACTS", "").split(",") if m.strip()]
+def load_contract_modules(extra: Iterable[str] = ()) -> None:
+    """Import the modules that register output contracts: cairn's own and `extra` (a process
+    passes `Settings.contract_modules` once, at start). Importing twice is free."""
     for name in (*DEFAULT_CONTRACT_MODULES, *extra):
         try:
             importlib.import_module(name)

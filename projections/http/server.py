@@ -17,12 +17,12 @@ import uvicorn
 
 from cairn.projections.http.app import create_app
 from cairn.projections.http.auth import Tokens
-from cairn.runtime.settings import Settings
+from cairn.runtime.settings import DEFAULT_HTTP_HOST, DEFAULT_HTTP_PORT, Settings
 
 log = logging.getLogger("cairn.http")
 
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 8700
+DEFAULT_HOST = DEFAULT_HTTP_HOST
+DEFAULT_PORT = DEFAULT_HTTP_PORT
 URL_FILE = "http.url"
 # Open event streams never end by themselves: give them this long at shutdown, then close.
 GRACEFUL_SHUTDOWN_S = 2

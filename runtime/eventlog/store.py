@@ -31,8 +31,8 @@ from eventsourcing.persistence import (
 from eventsourcing.sqlite import SQLiteApplicationRecorder, SQLiteCursor
 
 from cairn.events import Event, decode_event, encode_event, event_class, topic_of
-from cairn.runtime import settings
 from cairn.runtime.eventlog.blobs import MARKER, BrokenBlob, offload, references, resolve
+from cairn.runtime.settings import Settings, SettingsError
 
 
 class StoreUnavailableError(RuntimeError):
@@ -251,17 +251,20 @@ def _create_schema(env: dict[str, str]) -> None:
 class EventStore:
     """Append and read run streams; read the notification log; keep named positions.
 
-    Outputs whose canonical JSON is over `blob_threshold` bytes (by default from
-    `CAIRN_BLOB_THRESHOLD`, else 16 KiB; `off` keeps them all inside their events) are stored
-    once by content hash, apart from the events that carry them; every read gives them back."""
+    Outputs whose canonical JSON is over `blob_threshold` bytes (None or `off`: never) are
+    stored once by content hash, apart from the events that carry them; every read gives them
+    back. Processes open their store with `EventStore.from_settings`; given only a URL, the
+    threshold is `CAIRN_BLOB_THRESHOLD` as `Settings.from_env` reads it."""
 
-    def __init__(self, url: str, *, blob_threshold: int | Literal["env", "off"] = "env") -> None:
+    def __init__(
+        self, url: str, *, blob_threshold: int | Literal["env", "off"] | None = "env"
+    ) -> None:
         self.url = url
         self.blob_threshold: int | None
         if blob_threshold == "env":
             try:
-                self.blob_threshold = settings.blob_threshold()
-            except ValueError as exc:
+                self.blob_threshold = Settings.from_env().blob_threshold
+            except SettingsError as exc:
                 raise StoreUnavailableError(str(exc)) from None
         else:
             self.blob_threshold = None if blob_threshold == "off" else blob_threshold
@@ -279,6 +282,11 @@ class EventStore:
                     f"cannot open the event store ({describe(url)}): {exc}. Check the path or "
                     "DSN in CAIRN_STORE and that the database server is running."
                 ) from exc
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> EventStore:
+        """The store of `settings`, with their blob threshold."""
+        return cls(settings.store, blob_threshold=settings.blob_threshold)
 
     def close(self) -> None:
         self._factory.close()
