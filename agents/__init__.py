@@ -25,11 +25,11 @@ from cairn.agents.llm import (
     llm_from_env,
     llm_from_settings,
 )
+from cairn.agents.process import main
+from cairn.agents.tasks import format_errors
 from cairn.agents.worker import (
     WorkerOptions,
     declare_agent_consumer,
-    format_errors,
-    main,
     new_agent_id,
     run_worker,
 )
