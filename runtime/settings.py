@@ -109,6 +109,7 @@ class Settings:
 
     Standard variables cairn also reads where they are used: `OTEL_*` (tracing, see
     `runtime/tracing.py`), `USER` (who the first API token and the demo's commands stand for).
+    No provider's own variable (such as `OPENAI_API_KEY`) is read: the key is `llm_api_key`.
     """
 
     home: Path
