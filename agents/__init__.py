@@ -23,12 +23,13 @@ from cairn.agents.llm import (
     OpenAICompatibleClient,
     estimate_tokens,
     llm_from_env,
+    llm_from_settings,
 )
+from cairn.agents.process import main
+from cairn.agents.tasks import format_errors
 from cairn.agents.worker import (
     WorkerOptions,
     declare_agent_consumer,
-    format_errors,
-    main,
     new_agent_id,
     run_worker,
 )
@@ -55,6 +56,7 @@ __all__ = [
     "example_agent",
     "format_errors",
     "llm_from_env",
+    "llm_from_settings",
     "main",
     "new_agent_id",
     "run_agent_process",

@@ -2,7 +2,7 @@
 speaks OpenAI's chat-completions protocol (OpenAI, vLLM, Ollama, LiteLLM, ...).
 
 Agents call `ctx.llm.complete(...)`; which client stands behind it is configuration
-(`llm_from_env`), so the same agent runs offline in tests and demos and against a real model
+(`llm_from_settings`), so the same agent runs offline in tests and demos and against a real model
 in production.
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
-import os
 import random
 from collections.abc import Mapping
 from types import TracebackType
@@ -23,10 +22,16 @@ from pydantic import Field
 from cairn.agents.errors import NonRetryableError
 from cairn.agents.text import keywords
 from cairn.events import Frozen
+from cairn.runtime.settings import (
+    DEFAULT_LLM_BASE_URL,
+    DEFAULT_LLM_MODEL,
+    Settings,
+    SettingsError,
+)
 
 OFFLINE_MODEL = "cairn-offline-1"
-DEFAULT_BASE_URL = "https://api.openai.com/v1"
-DEFAULT_OPENAI_MODEL = "gpt-4o-mini"
+DEFAULT_BASE_URL = DEFAULT_LLM_BASE_URL
+DEFAULT_OPENAI_MODEL = DEFAULT_LLM_MODEL
 CHARS_PER_TOKEN = 4
 
 
@@ -71,7 +76,7 @@ class LLMPermanentError(LLMError, NonRetryableError):
 
 
 class LLMConfigError(ValueError):
-    """The CAIRN_LLM* environment variables are wrong; the message names the variable."""
+    """The CAIRN_LLM* settings are wrong; the message names the variable."""
 
 
 def estimate_tokens(text: str) -> int:
@@ -310,8 +315,28 @@ def llm_provider(client: LLMClient) -> str | None:
     return provider if isinstance(provider, str) and provider else None
 
 
+def llm_from_settings(settings: Settings) -> LLMClient:
+    """The LLM client the settings ask for (`Settings.llm` and the `llm_*` fields:
+    `CAIRN_LLM`, `CAIRN_LLM_BASE_URL`, `CAIRN_LLM_API_KEY`, `CAIRN_LLM_MODEL`,
+    `CAIRN_LLM_TIMEOUT`). Raises LLMConfigError when `openai` has no API key."""
+    if settings.llm == "offline":
+        return OfflineModel()
+    if settings.llm_api_key is None:
+        raise LLMConfigError(
+            "CAIRN_LLM=openai needs an API key: set CAIRN_LLM_API_KEY "
+            "(or set CAIRN_LLM=offline to run without a model)"
+        )
+    return OpenAICompatibleClient(
+        api_key=settings.llm_api_key,
+        model=settings.llm_model,
+        base_url=settings.llm_base_url,
+        timeout=settings.llm_timeout,
+    )
+
+
 def llm_from_env(environ: Mapping[str, str] | None = None) -> LLMClient:
-    """The LLM client the environment asks for.
+    """The LLM client the environment asks for (`environ`, default this process's), as
+    `Settings.from_env` reads it:
 
     - `CAIRN_LLM`: `offline` (default) or `openai` (any chat-completions server).
     - `CAIRN_LLM_BASE_URL`: default https://api.openai.com/v1.
@@ -319,30 +344,8 @@ def llm_from_env(environ: Mapping[str, str] | None = None) -> LLMClient:
     - `CAIRN_LLM_MODEL`: default gpt-4o-mini.
     - `CAIRN_LLM_TIMEOUT`: seconds per request, default 60.
     """
-    env = os.environ if environ is None else environ
-    kind = (env.get("CAIRN_LLM") or "offline").strip().lower()
-    if kind == "offline":
-        return OfflineModel()
-    if kind != "openai":
-        raise LLMConfigError(f"CAIRN_LLM must be 'offline' or 'openai', not {kind!r}")
-    api_key = env.get("CAIRN_LLM_API_KEY") or ""
-    if not api_key.strip():
-        raise LLMConfigError(
-            "CAIRN_LLM=openai needs an API key: set CAIRN_LLM_API_KEY "
-            "(or set CAIRN_LLM=offline to run without a model)"
-        )
-    raw_timeout = env.get("CAIRN_LLM_TIMEOUT") or "60"
     try:
-        timeout = float(raw_timeout)
-        if timeout <= 0:
-            raise ValueError
-    except ValueError:
-        raise LLMConfigError(
-            f"CAIRN_LLM_TIMEOUT must be a positive number of seconds, not {raw_timeout!r}"
-        ) from None
-    return OpenAICompatibleClient(
-        api_key=api_key.strip(),
-        model=env.get("CAIRN_LLM_MODEL") or DEFAULT_OPENAI_MODEL,
-        base_url=env.get("CAIRN_LLM_BASE_URL") or DEFAULT_BASE_URL,
-        timeout=timeout,
-    )
+        settings = Settings.from_env(environ=environ)
+    except SettingsError as exc:
+        raise LLMConfigError(str(exc)) from None
+    return llm_from_settings(settings)

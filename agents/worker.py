@@ -1,25 +1,20 @@
 """The worker runtime: serve one agent on its capability's shared JetStream consumer.
 
-Per task message: validate the envelope (or dead-letter it), validate the input (or answer
-with a non-retryable error), run `handle` while a heartbeat keeps the message ours, publish
-the `TaskResult` and wait for JetStream to store it, and only then ack the message. A worker
-that dies before the ack leaves the task to be redelivered to another replica; a result
-published twice is dropped by JetStream (`Nats-Msg-Id` is the task id).
+Its options (`WorkerOptions`), the capability's durable consumer, and `run_worker`: connect,
+declare, then run independent pull loops until stopped, handing each task message to
+`tasks.TaskHandler` (validate, run, publish the result, then ack). `process.main` runs an agent
+as a process of its own.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import os
 import secrets
-import signal
-import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from pathlib import Path
+from typing import Any
 
 import nats
 from nats.aio.client import Client
@@ -27,58 +22,34 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import APIError, BadRequestError, NotFoundError, ServiceUnavailableError
-from pydantic import BaseModel, ValidationError
 
-from cairn.agents import spans
-from cairn.agents.base import Agent, TaskContext, check_agent
-from cairn.agents.errors import AgentConfigError, NonRetryableError
-from cairn.agents.llm import (
-    ClosableLLMClient,
-    LLMClient,
-    LLMConfigError,
-    llm_from_env,
-    llm_provider,
-)
-from cairn.events import (
-    MAX_PAYLOAD_BYTES,
-    PROTOCOL_VERSION,
-    TASKS_STREAM,
-    DeadLetter,
-    StepSpec,
-    TaskEnvelope,
-    TaskError,
-    TaskResult,
-    Usage,
-    agent_consumer,
-    dlq_subject,
-    result_subject,
-    task_subject,
-)
-from cairn.runtime import tracing
-from cairn.runtime.connection import (
-    NatsUnavailableError,
-    connect,
-    display_url,
-)
+from cairn.agents.base import Agent, check_agent
+from cairn.agents.errors import AgentConfigError
+from cairn.agents.llm import ClosableLLMClient, LLMClient, llm_from_env, llm_from_settings
+from cairn.agents.tasks import TaskHandler, quietly
+from cairn.events import TASKS_STREAM, agent_consumer, task_subject
+from cairn.runtime.connection import NatsUnavailableError, connect, display_url
 from cairn.runtime.health import Heartbeat
 from cairn.runtime.roles import NatsEndpoint, agent_role
-from cairn.runtime.settings import Settings
+from cairn.runtime.settings import (
+    DEFAULT_AGENT_ACK_WAIT,
+    DEFAULT_AGENT_CONCURRENCY,
+    DEFAULT_AGENT_MAX_DELIVER,
+    DEFAULT_AGENT_SHUTDOWN_GRACE,
+    Settings,
+    SettingsError,
+)
 from cairn.runtime.streams import wait_for_streams
-
-if TYPE_CHECKING:
-    from opentelemetry.trace import Span
 
 log = logging.getLogger("cairn.agents.worker")
 
-DEFAULT_CONCURRENCY = 4
-DEFAULT_ACK_WAIT = 30.0
-DEFAULT_MAX_DELIVER = 5
+DEFAULT_CONCURRENCY = DEFAULT_AGENT_CONCURRENCY
+DEFAULT_ACK_WAIT = DEFAULT_AGENT_ACK_WAIT
+DEFAULT_MAX_DELIVER = DEFAULT_AGENT_MAX_DELIVER
 # How long one pull request waits on an idle stream. An expired request is renewed at once;
 # the value only bounds how long a request lost in a NATS restart goes unnoticed.
 DEFAULT_FETCH_TIMEOUT = 2.0
-DEFAULT_SHUTDOWN_GRACE = 20.0
-# A dead letter keeps the start of a bad payload: enough to diagnose, never too big to store.
-DEAD_LETTER_EXCERPT = 64 * 1024
+DEFAULT_SHUTDOWN_GRACE = DEFAULT_AGENT_SHUTDOWN_GRACE
 
 
 def new_agent_id(capability: str) -> str:
@@ -90,9 +61,9 @@ def new_agent_id(capability: str) -> str:
 class WorkerOptions:
     """How a worker consumes: parallel pull loops, ack deadline and delivery limit.
 
-    From the environment: `CAIRN_AGENT_CONCURRENCY`, `CAIRN_AGENT_ACK_WAIT` (seconds),
-    `CAIRN_AGENT_MAX_DELIVER`, `CAIRN_AGENT_SHUTDOWN_GRACE` (seconds in-flight tasks get to
-    finish after SIGTERM).
+    From `Settings` (`from_settings`): `CAIRN_AGENT_CONCURRENCY`, `CAIRN_AGENT_ACK_WAIT`
+    (seconds), `CAIRN_AGENT_MAX_DELIVER`, `CAIRN_AGENT_SHUTDOWN_GRACE` (seconds in-flight tasks
+    get to finish after SIGTERM).
     """
 
     concurrency: int = DEFAULT_CONCURRENCY
@@ -113,29 +84,24 @@ class WorkerOptions:
             raise AgentConfigError(f"shutdown_grace cannot be negative, not {self.shutdown_grace}")
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> WorkerOptions:
-        env = os.environ if environ is None else environ
+    def from_settings(cls, settings: Settings) -> WorkerOptions:
+        """The options the settings give; AgentConfigError for one out of range."""
         return cls(
-            concurrency=_env_number(env, "CAIRN_AGENT_CONCURRENCY", DEFAULT_CONCURRENCY, int),
-            ack_wait=_env_number(env, "CAIRN_AGENT_ACK_WAIT", DEFAULT_ACK_WAIT, float),
-            max_deliver=_env_number(env, "CAIRN_AGENT_MAX_DELIVER", DEFAULT_MAX_DELIVER, int),
-            shutdown_grace=_env_number(
-                env, "CAIRN_AGENT_SHUTDOWN_GRACE", DEFAULT_SHUTDOWN_GRACE, float
-            ),
+            concurrency=settings.agent_concurrency,
+            ack_wait=settings.agent_ack_wait,
+            max_deliver=settings.agent_max_deliver,
+            shutdown_grace=settings.agent_shutdown_grace,
         )
 
-
-N = TypeVar("N", int, float)
-
-
-def _env_number(env: Mapping[str, str], name: str, default: N, kind: Callable[[str], N]) -> N:
-    raw = env.get(name)
-    if not raw:
-        return default
-    try:
-        return kind(raw)
-    except ValueError:
-        raise AgentConfigError(f"{name} must be a number, not {raw!r}") from None
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> WorkerOptions:
+        """The options `environ` (default: this process's environment) gives, as
+        `Settings.from_env` reads it."""
+        try:
+            settings = Settings.from_env(environ=environ)
+        except SettingsError as exc:
+            raise AgentConfigError(str(exc)) from None
+        return cls.from_settings(settings)
 
 
 async def declare_agent_consumer(
@@ -199,8 +165,9 @@ async def run_worker(
     consumer, then runs `concurrency` independent pull loops. `on_ready(agent_id)`
     is called once the consumer is bound. On stop: no new fetches, in-flight tasks get
     `shutdown_grace` seconds to finish (unfinished ones are handed back, never acked), then
-    the connection is drained. `llm` defaults to `llm_from_env()` (closed on exit; a client
-    passed in is left to its owner).
+    the connection is drained. `llm` defaults to the settings' (`llm_from_settings`; given
+    only a URL, `llm_from_env()`), closed on exit; a client passed in is left to its owner.
+    With `Settings`, the loops touch `settings.health_file` as they turn.
     """
     check_agent(agent)
     options = WorkerOptions(
@@ -210,14 +177,19 @@ async def run_worker(
         shutdown_grace=shutdown_grace,
     )
     capability = agent.capability
-    endpoint = (
-        settings_or_url.nats_endpoint(agent_role(capability))
-        if isinstance(settings_or_url, Settings)
-        else settings_or_url
-    )
+    settings: Settings | None = None
+    endpoint: NatsEndpoint | str | None
+    if isinstance(settings_or_url, Settings):
+        settings = settings_or_url
+        endpoint = settings.nats_endpoint(agent_role(capability))
+    else:
+        endpoint = settings_or_url
     agent_id = agent_id or new_agent_id(capability)
     owned_llm = llm is None
-    client = llm if llm is not None else llm_from_env()
+    if llm is not None:
+        client = llm
+    else:
+        client = llm_from_settings(settings) if settings is not None else llm_from_env()
     nc: Client | None = None
     subs: list[JetStreamContext.PullSubscription] = []
     try:
@@ -238,17 +210,19 @@ async def run_worker(
         )
         if on_ready is not None:
             on_ready(agent_id)
-        worker = _Worker(agent, nc, js, client, agent_id, options.ack_wait)
+        tasks = TaskHandler(agent, nc, js, client, agent_id, options.ack_wait)
+        health_file = settings.health_file if settings is not None else None
+        worker = _Worker(nc, tasks, health_file)
         await worker.serve(subs, stop or asyncio.Event(), options.shutdown_grace, fetch_timeout)
     finally:
         for sub in subs:
-            await _quietly(sub.unsubscribe())
+            await quietly(sub.unsubscribe())
         if nc is not None and not nc.is_closed:
             try:
                 await asyncio.wait_for(nc.drain(), timeout=5)
             except Exception as exc:  # a drain cut short must not hide why we are exiting
                 log.debug("drain did not finish (%s); closing", exc)
-                await _quietly(nc.close())
+                await quietly(nc.close())
         if owned_llm and isinstance(client, ClosableLLMClient):
             await client.aclose()
 
@@ -280,28 +254,13 @@ async def _declare(
 
 
 class _Worker:
-    """The pull loops and per-message handling of one running worker."""
+    """The pull loops of one running worker; `tasks` handles what they fetch."""
 
-    def __init__(
-        self,
-        agent: Agent[Any, Any],
-        nc: Client,
-        js: JetStreamContext,
-        llm: LLMClient,
-        agent_id: str,
-        ack_wait: float,
-    ) -> None:
-        self.agent = agent
+    def __init__(self, nc: Client, tasks: TaskHandler, health_file: Path | None) -> None:
         self.nc = nc
-        self.js = js
-        self.llm = llm
-        self.agent_id = agent_id
-        self.ack_wait = ack_wait
-        self.capability = agent.capability
-        self.dead_letters = dlq_subject(f"agent.{agent.capability}")
+        self.tasks = tasks
         self.in_flight = 0
-        self.heartbeat = Heartbeat()  # CAIRN_HEALTH_FILE, for a container's health check
-        self.provider = llm_provider(llm)
+        self.heartbeat = Heartbeat(health_file)  # for a container's health check
 
     async def serve(
         self,
@@ -357,7 +316,7 @@ class _Worker:
         finally:
             # At once, not when the worker exits: a task handed back (nak) by a busy loop
             # must not be redelivered to a pull request this worker left open.
-            await _quietly(sub.unsubscribe())
+            await quietly(sub.unsubscribe())
 
     async def _pull(
         self,
@@ -400,374 +359,8 @@ class _Worker:
     async def _process_safely(self, msg: Msg) -> None:
         self.in_flight += 1
         try:
-            await self.process(msg)
+            await self.tasks.process(msg)
         except Exception:
             log.exception("unexpected error on a task message; it stays unacked for redelivery")
         finally:
             self.in_flight -= 1
-
-    async def process(self, msg: Msg) -> None:
-        """Handle one task message: dead-letter, or run, publish the result, then ack."""
-        started = _now()
-        envelope = await self._accept(msg)
-        if envelope is None:
-            return
-        with spans.agent_span(msg.headers, envelope, self.agent_id, self.provider) as span:
-            await self._run(msg, envelope, started, span)
-
-    async def _run(
-        self, msg: Msg, envelope: TaskEnvelope, started: datetime, span: Span | None
-    ) -> None:
-        heartbeat = asyncio.create_task(self._heartbeat(msg))
-        try:
-            result = await self._execute(envelope, msg, started)
-            spans.record_result(span, result)
-            data = self._encode(result)
-            published = await self._publish(result.task_id, result_subject(result.run_id), data)
-            heartbeat.cancel()
-            if published:
-                await self._ack(msg, result)
-            else:
-                await _quietly(msg.nak())
-        except asyncio.CancelledError:
-            heartbeat.cancel()
-            # Shut down before the task finished: hand it back now rather than after ack_wait.
-            await _quietly(msg.nak())
-            raise
-        finally:
-            heartbeat.cancel()
-
-    async def _accept(self, msg: Msg) -> TaskEnvelope | None:
-        size = len(msg.data)
-        if size > MAX_PAYLOAD_BYTES:
-            await self._dead_letter(
-                msg, f"payload of {size} bytes exceeds the {MAX_PAYLOAD_BYTES}-byte limit"
-            )
-            return None
-        try:
-            envelope = TaskEnvelope.model_validate_json(msg.data)
-        except ValidationError as exc:
-            await self._dead_letter(msg, _envelope_problem(msg.data, exc))
-            return None
-        if envelope.capability != self.capability:
-            await self._dead_letter(
-                msg,
-                f"envelope is for capability {envelope.capability!r} but arrived on "
-                f"{msg.subject}, which agent {self.capability!r} serves",
-            )
-            return None
-        return envelope
-
-    async def _dead_letter(self, msg: Msg, reason: str) -> None:
-        sequence = msg.metadata.sequence.stream
-        letter = DeadLetter(
-            subject=msg.subject,
-            reason=reason,
-            payload=msg.data[:DEAD_LETTER_EXCERPT].decode("utf-8", errors="replace"),
-            received_at=_now(),
-            service=f"agent:{self.agent_id}",
-        )
-        try:
-            await self.js.publish(
-                self.dead_letters,
-                letter.model_dump_json().encode(),
-                # Redeliveries of the same bad message land in the DLQ once.
-                headers={"Nats-Msg-Id": f"{TASKS_STREAM}:{sequence}"},
-            )
-        except Exception as exc:
-            log.error(
-                "could not dead-letter task message %s (%s): %s; it will be redelivered",
-                sequence,
-                reason,
-                exc,
-            )
-            return
-        log.warning("dead-lettered task message %s from %s: %s", sequence, msg.subject, reason)
-        await _quietly(msg.term())
-
-    async def _execute(self, envelope: TaskEnvelope, msg: Msg, started: datetime) -> TaskResult:
-        agent = self.agent
-        try:
-            task = agent.input_model.model_validate(envelope.input)
-        except ValidationError as exc:
-            return self._result(
-                envelope,
-                started,
-                error=TaskError(
-                    message=f"input does not match {agent.input_model.__name__}: "
-                    f"{format_errors(exc)}",
-                    retryable=False,
-                ),
-            )
-        ctx = TaskContext(envelope, llm=self.llm, agent_id=self.agent_id, delivery=_delivery(msg))
-        # The coordinator gives up on the attempt after timeout_s; working on would only cost.
-        deadline = asyncio.timeout(envelope.timeout_s)
-        try:
-            async with deadline:
-                out = await agent.handle(task, ctx)
-            output = _dump_output(agent.output_model, out)
-        except NonRetryableError as exc:
-            log.info("task %s failed for good: %s", envelope.task_id, _describe(exc))
-            error = TaskError(message=_describe(exc), retryable=False)
-        except Exception as exc:
-            if isinstance(exc, TimeoutError) and deadline.expired():
-                message = (
-                    f"{self.capability} did not finish within the task's "
-                    f"timeout_s={envelope.timeout_s:g}s"
-                )
-                log.warning("task %s: %s", envelope.task_id, message)
-            else:
-                message = _describe(exc)
-                log.warning("task %s failed: %s", envelope.task_id, message, exc_info=exc)
-            error = TaskError(message=message, retryable=True)
-        else:
-            return self._result(
-                envelope,
-                started,
-                output=output,
-                usage=ctx.usage,
-                review=ctx.review,
-                proposals=ctx.proposals,
-            )
-        return self._result(envelope, started, error=error, usage=ctx.usage)
-
-    def _result(
-        self,
-        envelope: TaskEnvelope,
-        started: datetime,
-        *,
-        output: dict[str, Any] | None = None,
-        error: TaskError | None = None,
-        usage: list[Usage] | None = None,
-        review: str | None = None,
-        proposals: list[StepSpec] | None = None,
-    ) -> TaskResult:
-        return TaskResult(
-            task_id=envelope.task_id,
-            run_id=envelope.run_id,
-            step=envelope.step,
-            attempt=envelope.attempt,
-            agent_id=self.agent_id,
-            output=output,
-            error=error,
-            usage=usage or [],
-            started_at=started,
-            finished_at=_now(),
-            review=review,
-            proposals=proposals or [],
-        )
-
-    def _encode(self, result: TaskResult) -> bytes:
-        data = result.model_dump_json().encode()
-        if len(data) <= MAX_PAYLOAD_BYTES:
-            return data
-        log.warning("task %s: result of %d bytes is too large", result.task_id, len(data))
-        # Usage is kept: the tokens were spent even though the output cannot be delivered.
-        error = TaskError(
-            message=f"the output is {len(data)} bytes; results are limited to "
-            f"{MAX_PAYLOAD_BYTES} bytes",
-            retryable=False,
-        )
-        return result.model_copy(update={"output": None, "error": error}).model_dump_json().encode()
-
-    async def _publish(self, task_id: str, subject: str, data: bytes) -> bool:
-        """Publish a result until JetStream confirms it, or give the task back (False)."""
-        loop = asyncio.get_running_loop()
-        # Long enough to ride out a NATS restart; the heartbeat keeps the task ours meanwhile.
-        deadline = loop.time() + max(self.ack_wait, 10.0)
-        failures = 0
-        headers = {"Nats-Msg-Id": task_id}
-        if tracing.ENABLED:
-            tracing.inject(headers)  # the agent's span: the coordinator's handling is its child
-        while True:
-            try:
-                await self.js.publish(subject, data, headers=headers)
-            except Exception as exc:
-                failures += 1
-                delay = min(0.1 * 2 ** (failures - 1), 2.0)
-                if self.nc.is_closed or loop.time() + delay > deadline:
-                    log.error(
-                        "could not publish the result of task %s (%s); handing the task back",
-                        task_id,
-                        exc or type(exc).__name__,
-                    )
-                    return False
-                (log.warning if failures == 1 else log.debug)(
-                    "publishing the result of task %s failed (%s); retrying",
-                    task_id,
-                    exc or type(exc).__name__,
-                )
-                await asyncio.sleep(delay)
-            else:
-                return True
-
-    async def _ack(self, msg: Msg, result: TaskResult) -> None:
-        try:
-            # Confirmed ack: cheap next to a model call, and a lost ack is visible in the log.
-            await msg.ack_sync(timeout=5)
-        except Exception as exc:
-            log.warning(
-                "ack of task %s not confirmed (%s): it may be redelivered, and the repeated "
-                "result will be dropped as a duplicate",
-                result.task_id,
-                exc or type(exc).__name__,
-            )
-        log.debug(
-            "task %s done (%s) in %.1f ms",
-            result.task_id,
-            "error" if result.error else "ok",
-            (result.finished_at - result.started_at).total_seconds() * 1000,
-        )
-
-    async def _heartbeat(self, msg: Msg) -> None:
-        """Tell JetStream the task is still being worked on, so it is not redelivered."""
-        interval = self.ack_wait / 3
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await msg.in_progress()
-            except Exception as exc:  # disconnected: the next beat may get through
-                log.debug("heartbeat failed: %s", exc)
-
-
-def format_errors(exc: ValidationError, limit: int = 10) -> str:
-    """Pydantic's errors as one line: `field.path: message; ...`."""
-    errors = exc.errors()
-    parts = [
-        f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in errors[:limit]
-    ]
-    if len(errors) > limit:
-        parts.append(f"and {len(errors) - limit} more")
-    return "; ".join(parts)
-
-
-_JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number"}
-
-
-def _envelope_problem(data: bytes, exc: ValidationError) -> str:
-    try:
-        decoded = json.loads(data)
-    except ValueError as err:  # includes undecodable UTF-8
-        return f"malformed JSON: {err}"
-    if not isinstance(decoded, dict):
-        kind = "null" if decoded is None else _JSON_TYPES.get(type(decoded), "boolean")
-        return f"expected a JSON object (a TaskEnvelope), got a JSON {kind}"
-    if "v" in decoded and decoded["v"] != PROTOCOL_VERSION:
-        return (
-            f"unknown protocol version v={decoded['v']!r}; this agent speaks v={PROTOCOL_VERSION}"
-        )
-    return f"not a valid TaskEnvelope: {format_errors(exc)}"
-
-
-def _dump_output(model: type[BaseModel], out: object) -> dict[str, Any]:
-    if isinstance(out, BaseModel) and not isinstance(out, model):
-        out = out.model_dump()
-    try:
-        value = out if isinstance(out, model) else model.model_validate(out)
-    except ValidationError as exc:
-        raise ValueError(f"output does not match {model.__name__}: {format_errors(exc)}") from None
-    return value.model_dump(mode="json")
-
-
-def _describe(exc: BaseException) -> str:
-    return str(exc) or type(exc).__name__
-
-
-def _delivery(msg: Msg) -> int:
-    try:
-        return int(msg.metadata.num_delivered)
-    except Exception:  # not a JetStream message (a test calling process directly)
-        return 1
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
-async def _quietly(awaitable: Any) -> None:
-    """Await a best-effort NATS call (nak, term, unsubscribe) whose failure changes nothing."""
-    try:
-        await awaitable
-    except Exception as exc:
-        log.debug("ignored: %s", exc)
-
-
-def main(
-    agent_factory: Callable[[], Agent[Any, Any]], *, settings: Settings | None = None
-) -> NoReturn:
-    """Run one agent as a process: the body of an agent module's `__main__`.
-
-    NATS comes from `Settings.from_env()` (`NATS_URL`, or the embedded server that `cairn up`
-    started), connecting as the user `agent-<capability>`; worker options from
-    `CAIRN_AGENT_*` and the model from `CAIRN_LLM*`. SIGTERM and SIGINT stop it gracefully
-    (exit 0). A NATS server that cannot be reached, or wrong configuration, is one line on
-    stderr and exit status 2.
-    """
-    _configure_logging()
-    try:
-        agent = agent_factory()
-        check_agent(agent)
-        options = WorkerOptions.from_env()
-        llm = llm_from_env()
-        tracing.setup(f"cairn-agent-{agent.capability}")
-    except (AgentConfigError, LLMConfigError, TypeError, tracing.TracingConfigError) as exc:
-        sys.stderr.write(f"cairn agent: {exc}\n")
-        raise SystemExit(2) from None
-    try:
-        code = asyncio.run(_serve(agent, settings or Settings.from_env(), llm, options))
-    finally:
-        tracing.shutdown()  # what is still buffered goes out before the process ends
-    raise SystemExit(code)
-
-
-async def _serve(
-    agent: Agent[Any, Any], settings: Settings, llm: LLMClient, options: WorkerOptions
-) -> int:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    url = display_url(settings.resolved_nats_url())
-    agent_id = new_agent_id(agent.capability)
-    log.info(
-        "starting agent %s (%s): NATS %s, LLM %s, concurrency %d, ack_wait %gs, max_deliver %d",
-        agent.capability,
-        agent_id,
-        url or "(not configured)",
-        getattr(llm, "model", type(llm).__name__),
-        options.concurrency,
-        options.ack_wait,
-        options.max_deliver,
-    )
-    try:
-        await run_worker(
-            agent,
-            settings,
-            concurrency=options.concurrency,
-            ack_wait=options.ack_wait,
-            max_deliver=options.max_deliver,
-            shutdown_grace=options.shutdown_grace,
-            stop=stop,
-            llm=llm,
-            agent_id=agent_id,
-        )
-    except (NatsUnavailableError, AgentConfigError) as exc:
-        sys.stderr.write(f"cairn agent {agent.capability}: {exc}\n")
-        return 2
-    finally:
-        if isinstance(llm, ClosableLLMClient):
-            await llm.aclose()
-    if not stop.is_set():
-        log.error("agent %s stopped: the NATS connection was closed", agent_id)
-        return 1
-    log.info("agent %s stopped", agent_id)
-    return 0
-
-
-def _configure_logging() -> None:
-    level = os.environ.get("CAIRN_LOG_LEVEL", "INFO").upper()
-    logging.basicConfig(
-        level=level if level in logging.getLevelNamesMapping() else "INFO",
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )

@@ -131,7 +131,7 @@ def measure_log(settings: Settings, events: int, progress: Callable[[str], None]
 def append_history(settings: Settings, events: int, figures: LogFigures) -> tuple[float, float]:
     """Events per second decided (in process) and appended (`EventStore.append`, a batch per
     round of results), counting into `figures`."""
-    store = EventStore(settings.store)
+    store = EventStore.from_settings(settings)
     try:
         appending = 0.0
         started = time.perf_counter()
@@ -163,7 +163,7 @@ def replay_rate(settings: Settings) -> tuple[float | None, str]:
         from cairn.coordinator.history import replay
     except ImportError:
         return None, "cairn.coordinator.history.replay is not available yet"
-    store = EventStore(settings.store)
+    store = EventStore.from_settings(settings)
     try:
         started = time.perf_counter()
         checked = 0

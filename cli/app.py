@@ -1,5 +1,6 @@
 """The `cairn` command's root: the typer app every command group registers on, and what the
-groups share (options, one-sentence failures, settings, the views, a run id from a prefix)."""
+groups share (options, one-sentence failures, plain output, settings, the views, a run id from a
+prefix)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from cairn.runtime.client import CairnClient, CoordinatorUnavailableError
 from cairn.runtime.connection import NatsUnavailableError
 from cairn.runtime.embedded import EmbeddedServerError
 from cairn.runtime.eventlog.store import StoreUnavailableError
-from cairn.runtime.settings import Settings
+from cairn.runtime.settings import Settings, SettingsError
 
 app = typer.Typer(
     help="cairn: an event-sourced coordinator for AI agents that run as separate services.",
@@ -70,6 +71,26 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
         fail(str(exc))
 
 
+def say(text: str, style: str | None = None) -> None:
+    """Print plain text (no markup) without wrapping it into several lines."""
+    console.print(text, style=style, markup=False, highlight=False, soft_wrap=True)
+
+
+def short(text: str, width: int) -> str:
+    """`text` on one line, cut to `width` characters with an ellipsis."""
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def print_lines(lines: list[str]) -> None:
+    """One line each: cropped to a terminal's width, whole when piped."""
+    for line in lines:
+        if console.is_terminal:
+            console.print(line, markup=False, highlight=False, no_wrap=True, overflow="ellipsis")
+        else:
+            sys.stdout.write(line + "\n")
+
+
 def print_json(data: Any) -> None:
     def default(value: Any) -> Any:
         if isinstance(value, BaseModel):
@@ -97,7 +118,11 @@ def send_command(
 
 
 def settings_for(home: Path | None) -> Settings:
-    return Settings.from_env(home)
+    """The settings of this command: `--home`, and the environment (see `Settings`)."""
+    try:
+        return Settings.from_env(home)
+    except SettingsError as exc:
+        fail(str(exc))
 
 
 def open_views(settings: Settings) -> Any:

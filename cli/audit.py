@@ -228,7 +228,7 @@ def _open_store(settings: Settings) -> EventStore:
         # Opening would create an empty store; a question about the record needs a record.
         fail(f"no event store at {path}: start cairn (`cairn up`) or set CAIRN_STORE")
     try:
-        return EventStore(settings.store)
+        return EventStore.from_settings(settings)
     except StoreUnavailableError as exc:
         fail(str(exc))
 

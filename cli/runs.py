@@ -29,7 +29,7 @@ from cairn.cli.demo import (
     run_and_follow,
     waiting_notice,
 )
-from cairn.coordinator.workflow import WorkflowError, load_workflow_file
+from cairn.coordinator.workflow import WorkflowError, load_contract_modules, load_workflow_file
 from cairn.events import Budget, WorkflowSpec
 from cairn.runtime.client import CairnClient
 from cairn.runtime.settings import Settings
@@ -64,9 +64,11 @@ def run_workflow(
         fail(f"--input is not valid JSON: {exc}")
     if not isinstance(data, dict):
         fail('--input must be a JSON object, e.g. \'{"topic": "tides"}\'')
+    settings = settings_for(home)
     spec: str | WorkflowSpec = workflow
     if workflow.endswith((".yaml", ".yml")) or Path(workflow).is_file():
         try:
+            load_contract_modules(settings.contract_modules)  # the file may name their contracts
             spec = load_workflow_file(Path(workflow))
         except WorkflowError as exc:
             fail(str(exc))
@@ -80,7 +82,6 @@ def run_workflow(
             )
         except (ArithmeticError, ValueError) as exc:
             fail(f"--budget-usd must be a non-negative amount like 0.50 ({exc})")
-    settings = settings_for(home)
     outcome = run_async(_run(settings, spec, data, wait, timeout, as_json, budget, tenant))
     if as_json:
         print_json(outcome)

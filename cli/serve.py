@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import time
 from dataclasses import dataclass
@@ -36,21 +35,20 @@ def serve(
 ) -> None:
     """Serve the HTTP API (OpenAPI at /docs) and the web dashboard until Ctrl-C."""
     from cairn.projections.http import (
-        TOKENS_ENV,
-        TOKENS_FILE_ENV,
         ServeError,
         TokenConfigError,
         dev_token_file,
         load_tokens,
+        tokens_configured,
     )
     from cairn.projections.http import serve as run_server
 
     settings = settings_for(home)
-    if tokens is None and not (os.environ.get(TOKENS_ENV) or os.environ.get(TOKENS_FILE_ENV)):
+    if tokens is None and not tokens_configured(settings):
         path, created = dev_token_file(settings.home)
         _show_tokens(path, created)
     try:
-        grants = load_tokens(settings.home, tokens)
+        grants = load_tokens(settings, tokens)
     except TokenConfigError as exc:
         fail(str(exc))
 
@@ -106,19 +104,19 @@ def start_dashboard(sup: Supervisor) -> Dashboard:
     """
     from cairn.projections.http import (
         DEFAULT_PORT,
-        TOKENS_ENV,
         TOKENS_FILE_ENV,
         dev_token_file,
+        tokens_configured,
         url_file,
     )
 
     env: dict[str, str] = {}
     tokens: Path | None = None
     created = None
-    if not (os.environ.get(TOKENS_ENV) or os.environ.get(TOKENS_FILE_ENV)):
+    if not tokens_configured(sup.settings):
         tokens, created = dev_token_file(sup.settings.home)
         env[TOKENS_FILE_ENV] = str(tokens)
-    if not os.environ.get("CAIRN_HTTP_PORT"):
+    if sup.settings.http_port is None:
         env["CAIRN_HTTP_PORT"] = str(DEFAULT_PORT) if _port_free(DEFAULT_PORT) else "0"
     url_file(sup.settings).unlink(missing_ok=True)  # left by a server that was killed
     sup.start("http", HTTP_MODULE, env)

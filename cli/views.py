@@ -172,7 +172,6 @@ def tenants(
         TenantLimitsError,
         limit_for,
         load_tenant_limits,
-        tenant_limits_path,
     )
 
     settings = settings_for(home)
@@ -180,7 +179,7 @@ def tenants(
         when = date.fromisoformat(day) if day else datetime.now(UTC).date()
     except ValueError:
         fail(f"--day {day!r} is not a date: give it as YYYY-MM-DD")
-    path = tenant_limits_path(settings.home)
+    path = settings.tenants
     try:
         limits = load_tenant_limits(path)
     except TenantLimitsError as exc:

@@ -7,12 +7,12 @@ import logging
 import sys
 
 from cairn.coordinator.service import create_app
-from cairn.coordinator.tenants import TenantLimitsError, load_tenant_limits, tenant_limits_path
-from cairn.runtime import tracing
+from cairn.coordinator.tenants import TenantLimitsError, load_tenant_limits
+from cairn.runtime import crashpoints, tracing
 from cairn.runtime.connection import NatsUnavailableError, connect
 from cairn.runtime.eventlog.store import EventStore, StoreUnavailableError
 from cairn.runtime.roles import ROLE_COORDINATOR
-from cairn.runtime.settings import Settings
+from cairn.runtime.settings import Settings, SettingsError
 from cairn.runtime.streams import StreamMismatchError, declare_streams
 
 
@@ -24,17 +24,19 @@ async def _preflight(settings: Settings) -> None:
         await declare_streams(nc.jetstream())  # the coordinator owns them: made or checked here
     finally:
         await nc.close()
-    EventStore(settings.store).close()
-    load_tenant_limits(tenant_limits_path(settings.home))
+    EventStore.from_settings(settings).close()
+    load_tenant_limits(settings.tenants)
 
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    settings = Settings.from_env()
     try:
+        settings = Settings.from_env()
+        crashpoints.arm(settings.crash_at)
         asyncio.run(_preflight(settings))
         tracing.setup("cairn-coordinator")
     except (
+        SettingsError,
         NatsUnavailableError,
         StoreUnavailableError,
         TenantLimitsError,

@@ -10,7 +10,6 @@ import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from pathlib import Path
 from typing import Any, TypeVar
 
 from faststream import FastStream
@@ -26,9 +25,9 @@ from cairn.coordinator.engine import Coordinator
 from cairn.coordinator.outbox import Outbox
 from cairn.coordinator.policy import decision_policy
 from cairn.coordinator.pricing import load_price_table
-from cairn.coordinator.tenants import TenantLimits, tenant_limits_path
+from cairn.coordinator.tenants import TenantLimits
 from cairn.coordinator.verdicts import Received
-from cairn.coordinator.workflow import WorkflowCatalog
+from cairn.coordinator.workflow import WorkflowCatalog, load_contract_modules
 from cairn.events import (
     CMD_APPROVALS,
     CMD_APPROVE,
@@ -49,9 +48,10 @@ from cairn.events import (
     StartRun,
     TaskResult,
 )
+from cairn.events.validation import validation_reason
 from cairn.runtime import tracing
 from cairn.runtime.connection import connect_options, unreachable_message
-from cairn.runtime.deadletters import DeadLetters, non_finite_reason, validation_reason
+from cairn.runtime.deadletters import DeadLetters, non_finite_reason
 from cairn.runtime.eventlog.store import EventStore
 from cairn.runtime.health import Heartbeat
 from cairn.runtime.pull import StandingPull
@@ -83,7 +83,7 @@ class CoordinatorRuntime:
         self._stop_timers = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
-        self.result_ack_wait = 30.0
+        self.result_ack_wait = settings.result_ack_wait
         self._stopping = False
         self.start_handler: Callable[[Msg], Coroutine[Any, Any, None]] | None = None
         self._start_sub: Subscription | None = None
@@ -92,7 +92,6 @@ class CoordinatorRuntime:
     async def start(self) -> None:
         nc = self.broker.connection
         js = nc.jetstream()
-        self.result_ack_wait = float(os.environ.get("CAIRN_RESULT_ACK_WAIT", "30"))
         await declare_streams(js)
         await js.add_consumer(
             RESULTS_STREAM,
@@ -106,12 +105,12 @@ class CoordinatorRuntime:
                 filter_subject="cairn.result.>",
             ),
         )
-        self.store = EventStore(self.settings.store)
-        prices_path = os.environ.get("CAIRN_PRICES")
-        policy = decision_policy(load_price_table(Path(prices_path) if prices_path else None))
+        self.store = EventStore.from_settings(self.settings)
+        load_contract_modules(self.settings.contract_modules)
+        policy = decision_policy(load_price_table(self.settings.prices))
         catalog = WorkflowCatalog([self.settings.home / "workflows"])
         # Bounded by the streams' duplicate window, so a restart's republishing is deduplicated.
-        save_interval = min(float(os.environ.get("CAIRN_OUTBOX_SAVE_INTERVAL", "1")), 60.0)
+        save_interval = min(self.settings.outbox_save_interval, 60.0)
         outbox = Outbox(nc, js, self.store, save_interval_s=save_interval)
         self.dead_letters = DeadLetters(js, "coordinator")
         self.coordinator = Coordinator(
@@ -119,7 +118,7 @@ class CoordinatorRuntime:
             policy,
             catalog,
             outbox,
-            TenantLimits(tenant_limits_path(self.settings.home)),
+            TenantLimits(self.settings.tenants),
         )
         active = self.coordinator.recover()
         republished = await self.coordinator.catch_up()
@@ -201,7 +200,7 @@ class CoordinatorRuntime:
                 again.add(id(msg))
                 await msg.nak(delay=0.05)
         for msg, reason in refused:
-            await self.dead_letters.send("coordinator", msg.subject, msg.data, reason)
+            await self.dead_letters.send_message("coordinator", msg, reason)
         for msg in msgs:
             if id(msg) not in again:
                 await msg.ack()
@@ -210,9 +209,9 @@ class CoordinatorRuntime:
         """Take in what other coordinators on the same store commit (see `Coordinator.follow`);
         with one coordinator this is one cheap query per interval."""
         assert self.coordinator is not None
-        interval = float(os.environ.get("CAIRN_FOLLOW_INTERVAL", "0.25"))
-        resend_after = float(os.environ.get("CAIRN_TASK_RESEND_AFTER", "10"))
-        heartbeat = Heartbeat()
+        interval = self.settings.follow_interval
+        resend_after = self.settings.task_resend_after
+        heartbeat = Heartbeat(self.settings.health_file)
         while not self._stop_timers.is_set():
             try:
                 await self.coordinator.follow(resend_after)

@@ -1,7 +1,7 @@
 """Per-tenant daily limits: the limits file, and the ledger of what each tenant spent today.
 
-The limits come from a YAML file (`CAIRN_TENANTS`, default `<home>/tenants.yaml`), read again
-when it changes, so a limit can be raised without a restart:
+The limits come from a YAML file (`Settings.tenants`: `CAIRN_TENANTS`, default
+`<home>/tenants.yaml`), read again when it changes, so a limit can be raised without a restart:
 
     tenants:
       acme: {daily_usd: "20.00", daily_tokens: 2000000}
@@ -16,7 +16,6 @@ gets what is left as a `TenantAllowance`, and the decision records it in the log
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
 from collections.abc import Callable
@@ -41,11 +40,6 @@ from cairn.events import (
 )
 
 ANY_TENANT = "*"
-
-
-def tenant_limits_path(home: Path) -> Path:
-    """`CAIRN_TENANTS`, else `<home>/tenants.yaml`."""
-    return Path(os.environ.get("CAIRN_TENANTS") or home / "tenants.yaml")
 
 
 class TenantLimit(Frozen):

@@ -6,7 +6,7 @@ is resolved is pure and lives in `domain/mapping.py`.
 from __future__ import annotations
 
 import importlib
-import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -14,16 +14,16 @@ import yaml
 from pydantic import ValidationError
 
 from cairn.coordinator.domain.mapping import references
-from cairn.events import WorkflowSpec
+from cairn.events import WorkflowSpec, error_lines
 from cairn.events.contracts import UnknownContractError, resolve_contract
 
 # Modules whose import registers output contracts; CAIRN_CONTRACTS adds more (comma-separated).
 DEFAULT_CONTRACT_MODULES = ("cairn.agents.examples.contracts",)
 
 
-def load_contract_modules() -> None:
-    """Import the modules that register output contracts (importing twice is free)."""
-    extra = [m.strip() for m in os.environ.get("CAIRN_CONTRACTS", "").split(",") if m.strip()]
+def load_contract_modules(extra: Iterable[str] = ()) -> None:
+    """Import the modules that register output contracts: cairn's own and `extra` (a process
+    passes `Settings.contract_modules` once, at start). Importing twice is free."""
     for name in (*DEFAULT_CONTRACT_MODULES, *extra):
         try:
             importlib.import_module(name)
@@ -41,9 +41,7 @@ def parse_workflow(data: Any, source: str = "<inline>") -> WorkflowSpec:
     try:
         spec = WorkflowSpec.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'workflow'}: {e['msg']}" for e in exc.errors()
-        )
+        problems = "; ".join(error_lines(exc, root="workflow"))
         raise WorkflowError(f"{source}: invalid workflow: {problems}") from None
     check_workflow(spec, source)
     return spec

@@ -1,4 +1,5 @@
-"""cairn's event and message models: stored run events, wire messages, encoding and hashing."""
+"""cairn's event and message models: stored run events, wire messages, encoding and hashing,
+and how a value that does not validate is reported."""
 
 from cairn.events.base import (
     CAIRN_NAMESPACE,
@@ -76,6 +77,7 @@ from cairn.events.run import (
     TaskTimedOut,
     Usage,
 )
+from cairn.events.validation import error_lines, error_location
 from cairn.events.wire import (
     PROTOCOL_VERSION,
     ApprovalDecision,
@@ -170,6 +172,8 @@ __all__ = [
     "decode_event",
     "dlq_subject",
     "encode_event",
+    "error_lines",
+    "error_location",
     "event_class",
     "event_hash",
     "event_id",

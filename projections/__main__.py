@@ -1,7 +1,7 @@
 """`python -m cairn.projections [rebuild]`: keep the views up to date, or rebuild them.
 
-Settings come from the environment (CAIRN_HOME, CAIRN_STORE, CAIRN_VIEWS). The runner stops
-cleanly, with exit status 0, on SIGTERM or SIGINT.
+Settings come from the environment (CAIRN_HOME, CAIRN_STORE, CAIRN_VIEWS, see `Settings`). The
+runner stops cleanly, with exit status 0, on SIGTERM or SIGINT.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from cairn.events import UnknownEventError
 from cairn.projections.errors import ViewsUnavailableError
 from cairn.projections.runner import ProjectionRunner, rebuild
 from cairn.projections.storage import redacted
+from cairn.runtime import crashpoints
 from cairn.runtime.eventlog.store import StoreUnavailableError
-from cairn.runtime.settings import Settings
+from cairn.runtime.settings import Settings, SettingsError
 
 log = logging.getLogger("cairn.projections")
 
@@ -42,7 +43,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s"
     )
-    settings = Settings.from_env()
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        log.error("%s", exc)
+        return 2
+    crashpoints.arm(settings.crash_at)
     # What is alive now lives as long as the process: keep it out of the cyclic collector's
     # full passes, which otherwise walk it again and again while batches come and go (about
     # a tenth of a rebuild's time).

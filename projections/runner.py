@@ -45,7 +45,7 @@ class ProjectionRunner:
         self.settings = settings
         self.batch_size = batch_size
         self.name = PROJECTION_NAME
-        self._store = EventStore(settings.store)
+        self._store = EventStore.from_settings(settings)
         try:
             self._views: ViewsRecorder = open_recorder(settings.views)
         except BaseException:
@@ -118,7 +118,7 @@ class ProjectionRunner:
         catch-up does not stall the event loop; a batch in progress when `stop` is set is
         finished (it is one transaction either way).
         """
-        heartbeat = Heartbeat()
+        heartbeat = Heartbeat(self.settings.health_file)
         if not is_postgres(self.settings.store):
             while not stop.is_set():
                 count = await asyncio.to_thread(self.run_batch)

@@ -15,7 +15,7 @@ from cairn.runtime.settings import Settings
 
 def projection_status(settings: Settings) -> list[ProjectionStatus]:
     """The status of each projection (there is one today, keeping every view)."""
-    store = EventStore(settings.store)
+    store = EventStore.from_settings(settings)
     try:
         log_position = store.last_position()
         log_at = _time_at(store, log_position)

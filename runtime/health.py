@@ -1,7 +1,8 @@
 """Liveness for container health checks.
 
-A service given `CAIRN_HEALTH_FILE` touches that file each time its main loop turns (the
-coordinator's log follower, the projection runner's loop). `python -m cairn.runtime.health`
+A service given `CAIRN_HEALTH_FILE` (`Settings.health_file`) touches that file each time its
+main loop turns (the coordinator's log follower, the projection runner's loop, an agent's pull
+loops). `python -m cairn.runtime.health`
 exits 0 while the file is fresh and 1 with one sentence when it is stale or missing, so an
 orchestrator can tell a stuck process from a busy one without going through NATS, where any
 replica would answer for it.
@@ -10,10 +11,11 @@ replica would answer for it.
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 import time
 from pathlib import Path
+
+from cairn.runtime.settings import Settings, SettingsError
 
 DEFAULT_MAX_AGE_S = 15.0
 
@@ -21,9 +23,8 @@ DEFAULT_MAX_AGE_S = 15.0
 class Heartbeat:
     """Touch the health file at most once a second (no file named: do nothing)."""
 
-    def __init__(self, path: str | None = None) -> None:
-        named = path if path is not None else os.environ.get("CAIRN_HEALTH_FILE")
-        self.path = Path(named) if named else None
+    def __init__(self, path: str | Path | None) -> None:
+        self.path = Path(path) if path else None
         self._last = 0.0
 
     def beat(self) -> None:
@@ -50,7 +51,11 @@ def check(path: Path, max_age_s: float = DEFAULT_MAX_AGE_S) -> str | None:
 
 
 def main() -> None:
-    named = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("CAIRN_HEALTH_FILE")
+    try:
+        named = sys.argv[1] if len(sys.argv) > 1 else Settings.from_env().health_file
+    except SettingsError as exc:
+        sys.stderr.write(f"{exc}\n")
+        sys.exit(2)
     if not named:
         sys.stderr.write("name the health file: an argument or CAIRN_HEALTH_FILE\n")
         sys.exit(2)

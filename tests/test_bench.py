@@ -12,17 +12,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cairn.benchmarks.live import LiveFigures
 from cairn.benchmarks.logwork import LogFigures
 from cairn.benchmarks.report import Row
-from cairn.benchmarks.suite import (
-    QUICK,
-    LiveFigures,
-    limit_rows,
-    log_rows,
-    memory_rows,
-    peer_rows,
-    step_rows,
-)
+from cairn.benchmarks.rows import limit_rows, log_rows, memory_rows, peer_rows, step_rows
+from cairn.benchmarks.scale import QUICK
 
 SECTIONS = {"limits", "per step", "throughput", "log", "memory", "peers"}
 # Rows whose figure does not depend on optional packages or on how fast the machine is.

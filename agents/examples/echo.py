@@ -11,7 +11,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict
 
 from cairn.agents.base import Agent, TaskContext
-from cairn.agents.worker import main as serve
+from cairn.agents.process import main as serve
 
 
 class Payload(BaseModel):

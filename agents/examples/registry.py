@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from cairn.agents.base import Agent
-from cairn.agents.worker import main
+from cairn.agents.process import main
 
 
 class UnknownAgentError(LookupError):

@@ -11,8 +11,8 @@ from pydantic import Field
 
 from cairn.agents.base import Agent, TaskContext
 from cairn.agents.examples.contracts import Draft, Finding, Section, draft_word_count
+from cairn.agents.process import main as serve
 from cairn.agents.text import with_repair
-from cairn.agents.worker import main as serve
 from cairn.events import Frozen
 
 SYSTEM = (

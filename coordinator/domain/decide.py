@@ -44,6 +44,7 @@ from cairn.events import (
     content_hash,
 )
 from cairn.events.mappings import received_fields
+from cairn.events.validation import error_lines
 
 
 def decide(state: RunState | None, fact: Fact, policy: Policy) -> list[Event]:
@@ -188,10 +189,7 @@ def _result(state: RunState, fact: ResultFact, policy: Policy) -> list[Event]:
         try:
             model.model_validate(result.output)
         except ValidationError as exc:
-            errors = [
-                f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}"
-                for e in exc.errors()
-            ]
+            errors = error_lines(exc)
             d.emit(
                 ContractViolated,
                 actor=COORDINATOR,

@@ -17,7 +17,7 @@ from cairn.coordinator.domain.facts import Rejected, StartRunFact
 from cairn.coordinator.domain.graph import descendants
 from cairn.coordinator.domain.state import fold
 from cairn.events import CarriedOutput, Event, ForkOrigin, ForkRun
-from cairn.events.reasons import validation_reason
+from cairn.events.validation import validation_reason
 
 
 def fork_fact(

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from functools import cache
@@ -41,6 +41,7 @@ from cairn.coordinator.domain.pricing import PriceTable
 from cairn.coordinator.domain.state import EvolveError, RunState, evolve
 from cairn.coordinator.policy import decision_policy
 from cairn.coordinator.pricing import load_price_table
+from cairn.coordinator.workflow import load_contract_modules
 from cairn.events import (
     BudgetExhausted,
     BudgetReserved,
@@ -301,10 +302,13 @@ def replay_policy(
     *,
     known: Sequence[PriceTable] = (),
     default_estimate_usd: Decimal = DEFAULT_ESTIMATE_USD,
+    contract_modules: Iterable[str] = (),
 ) -> Policy:
     """The policy to re-decide a history with: `prices` when given (e.g. `--prices FILE`), else
     the table among the shipped one and `known` (e.g. CAIRN_PRICES) whose version the history's
-    charges name. Output contracts come from the registry."""
+    charges name. Output contracts come from the registry, with cairn's own and
+    `contract_modules` (`Settings.contract_modules`) loaded."""
+    load_contract_modules(contract_modules)
     if prices is None:
         tables = {t.version: t for t in (*known, _shipped_prices())}
         named = price_tables_named(events)

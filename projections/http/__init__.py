@@ -15,6 +15,7 @@ from cairn.projections.http.auth import (
     Tokens,
     dev_token_file,
     load_tokens,
+    tokens_configured,
 )
 from cairn.projections.http.server import DEFAULT_HOST, DEFAULT_PORT, ServeError, serve, url_file
 
@@ -32,5 +33,6 @@ __all__ = [
     "dev_token_file",
     "load_tokens",
     "serve",
+    "tokens_configured",
     "url_file",
 ]

@@ -8,7 +8,6 @@ going on (see `AgentRow` for what each number means).
 from __future__ import annotations
 
 import math
-import os
 from datetime import datetime
 from typing import Any
 
@@ -17,21 +16,15 @@ from nats.js.errors import NotFoundError
 from cairn.events import TASKS_STREAM
 from cairn.projections.http.models import AgentRow, AgentsReply
 from cairn.runtime.client import CairnClient
+from cairn.runtime.settings import Settings
 
 CONSUMER_PREFIX = "cairn-agent-"
-DEFAULT_CONCURRENCY = 4  # the agents' own default for CAIRN_AGENT_CONCURRENCY
 
 
-def assumed_concurrency() -> int:
-    try:
-        return max(1, int(os.environ.get("CAIRN_AGENT_CONCURRENCY") or DEFAULT_CONCURRENCY))
-    except ValueError:
-        return DEFAULT_CONCURRENCY
-
-
-async def agents(client: CairnClient) -> AgentsReply:
-    """One row per capability consumer, by capability name."""
-    concurrency = assumed_concurrency()
+async def agents(client: CairnClient, settings: Settings) -> AgentsReply:
+    """One row per capability consumer, by capability name; replicas are estimated assuming
+    each runs the settings' `agent_concurrency` pull loops."""
+    concurrency = max(1, settings.agent_concurrency)
     js = client.nc.jetstream()
     try:
         infos: list[Any] = await js.consumers_info(TASKS_STREAM)

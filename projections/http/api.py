@@ -247,7 +247,8 @@ async def approvals(request: Request, grant: Viewer) -> list[Approval]:
 @router.get("/agents", responses=NATS_ERRORS)
 async def agents(request: Request, grant: Viewer) -> AgentsReply:
     """Agent capabilities and their replicas, from the JetStream consumers they pull from."""
-    return await backend_of(request).ask(agent_info.agents)
+    backend = backend_of(request)
+    return await backend.ask(lambda c: agent_info.agents(c, backend.settings))
 
 
 # -- commands ----------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from fastapi.staticfiles import StaticFiles
 from cairn.projections.http import api, errors, live, pages
 from cairn.projections.http.auth import Tokens
 from cairn.projections.http.backend import Backend
-from cairn.projections.http.guard import DEFAULT_MAX_BODY, RequestGuard
+from cairn.projections.http.guard import RequestGuard
 from cairn.runtime.settings import Settings
 
 DESCRIPTION = """\
@@ -30,7 +30,7 @@ or the coordinator cannot be reached (the message says which and what to start).
 """
 
 
-def create_app(settings: Settings, tokens: Tokens, *, max_body: int = DEFAULT_MAX_BODY) -> FastAPI:
+def create_app(settings: Settings, tokens: Tokens) -> FastAPI:
     """A fresh application: its own connections, opened on first use and closed on shutdown.
     Tokens and body sizes are checked before a body is read (`guard.py`)."""
     backend = Backend(settings)
@@ -63,5 +63,5 @@ def create_app(settings: Settings, tokens: Tokens, *, max_body: int = DEFAULT_MA
     app.include_router(live.router)
     app.include_router(pages.router)
     app.mount("/static", StaticFiles(directory=Path(__file__).parent / "static"), name="static")
-    app.add_middleware(RequestGuard, tokens=tokens, max_body=max_body)
+    app.add_middleware(RequestGuard, tokens=tokens, max_body=settings.http_max_body)
     return app

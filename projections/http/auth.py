@@ -6,8 +6,8 @@ approves and denies gates, an `admin` also cancels runs and raises budgets.
 
 Where the tokens come from, the first that is given:
 1. `--tokens FILE` of `cairn serve`;
-2. `CAIRN_API_TOKENS`: the mapping itself, as JSON or YAML text;
-3. `CAIRN_API_TOKENS_FILE`: a file path;
+2. `CAIRN_API_TOKENS` (`Settings.api_tokens`): the mapping itself, as JSON or YAML text;
+3. `CAIRN_API_TOKENS_FILE` (`Settings.api_tokens_file`): a file path;
 4. `<home>/api-tokens.yaml`, created with one admin token on first use (`dev_token_file`).
 
 A file or the variable holds `token: {subject: NAME, role: viewer|approver|admin}` entries.
@@ -30,7 +30,9 @@ import yaml
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from cairn.events import error_location
 from cairn.projections.http.errors import ApiError, LoginRequired, unauthorized
+from cairn.runtime.settings import Settings, SettingsError
 
 TOKENS_ENV = "CAIRN_API_TOKENS"
 TOKENS_FILE_ENV = "CAIRN_API_TOKENS_FILE"
@@ -104,7 +106,7 @@ class Tokens:
                 grants[_digest(token)] = Grant.model_validate(entry)
             except ValidationError as exc:
                 first = exc.errors()[0]
-                where = ".".join(str(p) for p in first["loc"]) or "entry"
+                where = error_location(first["loc"], "entry")
                 raise TokenConfigError(
                     f"{source}: a token's {where} is invalid ({first['msg']}); each token "
                     "needs {subject: NAME, role: viewer|approver|admin}"
@@ -112,22 +114,33 @@ class Tokens:
         return cls(grants, source)
 
 
-def load_tokens(home: Path, file: Path | None = None) -> Tokens:
-    """The tokens from the first configured source (see the module's docstring)."""
+def load_tokens(settings: Settings | Path, file: Path | None = None) -> Tokens:
+    """The tokens from the first configured source (see the module's docstring).
+
+    `settings` may be only a home directory: then the variables are read by
+    `Settings.from_env(home)`."""
     if file is not None:
         return _from_file(file)
-    inline = os.environ.get(TOKENS_ENV)
-    if inline:
+    if not isinstance(settings, Settings):
         try:
-            data = yaml.safe_load(inline)
+            settings = Settings.from_env(settings)
+        except SettingsError as exc:
+            raise TokenConfigError(str(exc)) from None
+    if settings.api_tokens:
+        try:
+            data = yaml.safe_load(settings.api_tokens)
         except yaml.YAMLError as exc:
             raise TokenConfigError(f"{TOKENS_ENV} is not valid JSON or YAML: {exc}") from None
         return Tokens.from_mapping(data, TOKENS_ENV)
-    path = os.environ.get(TOKENS_FILE_ENV)
-    if path:
-        return _from_file(Path(path))
-    created, _ = dev_token_file(home)
+    if settings.api_tokens_file:
+        return _from_file(settings.api_tokens_file)
+    created, _ = dev_token_file(settings.home)
     return _from_file(created)
+
+
+def tokens_configured(settings: Settings) -> bool:
+    """Whether `CAIRN_API_TOKENS` or `CAIRN_API_TOKENS_FILE` name the tokens."""
+    return bool(settings.api_tokens or settings.api_tokens_file)
 
 
 def _from_file(path: Path) -> Tokens:

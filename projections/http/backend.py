@@ -60,7 +60,7 @@ class Backend:
                         f"no event store at {path}: start cairn (`cairn up`) or set CAIRN_STORE",
                     )
                 try:
-                    self._store = EventStore(self.settings.store)
+                    self._store = EventStore.from_settings(self.settings)
                 except StoreUnavailableError as exc:
                     raise ApiError(503, str(exc)) from None
             store = self._store

@@ -12,6 +12,8 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from cairn.events import error_lines
+
 log = logging.getLogger("cairn.http")
 
 
@@ -70,12 +72,8 @@ def _json(status: int, message: str, headers: dict[str, str] | None = None) -> J
 
 def validation_message(exc: RequestValidationError) -> str:
     """The request's problems in one sentence: where, and what is wrong there."""
-    parts = []
-    for error in exc.errors():
-        loc = [str(p) for p in error.get("loc", ()) if p not in ("body",)]
-        where = ".".join(loc) or "the body"
-        parts.append(f"{where}: {error.get('msg', 'invalid')}")
-    return "invalid request: " + "; ".join(parts)
+    problems = error_lines(exc.errors(), root="the body", skip={"body"})
+    return "invalid request: " + "; ".join(problems)
 
 
 PageError = Callable[[Request, int, str], Response]

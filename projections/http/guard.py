@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from cairn.projections.http.auth import COOKIE_NAME, Tokens
+from cairn.runtime.settings import DEFAULT_HTTP_MAX_BODY
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -24,15 +25,13 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-# Commands, approvals and the login form are small: a megabyte is far more than any needs.
-DEFAULT_MAX_BODY = 1024 * 1024
 _NO_BODY = frozenset({"GET", "HEAD", "OPTIONS", "DELETE"})
 
 
 class RequestGuard:
     """ASGI middleware: the token and the size of a request, before its body is read."""
 
-    def __init__(self, app: ASGIApp, tokens: Tokens, max_body: int = DEFAULT_MAX_BODY) -> None:
+    def __init__(self, app: ASGIApp, tokens: Tokens, max_body: int = DEFAULT_HTTP_MAX_BODY) -> None:
         self.app = app
         self.tokens = tokens
         self.max_body = max_body

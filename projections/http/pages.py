@@ -228,7 +228,8 @@ async def agents_page(request: Request, grant: Viewer) -> Response:
     from cairn.projections.http.agents import agents
 
     try:
-        reply = await backend_of(request).ask(agents)
+        backend = backend_of(request)
+        reply = await backend.ask(lambda c: agents(c, backend.settings))
     except ApiError as exc:
         return _page(request, "agents.html", grant, reply=None, error=exc.message)
     return _page(request, "agents.html", grant, reply=reply, error=None)

@@ -17,13 +17,12 @@ import uvicorn
 
 from cairn.projections.http.app import create_app
 from cairn.projections.http.auth import Tokens
-from cairn.projections.http.guard import DEFAULT_MAX_BODY
-from cairn.runtime.settings import Settings
+from cairn.runtime.settings import DEFAULT_HTTP_HOST, DEFAULT_HTTP_PORT, Settings
 
 log = logging.getLogger("cairn.http")
 
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 8700
+DEFAULT_HOST = DEFAULT_HTTP_HOST
+DEFAULT_PORT = DEFAULT_HTTP_PORT
 URL_FILE = "http.url"
 # Open event streams never end by themselves: give them this long at shutdown, then close.
 GRACEFUL_SHUTDOWN_S = 2
@@ -71,8 +70,6 @@ def serve(
     host: str,
     port: int,
     on_listening: Callable[[str], None] | None = None,
-    *,
-    max_body: int = DEFAULT_MAX_BODY,
 ) -> None:
     """Serve until SIGINT or SIGTERM; the address is in `<home>/http.url` meanwhile.
 
@@ -81,7 +78,7 @@ def serve(
     sock = bind(host, port)
     url = address(sock)
     config = uvicorn.Config(
-        create_app(settings, tokens, max_body=max_body),
+        create_app(settings, tokens),
         log_level="info",
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         proxy_headers=False,

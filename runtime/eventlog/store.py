@@ -33,7 +33,6 @@ from eventsourcing.sqlite import SQLiteApplicationRecorder, SQLiteCursor
 
 from cairn.events import Event, decode_event, encode_event, event_class, event_hash, topic_of
 from cairn.events.codec import link_hash
-from cairn.runtime import settings
 from cairn.runtime.eventlog.blobs import MARKER, BrokenBlob, offload, references, resolve
 from cairn.runtime.eventlog.checkpoints import (
     STORE_ROW,
@@ -43,6 +42,7 @@ from cairn.runtime.eventlog.checkpoints import (
     Head,
     advance,
 )
+from cairn.runtime.settings import Settings, SettingsError
 
 
 class StoreUnavailableError(RuntimeError):
@@ -314,24 +314,27 @@ def _create_schema(env: dict[str, str]) -> None:
 class EventStore:
     """Append and read run streams; read the notification log; keep named positions.
 
-    Outputs whose canonical JSON is over `blob_threshold` bytes (by default from
-    `CAIRN_BLOB_THRESHOLD`, else 16 KiB; `off` keeps them all inside their events) are stored
-    once by content hash, apart from the events that carry them; every read gives them back."""
+    Outputs whose canonical JSON is over `blob_threshold` bytes (None or `off`: never) are
+    stored once by content hash, apart from the events that carry them; every read gives them
+    back. Processes open their store with `EventStore.from_settings`; given only a URL, the
+    threshold is `CAIRN_BLOB_THRESHOLD` as `Settings.from_env` reads it."""
 
     def __init__(
         self,
         url: str,
         *,
-        blob_threshold: int | Literal["env", "off"] = "env",
+        blob_threshold: int | Literal["env", "off"] | None = "env",
         chain_key: ChainKey | None = None,
+        settings: Settings | None = None,
     ) -> None:
         self.url = url
         self._key = chain_key  # found (or made) at the first append when not given
+        self._settings = settings
         self.blob_threshold: int | None
         if blob_threshold == "env":
             try:
-                self.blob_threshold = settings.blob_threshold()
-            except ValueError as exc:
+                self.blob_threshold = Settings.from_env().blob_threshold
+            except SettingsError as exc:
                 raise StoreUnavailableError(str(exc)) from None
         else:
             self.blob_threshold = None if blob_threshold == "off" else blob_threshold
@@ -350,6 +353,11 @@ class EventStore:
                     "DSN in CAIRN_STORE and that the database server is running."
                 ) from exc
 
+    @classmethod
+    def from_settings(cls, settings: Settings) -> EventStore:
+        """The store of `settings`, with their blob threshold and chain key."""
+        return cls(settings.store, blob_threshold=settings.blob_threshold, settings=settings)
+
     def close(self) -> None:
         self._factory.close()
 
@@ -358,8 +366,9 @@ class EventStore:
         first use by a writer (`create`), never by a reader."""
         if self._key is None:
             try:
-                self._key = settings.chain_key(self.url, create=create)
-            except ChainKeyError as exc:
+                known = self._settings or Settings.from_env()
+                self._key = known.chain_key_for(self.url, create=create)
+            except (ChainKeyError, SettingsError) as exc:
                 raise StoreUnavailableError(str(exc)) from None
         return self._key
 
