@@ -85,7 +85,8 @@ class TaskHandler:
             result = await self._execute(envelope, msg, started)
             spans.record_result(span, result)
             data = self._encode(result)
-            published = await self._publish(result.task_id, result_subject(result.run_id), data)
+            subject = result_subject(self.capability, result.run_id)
+            published = await self._publish(result.task_id, subject, data)
             heartbeat.cancel()
             if published:
                 await self._ack(msg, result)
@@ -195,6 +196,7 @@ class TaskHandler:
             finished_at=_now(),
             review=review,
             proposals=proposals or [],
+            task_key=envelope.task_key,
         )
 
     def _encode(self, result: TaskResult) -> bytes:

@@ -7,6 +7,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from nats.errors import TimeoutError as NatsTimeoutError
@@ -16,8 +17,9 @@ from rich.live import Live
 from cairn.cli.progress import RunProgress
 from cairn.events import Budget, EventNotice, Intent, WorkflowSpec
 from cairn.runtime.client import CairnClient
+from cairn.runtime.roles import credentials_path, roles_for
 from cairn.runtime.settings import Settings
-from cairn.runtime.supervisor import Supervisor
+from cairn.runtime.supervisor import EXAMPLE_AGENTS, Supervisor
 
 DEMO_WORKFLOW = "reviewed-report"
 DEMO_TOPIC = "ocean tides"
@@ -117,8 +119,43 @@ async def run_and_follow(
     return DemoResult(run_id, progress, time.monotonic() - started)
 
 
-async def start_services(settings: Settings, startup_timeout: float = 30.0) -> Supervisor:
-    sup = Supervisor(settings)
+def stack_credentials(settings: Settings, credentials: Path | None) -> Path | None:
+    """The directory of per-role credentials each child of `cairn up`/`demo` connects with.
+
+    The embedded server makes its own; on your own NATS with credentials, a directory with one
+    file per role (`cairn nats-config --out DIR`) is required: the coordinator and every agent
+    must never share one identity (an agent could then act as the coordinator)."""
+    if credentials is None:
+        if settings.nats_url and (settings.nats_creds or settings.nats_user):
+            raise DemoError(
+                "NATS_URL and credentials are set, but not one file per role: give --credentials "
+                "DIR (the directory `cairn nats-config --out DIR` wrote), so the coordinator and "
+                "each agent connect as their own role"
+            )
+        return None
+    if not settings.nats_url:
+        raise DemoError(
+            "--credentials is for your own NATS server (set NATS_URL): the embedded one makes "
+            "its own users"
+        )
+    directory = credentials.absolute()
+    missing = [
+        role
+        for role in roles_for(EXAMPLE_AGENTS)
+        if not credentials_path(directory, role).is_file()
+    ]
+    if missing:
+        raise DemoError(
+            f"{directory} holds no credentials file for {', '.join(missing)}: write them with "
+            f"`cairn nats-config --out {directory}`"
+        )
+    return directory
+
+
+async def start_services(
+    settings: Settings, startup_timeout: float = 30.0, credentials: Path | None = None
+) -> Supervisor:
+    sup = Supervisor(settings, credentials=stack_credentials(settings, credentials))
     try:
         sup.ensure_nats()
         sup.start_all()

@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import uuid
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -166,15 +167,26 @@ def _print_summary(show: Console, summary: dict[str, Any], output: Any) -> None:
         show.print(f"  {command}")
 
 
+CredentialsOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--credentials",
+        help="With your own NATS (NATS_URL): the directory `cairn nats-config` wrote; each "
+        "process connects as its own role.",
+        show_default=False,
+    ),
+]
+
+
 @app.command()
-def up(home: HomeOpt = None) -> None:
+def up(home: HomeOpt = None, credentials: CredentialsOpt = None) -> None:
     """Start everything but a run (NATS, coordinator, projections, agents) until Ctrl-C."""
     settings = settings_for(home)
-    run_async(_up(settings))
+    run_async(_up(settings, credentials))
 
 
-async def _up(settings: Settings) -> None:
-    sup = await start_services(settings)
+async def _up(settings: Settings, credentials: Path | None = None) -> None:
+    sup = await start_services(settings, credentials=credentials)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -31,6 +31,7 @@ from cairn.coordinator.domain.facts import (
     ResultFact,
     StartRunFact,
     TimerFact,
+    task_id,
 )
 from cairn.coordinator.domain.fork import fork_fact
 from cairn.coordinator.domain.state import RunState, evolve, fold
@@ -76,6 +77,7 @@ class Coordinator:
         tenant_limits: TenantLimits | None = None,
     ) -> None:
         self.store = store
+        self.keys = store.chain_key(create=True)  # the tasks' keys are derived from it
         self.policy = policy
         self.tenant_limits = tenant_limits
         self.ledger = TenantLedger()
@@ -192,10 +194,10 @@ class Coordinator:
 
     def _overdue_tasks(self, now: float, grace_s: float) -> list[TaskDispatched]:
         overdue = []
-        for task_id, (seen, event) in list(self._foreign_tasks.items()):
+        for waiting, (seen, event) in list(self._foreign_tasks.items()):
             if now - seen < grace_s:
                 continue
-            del self._foreign_tasks[task_id]
+            del self._foreign_tasks[waiting]
             if self.is_current(event):
                 overdue.append(event)
         return overdue
@@ -405,17 +407,18 @@ class Coordinator:
         async with self._lock:
             tentative: dict[uuid.UUID, RunState] = {}
             events: list[Event] = []
-            for result, headers in received:
+            for item in received:
+                result = item.result
                 state = tentative.get(result.run_id) or self._state(result.run_id)
                 if state is None:
                     verdicts.append(Verdict.refuse(f"result for unknown run {result.run_id}"))
                     continue
                 fact = ResultFact(result=result, at=at)
                 try:
-                    with spans.result_span(headers, result, state):
+                    with spans.result_span(item.headers, result, state):
                         # A run decided earlier in this batch is newer than the store.
                         recheck = result.run_id not in tentative
-                        new, after = self._decide_rechecked(state, fact, recheck=recheck)
+                        new, after = self._decide_result(state, fact, item, recheck=recheck)
                 except Rejected as exc:
                     verdicts.append(Verdict.refuse(str(exc)))
                     continue
@@ -436,6 +439,47 @@ class Coordinator:
         self.stats.results += len(received)
         self.stats.batches += 1
         return verdicts
+
+    def _decide_result(
+        self, state: RunState, fact: ResultFact, item: Received, *, recheck: bool
+    ) -> tuple[list[Event], RunState | None]:
+        """`_decide_rechecked` for a result that must first show it answers its task."""
+        try:
+            self._authenticate(state, item)
+            return self._decide(state, fact, state.tenant)
+        except Rejected:
+            newer = self._newer(state) if recheck else None
+            if newer is None:
+                raise
+            self._authenticate(newer, item)
+            return self._decide(newer, fact, newer.tenant)
+
+    def _authenticate(self, state: RunState, item: Received) -> None:
+        """Refuse a result for a dispatched task that does not come from whom the task was sent
+        to: on another capability's subject, or without the task's key. (A result for no
+        dispatched task is left to `decide`, which says why.)"""
+        result = item.result
+        step = state.steps.get(result.step)
+        if (
+            step is None
+            or not 1 <= result.attempt <= step.attempt
+            or result.task_id != task_id(state.run_id, result.step, result.attempt)
+        ):
+            return
+        capability = state.workflow.step(result.step).capability
+        if item.capability != capability:
+            came = (
+                f"{item.capability}'s subject" if item.capability else "a subject of no capability"
+            )
+            raise Rejected(
+                f"result for step {result.step} came on {came}: only {capability} agents may "
+                "answer it"
+            )
+        if not self.keys.task_key_matches(result.task_id, result.task_key):
+            raise Rejected(
+                f"result for task {result.task_id} does not carry the task_key its task was sent "
+                "with: a result must answer the task it was given"
+            )
 
     # -- timers -----------------------------------------------------------------------------
 

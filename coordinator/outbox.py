@@ -54,6 +54,8 @@ class Outbox:
         self.position = store.position(OUTBOX_POSITION)
         self._saved_position = self.position
         self._saved_at = time.monotonic()
+        # Each task goes out with a secret its result must carry back, derived from the key.
+        self._keys = store.chain_key(create=True)
 
     async def publish(
         self, logged: Sequence[LoggedEvent], runs: Mapping[uuid.UUID, RunState] | None = None
@@ -101,7 +103,9 @@ class Outbox:
         if tracing.ENABLED and event.trace_id is not None:
             spans.task_headers(event, headers, run)
         return await self._js.publish_async(
-            task_subject(event.capability), envelope_bytes(envelope_of(event)), headers=headers
+            task_subject(event.capability),
+            envelope_bytes(envelope_of(event, self._keys.task_key(event.task_id))),
+            headers=headers,
         )
 
     async def republish_tasks(

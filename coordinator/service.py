@@ -47,6 +47,7 @@ from cairn.events import (
     RaiseBudget,
     StartRun,
     TaskResult,
+    result_capability,
 )
 from cairn.events.validation import validation_reason
 from cairn.runtime import tracing
@@ -189,7 +190,7 @@ class CoordinatorRuntime:
             if isinstance(parsed, str):
                 refused.append((msg, parsed))
             else:
-                received.append(Received(parsed, msg.headers))
+                received.append(Received(parsed, msg.headers, result_capability(msg.subject)))
                 carriers.append(msg)
         verdicts = await self.coordinator.handle_results(received) if received else []
         again: set[int] = set()

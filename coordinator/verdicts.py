@@ -24,10 +24,13 @@ class Stats:
 
 
 class Received(NamedTuple):
-    """A result as it came off the wire: the validated message and its headers (trace context)."""
+    """A result as it came off the wire: the validated message, its headers (trace context),
+    and the capability whose subject it came on (only that capability's agents may publish
+    there; None for a subject of another shape)."""
 
     result: TaskResult
     headers: Mapping[str, str] | None
+    capability: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

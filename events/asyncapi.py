@@ -99,7 +99,11 @@ def channels() -> list[Channel]:
     task, task_params = _pattern(
         protocol.task_subject, capability="The capability the task is for, e.g. planner."
     )
-    result, result_params = _pattern(protocol.result_subject, run_id="The run's UUID.")
+    result, result_params = _pattern(
+        protocol.result_subject,
+        capability="The capability of the agent answering: only its NATS user may publish here.",
+        run_id="The run's UUID.",
+    )
     event, event_params = _pattern(
         protocol.event_subject,
         run_id="The run's UUID.",
@@ -124,7 +128,9 @@ def channels() -> list[Channel]:
             result,
             result_params,
             f"Agents' results. JetStream stream {protocol.RESULTS_STREAM}; publish with header "
-            "Nats-Msg-Id set to the task_id and wait for the JetStream ack.",
+            "Nats-Msg-Id set to the task_id and wait for the JetStream ack. The result carries "
+            "back the task_key its task was sent with; one on another capability's subject, "
+            "or without the key, is dead-lettered.",
             TaskResult,
             "receive",
             headers=True,

@@ -15,8 +15,9 @@ from cairn.events.run import ReportedError, ResultReceived, TaskDispatched
 from cairn.events.wire import EventNotice, TaskEnvelope, TaskError, TaskResult
 
 
-def envelope_of(event: TaskDispatched) -> TaskEnvelope:
-    """The task envelope a stored dispatch is sent as."""
+def envelope_of(event: TaskDispatched, task_key: str = "") -> TaskEnvelope:
+    """The task envelope a stored dispatch is sent as, with the task's secret (`task_key`,
+    never stored: the coordinator derives it again when the result comes back)."""
     return TaskEnvelope(
         task_id=event.task_id,
         run_id=event.run_id,
@@ -30,6 +31,7 @@ def envelope_of(event: TaskDispatched) -> TaskEnvelope:
         repair=event.repair,
         timeout_s=event.timeout_s,
         model=event.model,
+        task_key=task_key,
     )
 
 

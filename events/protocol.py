@@ -34,8 +34,19 @@ def task_subject(capability: str) -> str:
     return f"cairn.task.{capability}"
 
 
-def result_subject(run_id: uuid.UUID) -> str:
-    return f"cairn.result.{run_id}"
+def result_subject(capability: str, run_id: uuid.UUID) -> str:
+    """Where an agent of `capability` publishes its results for a run: only that capability's
+    NATS user may publish there, so the subject says who answers."""
+    return f"cairn.result.{capability}.{run_id}"
+
+
+def result_capability(subject: str) -> str | None:
+    """The capability a result subject names (`cairn.result.<capability>.<run_id>`), or None
+    for a subject of another shape."""
+    parts = subject.split(".")
+    if len(parts) != 4 or parts[:2] != ["cairn", "result"] or not parts[2]:
+        return None
+    return parts[2]
 
 
 def event_subject(run_id: uuid.UUID, event_type: str) -> str:

@@ -51,6 +51,9 @@ class TaskEnvelope(Frozen):
     timeout_s: float
     # The model to use instead of the agent's default; sent only when the step names one.
     model: str | None = None
+    # A secret for this task alone: its result must carry it back (`TaskResult.task_key`), so
+    # a result answers the task it was sent with and nobody else's.
+    task_key: str = ""
 
 
 class TaskError(Frozen):
@@ -59,7 +62,8 @@ class TaskError(Frozen):
 
 
 class TaskResult(Frozen):
-    """What an agent publishes on `cairn.result.<run_id>` when it is done with a task."""
+    """What an agent publishes on `cairn.result.<capability>.<run_id>` when it is done with a
+    task; `task_key` is the one its task envelope carried."""
 
     v: Literal[1] = 1
     task_id: Annotated[str, Field(max_length=3 * MAX_NAME)]
@@ -76,6 +80,7 @@ class TaskResult(Frozen):
     review: Text | None = None
     # Follow-up steps the agent proposes (admitted only if the step may propose, within limits).
     proposals: list[StepSpec] = Field(default_factory=list, max_length=50)
+    task_key: Annotated[str, Field(max_length=200)] = ""
 
 
 class StartRun(Frozen):

@@ -21,7 +21,6 @@ from pathlib import Path
 from cairn.events import (
     CMD_APPROVALS,
     CMD_PING,
-    RESULTS_STREAM,
     TASKS_STREAM,
     agent_consumer,
     dlq_subject,
@@ -80,10 +79,6 @@ class Permissions:
     allow_responses: bool = False
 
 
-def _stream_subjects(name: str) -> tuple[str, ...]:
-    return tuple(next(s for s in stream_configs() if s["name"] == name)["subjects"])
-
-
 def coordinator_permissions() -> Permissions:
     """Streams, consumers, tasks, events, dead letters, and answering commands."""
     return Permissions(
@@ -135,7 +130,7 @@ def agent_permissions(capability: str) -> Permissions:
             f"$JS.API.CONSUMER.CREATE.{TASKS_STREAM}.{consumer}.{task_subject(capability)}",
             f"$JS.API.CONSUMER.MSG.NEXT.{TASKS_STREAM}.{consumer}",
             f"$JS.ACK.{TASKS_STREAM}.{consumer}.>",
-            *_stream_subjects(RESULTS_STREAM),
+            f"{SUBJECT_PREFIX}.result.{capability}.>",
             dlq_subject(f"agent.{capability}"),
         ),
         subscribe=(f"{inbox_prefix(agent_role(capability))}.>",),

@@ -4,8 +4,9 @@
 
 It binds to the durable consumer `cairn-agent-planner` on stream CAIRN_TASKS, answers each
 task with a Plan@1 output (`{"title", "audience", "questions"}`) built from rules, publishes
-the result on `cairn.result.<run_id>` with `Nats-Msg-Id: <task_id>`, waits for JetStream's
-ack, then acks the task. Prints `ready <agent_id>` once bound; SIGTERM stops it.
+the result (carrying back the envelope's `task_key`) on `cairn.result.planner.<run_id>` with
+`Nats-Msg-Id: <task_id>`, waits for JetStream's ack, then acks the task. Prints
+`ready <agent_id>` once bound; SIGTERM stops it.
 """
 
 from __future__ import annotations
@@ -133,9 +134,10 @@ class PlainAgent:
                 "usage": [],  # no model was called
                 "started_at": started,
                 "finished_at": now(),
+                "task_key": envelope["task_key"],
             }
             await self.js.publish(
-                f"cairn.result.{envelope['run_id']}",
+                f"cairn.result.{envelope['capability']}.{envelope['run_id']}",
                 json.dumps(result).encode(),
                 headers={"Nats-Msg-Id": envelope["task_id"]},
             )

@@ -136,7 +136,7 @@ class Inbox:
 
 @contextlib.asynccontextmanager
 async def results(js: JetStreamContext, run_id: uuid.UUID) -> AsyncIterator[Inbox]:
-    inbox = await Inbox(js, result_subject(run_id), RESULTS_STREAM).open()
+    inbox = await Inbox(js, result_subject("*", run_id), RESULTS_STREAM).open()
     try:
         yield inbox
     finally:

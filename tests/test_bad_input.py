@@ -1,6 +1,7 @@
 """Bad input on every subject the coordinator listens to, against real processes (issue 3).
 
-Commands (`cairn.cmd.*`, request/reply) and results (`cairn.result.<run_id>`, JetStream):
+Commands (`cairn.cmd.*`, request/reply) and results (`cairn.result.<capability>.<run_id>`,
+JetStream):
 malformed JSON, JSON of the wrong shape, an unknown protocol version, unknown runs and tasks,
 oversized payloads, then hypothesis fuzzing. Every bad message gets one clear error (the reply,
 for a command), a `DeadLetter` with that reason on `cairn.dlq.coordinator`, and one more in the
@@ -334,7 +335,7 @@ async def test_a_payload_over_the_limit_is_refused_before_it_reaches_the_coordin
         with pytest.raises(MaxPayloadError):
             await cairn.client.nc.request(subject, too_big, timeout=2)
     with pytest.raises(MaxPayloadError):
-        await cairn.js.publish(result_subject(uuid.uuid4()), too_big)
+        await cairn.js.publish(result_subject("planner", uuid.uuid4()), too_big)
 
     # Not only the client's check: a raw connection that skips it is refused by the server.
     url = urlparse(cairn.settings.nats_url)
@@ -405,7 +406,7 @@ async def test_a_server_that_allows_bigger_payloads_meets_the_coordinators_limit
 
             run_id = uuid.uuid4()
             result = a_result(run_id, "plan", 1, output={"notes": "n" * big_size})
-            subject = result_subject(run_id)
+            subject = result_subject("planner", run_id)
             await big.js.publish(subject, result)
             letter = await big.dlq.claim(subject, result)
             assert letter.reason == (
@@ -447,7 +448,7 @@ async def test_bad_results_are_dead_lettered_and_acked_and_the_run_goes_on(cairn
     assert plan.task_id == f"{run_id}:plan:1"
 
     stranger = uuid.uuid4()
-    here = result_subject(run_id)
+    here = result_subject("planner", run_id)
     bad = [
         (here, b'{"task_id": ', "result is not valid JSON: EOF while parsing"),
         (here, b"\x00\x01garbage", "result is not valid JSON: expected value"),
@@ -465,7 +466,7 @@ async def test_bad_results_are_dead_lettered_and_acked_and_the_run_goes_on(cairn
          "result is not valid JSON: output.title is NaN, Infinity or out of range"),
         (here, a_result(run_id, "plan", 1, v=2),
          "result has an unsupported protocol version v=2 (this coordinator speaks v=1)"),
-        (result_subject(stranger), a_result(stranger, "plan", 1),
+        (result_subject("planner", stranger), a_result(stranger, "plan", 1),
          f"result for unknown run {stranger}"),
         (here, a_result(run_id, "plan", 1, task_id="made-up"),
          "task id made-up does not match its step and attempt"),
@@ -477,6 +478,16 @@ async def test_bad_results_are_dead_lettered_and_acked_and_the_run_goes_on(cairn
          f"task {run_id}:research:1 was never dispatched in run {run_id}"),
         (here, a_result(run_id, "plan", 0),
          f"task {run_id}:plan:0 was never dispatched in run {run_id}"),
+        # Numbers no model reports: refused at the door, never charged or shown.
+        (here, a_result(run_id, "plan", 1, usage=[{"model": "m", "input_tokens": 10**30}]),
+         "result has the wrong shape: usage.0: Value error, input_tokens is over "
+         "1,000,000,000,000"),
+        (here, a_result(run_id, "plan", 1).replace(
+            b'"usage": []', b'"usage": [{"model": "m", "output_tokens": %s}]' % (b"7" * 4000)),
+         "result has the wrong shape: usage.0: Value error, output_tokens is over "
+         "1,000,000,000,000"),
+        (here, a_result(run_id, "plan", 1, review="r" * 20_000),
+         "result has the wrong shape: review: String should have at most 10000 characters"),
     ]  # fmt: skip
     count = await cairn.dead_letters()
     for subject, payload, _ in bad:
@@ -668,7 +679,7 @@ NEVER_DISPATCHED = json.loads(
 @FUZZ
 @given(payload=st.binary(max_size=400) | documents(NEVER_DISPATCHED))
 async def test_fuzz_results(cairn: Cairn, idle_run: list[Event], payload: bytes) -> None:
-    subject = result_subject(uuid.uuid4())
+    subject = result_subject("planner", uuid.uuid4())
     before = await cairn.dead_letters()
     await cairn.js.publish(subject, payload)
     letter = await cairn.dlq.claim(subject, payload)

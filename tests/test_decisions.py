@@ -145,13 +145,14 @@ def test_completed_step_is_charged_and_the_next_step_gets_its_output() -> None:
     received, charge, completed, dispatched = events
     assert isinstance(received, ResultReceived)
     assert received.output == PLAN
-    assert received.actor == "agent:plan-a1"
+    # The actor is who NATS authenticated (the step's capability); the agent's own id is a detail.
+    assert (received.actor, received.agent_id) == ("agent:planner", "plan-a1")
     assert isinstance(charge, CostCharged)
     # 1000 × 0.50/M + 2000 × 1.50/M
     assert charge.amount_usd == Decimal("0.0035")
     assert charge.price_table == POLICY.prices.version
     assert isinstance(completed, TaskCompleted)
-    assert completed.actor == "agent:plan-a1"
+    assert (completed.actor, completed.agent_id) == ("agent:planner", "plan-a1")
     assert isinstance(dispatched, TaskDispatched)
     assert dispatched.input == {"questions": ["why?", "when?"]}
     assert [(entry.step, entry.agent_id) for entry in dispatched.lineage] == [("plan", "plan-a1")]

@@ -316,7 +316,7 @@ async def test_a_replayed_result_is_ignored_and_charged_once(
 
     run_id = uuid.uuid4()
     # Plain subscriptions see what JetStream stores: the results exactly as the agents sent them.
-    await client.nc.subscribe(f"cairn.result.{run_id}", cb=capture)
+    await client.nc.subscribe(f"cairn.result.*.{run_id}", cb=capture)
     feed = await client.follow(run_id)
     reply = await client.start_run(
         WORKFLOW, {"topic": "eskers"}, intent=Intent(goal="a report on eskers"), run_id=run_id

@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -203,7 +204,7 @@ async def test_agent_credentials_reach_only_their_own_tasks(
         own = await wjs.pull_subscribe_bind(durable=agent_consumer("writer"), stream=TASKS_STREAM)
         with pytest.raises(nats.errors.TimeoutError):
             await own.fetch(1, timeout=0.2)
-        ack = await wjs.publish(result_subject(uuid.uuid4()), b"{}")
+        ack = await wjs.publish(result_subject("writer", uuid.uuid4()), b"{}")
         assert ack.stream == "CAIRN_RESULTS"
     finally:
         await writer.close()
@@ -243,7 +244,7 @@ async def test_observer_reads_the_feed_and_cannot_publish(
             assert (await observer.nc.request(query, b"{}", timeout=5)).data == b'{"ok": true}'
         for subject in ("cairn.cmd.start", "cairn.cmd.cancel", "cairn.cmd.approve",
                         "cairn.cmd.deny", "cairn.cmd.budget", "cairn.cmd.fork",
-                        result_subject(uuid.uuid4()), task_subject("writer"),
+                        result_subject("writer", uuid.uuid4()), task_subject("writer"),
                         f"cairn.event.{uuid.uuid4()}.RunCompleted", "cairn.dlq.x",
                         f"$JS.API.STREAM.MSG.GET.{TASKS_STREAM}"):  # fmt: skip
             await observer.refused(subject)
@@ -251,7 +252,7 @@ async def test_observer_reads_the_feed_and_cannot_publish(
             await observer.refused(subject, kind="subscribe")
         # The CLI's role sends commands, but cannot pose as an agent or as the coordinator.
         assert (await admin.nc.request("cairn.cmd.start", b"{}", timeout=5)).data
-        for subject in (result_subject(uuid.uuid4()), task_subject("writer"),
+        for subject in (result_subject("writer", uuid.uuid4()), task_subject("writer"),
                         f"cairn.event.{uuid.uuid4()}.RunCompleted"):  # fmt: skip
             await admin.refused(subject)
         await admin.refused("cairn.task.>", kind="subscribe")
@@ -328,13 +329,21 @@ async def test_workflow_runs_under_auth_and_forged_results_are_dead_lettered(
                 run_id, "plan", f"{run_id}:plan:1", capability="planner"
             ),
         }
+        # The right task of the right run, from the writer (the planner's step), and from the
+        # planner itself without the key its task was sent with.
+        right_task = forged_result(run_id, "plan", f"{run_id}:plan:1")
+        forgeries["another capability's step"] = right_task
+        planner_forgery = forged_result(run_id, "plan", f"{run_id}:plan:1", task_key="guessed")
         writer = await connect(endpoint(secure_nats, deployment, agent_role("writer")), "forger")
+        planner = await connect(endpoint(secure_nats, deployment, agent_role("planner")), "p")
         coordinator = await connect(
             endpoint(secure_nats, deployment, ROLE_COORDINATOR), "test-dlq-reader"
         )
         try:
             for data in forgeries.values():
-                await writer.jetstream().publish(result_subject(run_id), data)
+                await writer.jetstream().publish(result_subject("writer", run_id), data)
+            await planner.jetstream().publish(result_subject("planner", run_id), planner_forgery)
+            forgeries["without the key"] = planner_forgery
             dlq = await coordinator.jetstream().pull_subscribe(
                 "cairn.dlq.coordinator", stream=DLQ_STREAM
             )
@@ -344,9 +353,15 @@ async def test_workflow_runs_under_auth_and_forged_results_are_dead_lettered(
                 letters += [DeadLetter.model_validate_json(m.data) for m in msgs]
         finally:
             await writer.close()
+            await planner.close()
             await coordinator.close()
         reasons = sorted(letter.reason for letter in letters)
-        assert len(reasons) == 4, reasons
+        assert len(reasons) == 6, reasons
+        assert any(
+            r == "result for step plan came on writer's subject: only planner agents may answer it"
+            for r in reasons
+        ), reasons
+        assert any("does not carry the task_key its task was sent with" in r for r in reasons)
         assert any(r == f"result for unknown run {other_run}" for r in reasons), reasons
         assert any("does not match its step and attempt" in r for r in reasons), reasons
         assert any(f"was never dispatched in run {run_id}" in r for r in reasons), reasons
@@ -532,7 +547,7 @@ def test_permissions_in_the_config_match_the_roles(deployment: Deployment) -> No
     assert config.count("user: ") == 3 + len(EXAMPLE_AGENTS)
     writer = config[config.index('user: "agent-writer"') :].split("# agent-", 1)[0]
     assert '"$JS.API.CONSUMER.MSG.NEXT.CAIRN_TASKS.cairn-agent-writer"' in writer
-    assert '"cairn.result.>"' in writer
+    assert '"cairn.result.writer.>"' in writer
     assert '"_INBOX.agent-writer.>"' in writer
     assert "cairn.cmd" not in writer
     assert "cairn-agent-planner" not in writer
@@ -635,3 +650,46 @@ async def test_a_spoofed_notice_is_skipped_by_whoever_follows_the_feed(
     finally:
         await planner.close()
         await client.close()
+
+
+async def test_cairn_up_on_your_own_nats_gives_each_process_its_own_role(
+    tmp_path: Path, secure_nats: EmbeddedNats, deployment: Deployment
+) -> None:
+    admin = str(deployment.credentials[ROLE_ADMIN])
+    env = {**os.environ, "NATS_URL": secure_nats.url, "CAIRN_HOME": str(tmp_path / "home"),
+           "CAIRN_NATS_CREDS": admin, "COLUMNS": "200"}  # fmt: skip
+    # One identity for every process is refused, with what to do instead.
+    proc = subprocess.run([sys.executable, "-m", "cairn.cli", "up"], env=env,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 2
+    assert "give --credentials DIR" in proc.stderr
+    up = subprocess.Popen(
+        [sys.executable, "-m", "cairn.cli", "up", "--credentials", str(deployment.directory)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    try:
+        assert up.stdout is not None
+        pids: dict[str, int] = {}
+        deadline = time.monotonic() + 90
+        for line in up.stdout:
+            if line.startswith("  ") and ": pid " in line:
+                name, _, pid = line.strip().partition(": pid ")
+                pids[name] = int(pid)
+            if line.startswith("Ctrl-C stops everything") or time.monotonic() > deadline:
+                break
+        assert {"coordinator", "agent-planner", "agent-writer"} <= set(pids), pids
+        for name, pid in pids.items():
+            environ = process_environ(pid)
+            role = name if name != "http" else ROLE_ADMIN
+            if name == "projections":
+                continue  # the projection runner does not use NATS
+            assert environ["CAIRN_NATS_CREDS"] == str(deployment.credentials[role]), name
+    finally:
+        up.send_signal(signal.SIGINT)
+        up.communicate(timeout=60)
+
+
+def process_environ(pid: int) -> dict[str, str]:
+    """A running process's environment, as Linux shows it."""
+    text = Path(f"/proc/{pid}/environ").read_text()
+    return dict(item.split("=", 1) for item in text.split("\0") if "=" in item)

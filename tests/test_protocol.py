@@ -34,7 +34,7 @@ PLAIN_AGENT = Path(__file__).with_name("plain_agent.py")
 # The subject functions called with `{parameter}` placeholders, as the document writes them.
 _RUN = cast(uuid.UUID, "{run_id}")
 TASK = protocol.task_subject("{capability}")
-RESULT = protocol.result_subject(_RUN)
+RESULT = protocol.result_subject("{capability}", _RUN)
 EVENT = protocol.event_subject(_RUN, "{event_type}")
 DLQ = protocol.dlq_subject("{source}")
 
@@ -128,7 +128,11 @@ def test_asyncapi_document_is_generated_from_the_code() -> None:
 
 def test_protocol_lists_subjects() -> None:
     out = cairn_cli("protocol")
-    for subject in (protocol.CMD_START, "cairn.task.{capability}", "cairn.result.{run_id}"):
+    for subject in (
+        protocol.CMD_START,
+        "cairn.task.{capability}",
+        "cairn.result.{capability}.{run_id}",
+    ):
         assert subject in out
 
 

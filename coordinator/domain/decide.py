@@ -124,7 +124,9 @@ def _result(state: RunState, fact: ResultFact, policy: Policy) -> list[Event]:
         raise Rejected(f"task {result.task_id} was never dispatched in run {state.run_id}")
     if result.task_id != task_id(state.run_id, result.step, result.attempt):
         raise Rejected(f"task id {result.task_id} does not match its step and attempt")
-    agent = f"agent:{result.agent_id}"
+    # Who answered, as NATS authenticated it: the capability the step was sent to (what the
+    # agent says of itself stays in `agent_id`).
+    agent = f"agent:{state.workflow.step(result.step).capability}"
     d = Decision(state, state.run_id, fact.at, policy)
     d.emit(
         ResultReceived,

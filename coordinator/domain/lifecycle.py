@@ -261,7 +261,7 @@ def complete(d: Decision, step_name: str, duration_ms: float) -> None:
     spec = run.workflow.step(step_name)
     d.emit(
         TaskCompleted,
-        actor=f"agent:{step.agent_id}" if step.agent_id else COORDINATOR,
+        actor=f"agent:{spec.capability}" if step.agent_id else COORDINATOR,
         reason=f"output meets contract {spec.contract}" if spec.contract else "output received",
         task_id=step.task_id or task_id(run.run_id, step_name, step.attempt),
         step=step_name,

@@ -120,6 +120,14 @@ class ChainKey:
         text = f"store|{head.runs}|{head.total:064x}"
         return hmac.new(self._secret, text.encode(), hashlib.sha256).hexdigest()
 
+    def task_key(self, task_id: str) -> str:
+        """The secret a task is sent with and its result must carry back: derived from the
+        key, so every coordinator sharing the store derives the same one, and never stored."""
+        return hmac.new(self._secret, f"task|{task_id}".encode(), hashlib.sha256).hexdigest()[:32]
+
+    def task_key_matches(self, task_id: str, presented: str) -> bool:
+        return hmac.compare_digest(self.task_key(task_id), presented)
+
     def run_signed(self, head: Head, mac: str) -> bool:
         return hmac.compare_digest(self.sign_run(head), mac)
 
