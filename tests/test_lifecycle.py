@@ -1,4 +1,5 @@
-"""The shared statuses: every fold of a run takes them from `cairn.events.lifecycle`."""
+"""The shared statuses: every fold of a run takes them from `cairn.events.lifecycle`, so the
+coordinator's state and `cairn why` agree on each step."""
 
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from cairn.events import (
     step_status,
 )
 from cairn.events.base import event_types
+from cairn.projections import step_provenance
 
 GATED = parse_workflow(
     {
@@ -156,3 +158,15 @@ def test_evolve_sets_the_statuses_the_table_gives(events: list[Event]) -> None:
         assert {r: a.status for r, a in state.approvals.items()} == approvals
         for name, step in state.steps.items():
             assert step.status == step_status(events[: i + 1], name), (event, name)
+
+
+@pytest.mark.parametrize("events", histories(), ids=lambda h: str(h[0].run_id)[-4:])
+def test_why_names_the_coordinators_skipped_steps(events: list[Event]) -> None:
+    state: RunState | None = None
+    for event in events:
+        state = evolve(state, event)
+    assert state is not None
+    for name, step in state.steps.items():
+        why = step_provenance(events, name).status
+        assert (why == "skipped") == (step.status == "skipped" and step.attempt > 0)
+        assert (why == "not dispatched") == (step.attempt == 0)
