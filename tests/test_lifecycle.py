@@ -1,5 +1,5 @@
 """The shared statuses: every fold of a run takes them from `cairn.events.lifecycle`, so the
-coordinator's state and `cairn why` agree on each step."""
+coordinator's state, the live progress table and `cairn why` agree on each step."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from decimal import Decimal
 import pytest
 from histories import PIPELINE, POLICY, T0, many_runs, simulate
 
+from cairn.cli.progress import RunProgress
 from cairn.coordinator.domain.decide import (
     ApprovalFact,
     BudgetFact,
@@ -28,6 +29,7 @@ from cairn.events import (
     Budget,
     CarriedOutput,
     Event,
+    EventNotice,
     Intent,
     StepSpec,
     TaskError,
@@ -170,3 +172,24 @@ def test_why_names_the_coordinators_skipped_steps(events: list[Event]) -> None:
         why = step_provenance(events, name).status
         assert (why == "skipped") == (step.status == "skipped" and step.attempt > 0)
         assert (why == "not dispatched") == (step.attempt == 0)
+
+
+@pytest.mark.parametrize("events", histories(), ids=lambda h: str(h[0].run_id)[-4:])
+def test_progress_shows_the_coordinators_statuses(events: list[Event]) -> None:
+    progress = RunProgress(str(events[0].run_id))
+    state: RunState | None = None
+    for position, event in enumerate(events, start=1):
+        state = evolve(state, event)
+        progress.apply(
+            EventNotice(
+                position=position,
+                event_id=event.event_id,
+                type=event.type_name(),
+                event=event.model_dump(mode="json"),
+            )
+        )
+        assert {n: s.status for n, s in progress.steps.items()} == {
+            n: s.status for n, s in state.steps.items()
+        }
+        assert progress.status == state.status
+        assert progress.done == state.terminal
