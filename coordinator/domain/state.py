@@ -52,7 +52,7 @@ from cairn.events import (
     event_hash,
 )
 
-# The shared vocabulary, where the decisions and the engine have always found it.
+# The shared vocabulary, re-exported: the decisions and the engine read it from here.
 from cairn.events import STEP_DONE as STEP_DONE
 from cairn.events import ApprovalStatus as ApprovalStatus
 from cairn.events import RunStatus as RunStatus
