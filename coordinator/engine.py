@@ -20,6 +20,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from cairn.coordinator import spans
+from cairn.coordinator.admission import admit
+from cairn.coordinator.approvals import pending_approvals
 from cairn.coordinator.domain.decide import decide_with_state
 from cairn.coordinator.domain.facts import (
     ApprovalFact,
@@ -31,7 +33,6 @@ from cairn.coordinator.domain.facts import (
     ResultFact,
     StartRunFact,
     TimerFact,
-    task_id,
 )
 from cairn.coordinator.domain.fork import fork_fact
 from cairn.coordinator.domain.state import RunState, evolve, fold
@@ -352,26 +353,7 @@ class Coordinator:
 
     def pending_approvals(self) -> list[dict[str, Any]]:
         """Open approval requests of the runs this coordinator owns, oldest first."""
-        pending = []
-        for state in self.runs.values():
-            for approval in state.pending_approvals():
-                step = state.steps[approval.step]
-                pending.append(
-                    {
-                        "run_id": str(state.run_id),
-                        "workflow": state.workflow.name,
-                        "goal": state.intent.goal,
-                        "step": approval.step,
-                        "attempt": approval.attempt,
-                        "kind": approval.kind,
-                        "group": approval.group,
-                        "due_at": approval.due_at.isoformat(),
-                        "request_id": approval.request_id,
-                        "cost_so_far_usd": str(state.cost_usd),
-                        "step_status": step.status,
-                    }
-                )
-        return sorted(pending, key=lambda a: a["due_at"])
+        return pending_approvals(self.runs.values())
 
     async def _command(self, run_id: uuid.UUID, fact: Fact) -> CommandReply:
         async with self._lock:
@@ -445,41 +427,14 @@ class Coordinator:
     ) -> tuple[list[Event], RunState | None]:
         """`_decide_rechecked` for a result that must first show it answers its task."""
         try:
-            self._authenticate(state, item)
+            admit(state, item, self.keys)
             return self._decide(state, fact, state.tenant)
         except Rejected:
             newer = self._newer(state) if recheck else None
             if newer is None:
                 raise
-            self._authenticate(newer, item)
+            admit(newer, item, self.keys)
             return self._decide(newer, fact, newer.tenant)
-
-    def _authenticate(self, state: RunState, item: Received) -> None:
-        """Refuse a result for a dispatched task that does not come from whom the task was sent
-        to: on another capability's subject, or without the task's key. (A result for no
-        dispatched task is left to `decide`, which says why.)"""
-        result = item.result
-        step = state.steps.get(result.step)
-        if (
-            step is None
-            or not 1 <= result.attempt <= step.attempt
-            or result.task_id != task_id(state.run_id, result.step, result.attempt)
-        ):
-            return
-        capability = state.workflow.step(result.step).capability
-        if item.capability != capability:
-            came = (
-                f"{item.capability}'s subject" if item.capability else "a subject of no capability"
-            )
-            raise Rejected(
-                f"result for step {result.step} came on {came}: only {capability} agents may "
-                "answer it"
-            )
-        if not self.keys.task_key_matches(result.task_id, result.task_key):
-            raise Rejected(
-                f"result for task {result.task_id} does not carry the task_key its task was sent "
-                "with: a result must answer the task it was given"
-            )
 
     # -- timers -----------------------------------------------------------------------------
 

@@ -29,14 +29,12 @@ from pydantic import Field, ValidationError
 
 from cairn.coordinator.domain.facts import TenantAllowance
 from cairn.events import (
+    TERMINAL_EVENTS,
     BudgetReserved,
     BudgetSettled,
     CostCharged,
     Event,
     Frozen,
-    RunCancelled,
-    RunCompleted,
-    RunFailed,
 )
 
 ANY_TENANT = "*"
@@ -169,7 +167,7 @@ class TenantLedger:
             elif kind is BudgetSettled:
                 assert isinstance(event, BudgetSettled)
                 self._release((event.run_id, event.step, event.attempt))
-            elif kind is RunCompleted or kind is RunFailed or kind is RunCancelled:
+            elif kind in TERMINAL_EVENTS:  # an ended run holds nothing back
                 for key in [k for k in self.open if k[0] == event.run_id]:
                     self._release(key)
 

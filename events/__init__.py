@@ -1,5 +1,6 @@
 """cairn's event and message models: stored run events, wire messages, encoding and hashing,
-and how a value that does not validate is reported."""
+how a value that does not validate is reported, and the statuses a run's events give it
+(`lifecycle`)."""
 
 from cairn.events.base import (
     CAIRN_NAMESPACE,
@@ -16,6 +17,22 @@ from cairn.events.codec import (
     encode_event,
     event_hash,
     topic_of,
+)
+from cairn.events.lifecycle import (
+    EFFECTS,
+    NO_EFFECT,
+    RUN_ENDED,
+    RUN_STATUSES,
+    STEP_DONE,
+    TERMINAL_EVENTS,
+    ApprovalStatus,
+    AttemptOutcome,
+    Effect,
+    RunStatus,
+    StepStatus,
+    effect_named,
+    effect_of,
+    step_status,
 )
 from cairn.events.protocol import (
     CMD_APPROVALS,
@@ -40,7 +57,6 @@ from cairn.events.protocol import (
     task_subject,
 )
 from cairn.events.run import (
-    TERMINAL_EVENTS,
     ApprovalContext,
     ApprovalDenied,
     ApprovalEscalated,
@@ -107,9 +123,14 @@ __all__ = [
     "CMD_START",
     "COORDINATOR_CONSUMER",
     "DLQ_STREAM",
+    "EFFECTS",
     "MAX_PAYLOAD_BYTES",
+    "NO_EFFECT",
     "PROTOCOL_VERSION",
     "RESULTS_STREAM",
+    "RUN_ENDED",
+    "RUN_STATUSES",
+    "STEP_DONE",
     "TASKS_STREAM",
     "TERMINAL_EVENTS",
     "ApprovalContext",
@@ -121,7 +142,9 @@ __all__ = [
     "ApprovalKind",
     "ApprovalPolicy",
     "ApprovalRequested",
+    "ApprovalStatus",
     "ApprovalWarned",
+    "AttemptOutcome",
     "Budget",
     "BudgetExhausted",
     "BudgetRaised",
@@ -133,6 +156,7 @@ __all__ = [
     "ContractViolated",
     "CostCharged",
     "DeadLetter",
+    "Effect",
     "Event",
     "EventNotice",
     "ForkOrigin",
@@ -152,11 +176,13 @@ __all__ = [
     "RunFailed",
     "RunLimits",
     "RunStarted",
+    "RunStatus",
     "StartRun",
     "StepAdmitted",
     "StepRefused",
     "StepSkipped",
     "StepSpec",
+    "StepStatus",
     "TaskCompleted",
     "TaskDispatched",
     "TaskEnvelope",
@@ -172,6 +198,8 @@ __all__ = [
     "content_hash",
     "decode_event",
     "dlq_subject",
+    "effect_named",
+    "effect_of",
     "encode_event",
     "error_lines",
     "error_location",
@@ -181,6 +209,7 @@ __all__ = [
     "event_subject",
     "result_capability",
     "result_subject",
+    "step_status",
     "stream_configs",
     "task_subject",
     "topic_of",

@@ -53,6 +53,15 @@ class Budget(Frozen):
     tokens: int | None = Field(default=None, ge=0)
     on_exhausted: Literal["ask", "fail"] = "ask"
 
+    def raised(self, usd: Decimal | None, tokens: int | None) -> Budget:
+        """This budget with the totals a BudgetRaised sets (None keeps a total as it is)."""
+        return self.model_copy(
+            update={
+                "usd": usd if usd is not None else self.usd,
+                "tokens": tokens if tokens is not None else self.tokens,
+            }
+        )
+
 
 class CarriedOutput(Frozen):
     """A step output a forked run starts with instead of paying for the step again."""
@@ -390,6 +399,3 @@ class StepAdmitted(Event):
 class StepRefused(Event):
     name: str
     proposed_by: str
-
-
-TERMINAL_EVENTS: tuple[type[Event], ...] = (RunCompleted, RunFailed, RunCancelled)

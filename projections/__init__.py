@@ -6,6 +6,7 @@ and `Views` is the read API. `step_provenance` answers "why is this step's outpu
 from a run's events.
 """
 
+from cairn.events import RunStatus
 from cairn.projections.errors import (
     AmbiguousRunError,
     ProjectionConflictError,
@@ -13,7 +14,7 @@ from cairn.projections.errors import (
     ViewsMissingError,
     ViewsUnavailableError,
 )
-from cairn.projections.projection import RunStatus, StepStatus
+from cairn.projections.projection import StepRowStatus
 from cairn.projections.provenance import (
     AttemptRow,
     ChargeRow,
@@ -59,7 +60,7 @@ __all__ = [
     "StepEventRow",
     "StepNotFoundError",
     "StepRow",
-    "StepStatus",
+    "StepRowStatus",
     "Views",
     "ViewsMissingError",
     "ViewsUnavailableError",

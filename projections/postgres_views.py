@@ -31,9 +31,9 @@ from cairn.projections.filters import AuditFilter, after_prefix
 from cairn.projections.projection import (
     AuditEntry,
     CostEntry,
-    RunState,
     StepKey,
-    StepState,
+    StoredRun,
+    StoredStep,
     ViewChanges,
     fold,
     touched_runs,
@@ -51,7 +51,7 @@ TEXT = 'text COLLATE "C"'
 MONEY = "numeric"  # exact decimals, as charged
 
 RUN_COLUMNS = layout(
-    RunState,
+    StoredRun,
     {
         "run_id": f"{TEXT} PRIMARY KEY",
         "workflow": f"{TEXT} NOT NULL",
@@ -74,7 +74,7 @@ RUN_COLUMNS = layout(
     },
 )
 STEP_COLUMNS = layout(
-    StepState,
+    StoredStep,
     {
         "run_id": f"{TEXT} NOT NULL",
         "step": f"{TEXT} NOT NULL",
@@ -332,13 +332,13 @@ class PostgresViewsRecorder(PostgresTrackingRecorder):
     def close(self) -> None:
         self.datastore.close()
 
-    def _select_runs(self, c: Cursor[DictRow], run_ids: list[str]) -> dict[str, RunState]:
+    def _select_runs(self, c: Cursor[DictRow], run_ids: list[str]) -> dict[str, StoredRun]:
         c.execute(self._sql.select_runs, (run_ids,))
-        return {row["run_id"]: RunState(**row) for row in c.fetchall()}
+        return {row["run_id"]: StoredRun(**row) for row in c.fetchall()}
 
-    def _select_steps(self, c: Cursor[DictRow], run_ids: list[str]) -> dict[StepKey, StepState]:
+    def _select_steps(self, c: Cursor[DictRow], run_ids: list[str]) -> dict[StepKey, StoredStep]:
         c.execute(self._sql.select_steps, (run_ids,))
-        return {(row["run_id"], row["step"]): StepState(**row) for row in c.fetchall()}
+        return {(row["run_id"], row["step"]): StoredStep(**row) for row in c.fetchall()}
 
     def _write(self, c: Cursor[DictRow], changes: ViewChanges) -> None:
         if changes.runs:

@@ -4,6 +4,9 @@ The persistence module loads the current rows of the runs a batch touches, calls
 writes what it returns together with the tracking position in one transaction. Everything here
 depends only on the events and the rows handed in, which is what makes a rebuild from the log
 come out identical to the live views.
+
+Statuses come from the shared table (`cairn.events.lifecycle`): a run's row holds its status
+as is; a step's row shows the status `step_row_status` maps it to.
 """
 
 from __future__ import annotations
@@ -12,18 +15,23 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from decimal import Decimal
 from operator import attrgetter
-from typing import TYPE_CHECKING, Literal, NamedTuple
+from typing import TYPE_CHECKING, Final, Literal, NamedTuple
 
 from cairn.events import (
+    EFFECTS,
+    RUN_ENDED,
+    AttemptOutcome,
     ContractViolated,
     CostCharged,
+    Effect,
     Event,
     RetryScheduled,
-    RunCancelled,
     RunCompleted,
     RunFailed,
     RunStarted,
+    RunStatus,
     StepSkipped,
+    StepStatus,
     TaskCompleted,
     TaskDispatched,
     TaskFailed,
@@ -36,16 +44,46 @@ from cairn.projections.filters import time_text
 if TYPE_CHECKING:
     from cairn.runtime.eventlog.store import LoggedEvent
 
-RunStatus = Literal["running", "completed", "failed", "cancelled"]
-StepStatus = Literal[
+StepRowStatus = Literal[
     "dispatched", "completed", "failed", "violated", "timed_out", "retrying", "skipped"
 ]
+
+# What a step's row shows: how the step's latest attempt went, unless the step has since
+# moved on to wait for a retry or was skipped. The other statuses a step passes through (held
+# for an approval or the budget, failed with its run, carried over by a fork) leave its row as
+# it was, so "timed_out" stays while a person decides whether to try again.
+ROW_STATUS_OF_ATTEMPT: Final[Mapping[AttemptOutcome, StepRowStatus]] = {
+    "pending": "dispatched",
+    "completed": "completed",
+    "failed": "failed",
+    "violated": "violated",
+    "timed_out": "timed_out",
+}
+ROW_STATUS_OF_STEP: Final[Mapping[StepStatus, StepRowStatus]] = {
+    "retry_wait": "retrying",
+    "skipped": "skipped",
+}
+
+
+def step_row_status(effect: Effect) -> StepRowStatus | None:
+    """What a step's row shows after an event with `effect`; None leaves the row as it was."""
+    shown = ROW_STATUS_OF_STEP.get(effect.step) if effect.step is not None else None
+    if shown is None and effect.attempt is not None:
+        shown = ROW_STATUS_OF_ATTEMPT[effect.attempt]
+    return shown
+
+
+# Looked up once per event: what each event type makes of its step's row and of its run's.
+_ROW_STATUS: Final = {
+    kind: shown for kind, effect in EFFECTS.items() if (shown := step_row_status(effect))
+}
+_RUN_STATUS: Final = {kind: effect.run for kind, effect in EFFECTS.items() if effect.run}
 
 ZERO = Decimal(0)
 
 
 @dataclass(slots=True)
-class RunState:
+class StoredRun:
     """The `runs` row of one run while it is being folded (timestamps as ISO text)."""
 
     run_id: str
@@ -69,13 +107,13 @@ class RunState:
 
 
 @dataclass(slots=True)
-class StepState:
+class StoredStep:
     """The `steps` row of one step of one run while it is being folded."""
 
     run_id: str
     step: str
     capability: str
-    status: StepStatus
+    status: StepRowStatus
     attempt: int
     agent_id: str | None
     dispatched_at: str | None
@@ -123,16 +161,16 @@ class AuditEntry(NamedTuple):
 StepKey = tuple[str, str]
 
 # Copying a row by its field values is several times faster than copy.copy on slotted classes.
-_RUN_VALUES = attrgetter(*(f.name for f in fields(RunState)))
-_STEP_VALUES = attrgetter(*(f.name for f in fields(StepState)))
+_RUN_VALUES = attrgetter(*(f.name for f in fields(StoredRun)))
+_STEP_VALUES = attrgetter(*(f.name for f in fields(StoredStep)))
 
 
 @dataclass
 class ViewChanges:
     """What one batch changes: whole rows to upsert, and rows to append."""
 
-    runs: dict[str, RunState] = field(default_factory=dict)
-    steps: dict[StepKey, StepState] = field(default_factory=dict)
+    runs: dict[str, StoredRun] = field(default_factory=dict)
+    steps: dict[StepKey, StoredStep] = field(default_factory=dict)
     costs: list[CostEntry] = field(default_factory=list)
     audit: list[AuditEntry] = field(default_factory=list)
 
@@ -144,8 +182,8 @@ def touched_runs(batch: Sequence[LoggedEvent]) -> list[str]:
 
 def fold(
     batch: Sequence[LoggedEvent],
-    runs: Mapping[str, RunState],
-    steps: Mapping[StepKey, StepState],
+    runs: Mapping[str, StoredRun],
+    steps: Mapping[StepKey, StoredStep],
 ) -> ViewChanges:
     """Fold a batch of logged events into row changes.
 
@@ -160,7 +198,7 @@ def fold(
 
 
 class _Folder:
-    def __init__(self, runs: Mapping[str, RunState], steps: Mapping[StepKey, StepState]) -> None:
+    def __init__(self, runs: Mapping[str, StoredRun], steps: Mapping[StepKey, StoredStep]) -> None:
         self._runs = runs
         self._steps = steps
         self.changes = ViewChanges()
@@ -169,33 +207,28 @@ class _Folder:
         run_id = str(event.run_id)
         at = time_text(event.at)
         run = self._run(run_id, at)
+        kind = type(event)
         step: str | None = None
+        row: StoredStep | None = None  # the step's row, when the event changes more than its status
         match event:
             case TaskDispatched():
                 step = event.step
-                state = self._step(run_id, step, event.capability)
-                if state.status == "completed":
-                    run.steps_done -= 1  # the step is being done again
-                state.capability = event.capability
-                state.status = "dispatched"
-                state.attempt = event.attempt
-                state.agent_id = None
-                state.dispatched_at = at
-                state.finished_at = None
+                row = self._step(run_id, step, event.capability)
+                row.capability = event.capability
+                row.attempt = event.attempt
+                row.agent_id = None
+                row.dispatched_at = at
+                row.finished_at = None
                 run.current_step = step
                 run.attempts += 1
-            case TaskCompleted():
-                step = event.step
-                state = self._step(run_id, step)
-                self._finish(run, state, "completed", event.agent_id, event.attempt, at)
             case CostCharged():
                 step = event.step
                 amount = event.amount_usd
                 run.cost_usd += amount
-                state = self._step(run_id, step, event.capability)
-                state.cost_usd += amount
-                state.input_tokens += event.input_tokens
-                state.output_tokens += event.output_tokens
+                row = self._step(run_id, step, event.capability)
+                row.cost_usd += amount
+                row.input_tokens += event.input_tokens
+                row.output_tokens += event.output_tokens
                 self.changes.costs.append(
                     CostEntry(
                         position,
@@ -215,52 +248,44 @@ class _Folder:
                         amount,
                     )
                 )
-            case TaskFailed():
+            case TaskCompleted() | TaskFailed() | ContractViolated():
                 step = event.step
-                state = self._step(run_id, step)
-                self._finish(run, state, "failed", event.agent_id, event.attempt, at)
-            case ContractViolated():
-                step = event.step
-                state = self._step(run_id, step)
-                self._finish(run, state, "violated", event.agent_id, event.attempt, at)
+                row = self._step(run_id, step)
+                self._finish(row, event.agent_id, event.attempt, at)
             case TaskTimedOut():
                 step = event.step
-                state = self._step(run_id, step)
-                self._finish(run, state, "timed_out", state.agent_id or "", event.attempt, at)
-            case RetryScheduled():
+                row = self._step(run_id, step)
+                self._finish(row, row.agent_id or "", event.attempt, at)
+            case RetryScheduled() | StepSkipped():
                 step = event.step
-                self._step(run_id, step).status = "retrying"
-            case StepSkipped():
-                step = event.step
-                self._step(run_id, step).status = "skipped"
             case RunStarted():
                 workflow = event.workflow
                 run.workflow = workflow.name
                 run.workflow_version = workflow.version
                 run.tenant = event.tenant
                 run.goal = event.intent.goal
-                run.status = "running"
                 run.started_at = at
                 run.steps_total = len(workflow.steps)
             case RunCompleted():
-                run.status = "completed"
-                run.finished_at = at
                 run.output = canonical_json(event.output).decode()
             case RunFailed():
                 step = event.step
-                run.status = "failed"
-                run.finished_at = at
                 run.error = event.error
                 if step is not None:
                     run.current_step = step
-            case RunCancelled():
-                run.status = "cancelled"
-                run.finished_at = at
             case _:
                 # Events without a view of their own (ResultIgnored, types added later) still
                 # move the run's position and get an audit row.
                 named = getattr(event, "step", None)
                 step = named if isinstance(named, str) else None
+        shown = _ROW_STATUS.get(kind)
+        if shown is not None and step is not None:
+            self._show(run, row or self._step(run_id, step), shown)
+        status = _RUN_STATUS.get(kind)
+        if status is not None:
+            run.status = status
+            if status in RUN_ENDED:
+                run.finished_at = at
         run.updated_at = at
         run.last_seq = event.seq
         run.last_position = position
@@ -279,45 +304,46 @@ class _Folder:
             )
         )
 
-    def _run(self, run_id: str, at: str) -> RunState:
+    def _run(self, run_id: str, at: str) -> StoredRun:
         run = self.changes.runs.get(run_id)
         if run is None:
             loaded = self._runs.get(run_id)
             # A run whose RunStarted the log does not hold still gets a row, so its later
             # events are visible rather than dropped.
-            run = RunState(*_RUN_VALUES(loaded)) if loaded is not None else _new_run(run_id, at)
+            run = StoredRun(*_RUN_VALUES(loaded)) if loaded is not None else _new_run(run_id, at)
             self.changes.runs[run_id] = run
         return run
 
-    def _step(self, run_id: str, step: str, capability: str = "") -> StepState:
+    def _step(self, run_id: str, step: str, capability: str = "") -> StoredStep:
         key = (run_id, step)
-        state = self.changes.steps.get(key)
-        if state is None:
+        row = self.changes.steps.get(key)
+        if row is None:
             loaded = self._steps.get(key)
             if loaded is not None:
-                state = StepState(*_STEP_VALUES(loaded))
+                row = StoredStep(*_STEP_VALUES(loaded))
             else:
-                state = _new_step(run_id, step, capability)
-            self.changes.steps[key] = state
-        return state
+                row = _new_step(run_id, step, capability)
+            self.changes.steps[key] = row
+        return row
 
     @staticmethod
-    def _finish(
-        run: RunState, state: StepState, status: StepStatus, agent_id: str, attempt: int, at: str
-    ) -> None:
-        # steps_done always equals the number of this run's steps whose status is "completed".
-        if state.status == "completed" and status != "completed":
+    def _finish(row: StoredStep, agent_id: str, attempt: int, at: str) -> None:
+        row.agent_id = agent_id
+        row.attempt = max(row.attempt, attempt)
+        row.finished_at = at
+
+    @staticmethod
+    def _show(run: StoredRun, row: StoredStep, status: StepRowStatus) -> None:
+        # steps_done always equals the number of this run's steps whose row says "completed".
+        if row.status == "completed" and status != "completed":
             run.steps_done -= 1
-        elif state.status != "completed" and status == "completed":
+        elif row.status != "completed" and status == "completed":
             run.steps_done += 1
-        state.status = status
-        state.agent_id = agent_id
-        state.attempt = max(state.attempt, attempt)
-        state.finished_at = at
+        row.status = status
 
 
-def _new_run(run_id: str, at: str) -> RunState:
-    return RunState(
+def _new_run(run_id: str, at: str) -> StoredRun:
+    return StoredRun(
         run_id=run_id,
         workflow="",
         workflow_version=0,
@@ -339,8 +365,8 @@ def _new_run(run_id: str, at: str) -> RunState:
     )
 
 
-def _new_step(run_id: str, step: str, capability: str) -> StepState:
-    return StepState(
+def _new_step(run_id: str, step: str, capability: str) -> StoredStep:
+    return StoredStep(
         run_id=run_id,
         step=step,
         capability=capability,

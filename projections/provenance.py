@@ -13,6 +13,7 @@ from decimal import Decimal
 from typing import Any, Literal
 
 from cairn.events import (
+    AttemptOutcome,
     ContractViolated,
     CostCharged,
     Event,
@@ -21,19 +22,19 @@ from cairn.events import (
     ResultIgnored,
     ResultReceived,
     RunStarted,
-    StepSkipped,
     TaskCompleted,
     TaskDispatched,
     TaskFailed,
     TaskTimedOut,
     content_hash,
+    effect_of,
+    step_status,
 )
 from cairn.projections.details import describe
 
-AttemptOutcome = Literal["pending", "completed", "failed", "violated", "timed_out"]
-StepProgress = Literal[
-    "not dispatched", "pending", "completed", "failed", "violated", "timed_out", "skipped"
-]
+# What `cairn why` says of a step: how its latest attempt went, unless the step was skipped
+# since; "not dispatched" before its first attempt.
+StepProgress = Literal["not dispatched", AttemptOutcome, "skipped"]
 
 
 class StepNotFoundError(LookupError):
@@ -242,7 +243,7 @@ def _attempts(
             "dispatched_at": d.at,
             "reason": d.reason,
             "repair": list(d.repair),
-            "outcome": "pending",
+            "outcome": effect_of(d).attempt,
             "outcome_at": None,
             "agent_id": None,
             "errors": [],
@@ -291,23 +292,22 @@ def _attempts(
                 )
                 row["cost_usd"] += event.amount_usd
             case TaskCompleted():
-                _outcome(row, "completed", event.at, event.agent_id, [])
+                _outcome(row, event, event.agent_id, [])
             case TaskFailed():
-                _outcome(row, "failed", event.at, event.agent_id, [event.error])
+                _outcome(row, event, event.agent_id, [event.error])
             case ContractViolated():
                 errors = [f"{event.contract}: {error}" for error in event.errors]
-                _outcome(row, "violated", event.at, event.agent_id, errors)
+                _outcome(row, event, event.agent_id, errors)
             case TaskTimedOut():
                 error = f"no result within {event.timeout_s:g} s"
-                _outcome(row, "timed_out", event.at, row["agent_id"], [error])
+                _outcome(row, event, row["agent_id"], [error])
     return [AttemptRow.model_validate(row) for row in rows.values()]
 
 
-def _outcome(
-    row: dict[str, Any], outcome: str, at: datetime, agent_id: str | None, errors: list[str]
-) -> None:
-    row["outcome"] = outcome
-    row["outcome_at"] = at
+def _outcome(row: dict[str, Any], event: Event, agent_id: str | None, errors: list[str]) -> None:
+    """The attempt ended with `event`: its outcome is the one the event gives an attempt."""
+    row["outcome"] = effect_of(event).attempt
+    row["outcome_at"] = event.at
     row["agent_id"] = agent_id
     row["errors"] = row["errors"] + errors
 
@@ -354,10 +354,7 @@ def _progress(
 ) -> StepProgress:
     if latest is None:
         return "not dispatched"
-    skipped = any(
-        isinstance(e, StepSkipped) and e.step == step and e.seq > latest.seq for e in events
-    )
-    return "skipped" if skipped else attempts[-1].outcome
+    return "skipped" if step_status(events, step) == "skipped" else attempts[-1].outcome
 
 
 def _models(result: ResultReceived) -> list[str]:

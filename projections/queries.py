@@ -13,9 +13,9 @@ from decimal import Decimal
 from types import TracebackType
 from typing import Any, Literal, TypeVar
 
+from cairn.events import RunStatus
 from cairn.projections.errors import AmbiguousRunError, RunNotFoundError, ViewsMissingError
 from cairn.projections.filters import AuditFilter, actor_match, time_text
-from cairn.projections.projection import RunStatus
 from cairn.projections.rows import AuditRow, CostRow, RunRow, StepRow
 from cairn.projections.runner import PROJECTION_NAME
 from cairn.projections.storage import ViewsReader, open_reader, redacted

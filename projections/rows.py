@@ -7,8 +7,8 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from cairn.events import Frozen
-from cairn.projections.projection import RunStatus, StepStatus
+from cairn.events import Frozen, RunStatus
+from cairn.projections.projection import StepRowStatus
 
 
 class RunRow(Frozen):
@@ -40,7 +40,7 @@ class StepRow(Frozen):
     run_id: uuid.UUID
     step: str
     capability: str
-    status: StepStatus
+    status: StepRowStatus  # see `step_row_status`
     attempt: int
     agent_id: str | None
     dispatched_at: datetime | None

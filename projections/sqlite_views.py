@@ -27,9 +27,9 @@ from cairn.projections.filters import AuditFilter, after_prefix
 from cairn.projections.projection import (
     AuditEntry,
     CostEntry,
-    RunState,
     StepKey,
-    StepState,
+    StoredRun,
+    StoredStep,
     ViewChanges,
     fold,
     touched_runs,
@@ -51,7 +51,7 @@ def _layout(row: type[Any], types: dict[str, str]) -> tuple[tuple[str, str], ...
 # Each table holds exactly the fields of its row class, in their order: rows are written from
 # and read back into those classes by position.
 RUN_COLUMNS = _layout(
-    RunState,
+    StoredRun,
     {
         "run_id": "TEXT PRIMARY KEY",
         "workflow": "TEXT NOT NULL",
@@ -74,7 +74,7 @@ RUN_COLUMNS = _layout(
     },
 )
 STEP_COLUMNS = _layout(
-    StepState,
+    StoredStep,
     {
         "run_id": "TEXT NOT NULL",
         "step": "TEXT NOT NULL",
@@ -278,22 +278,22 @@ class SQLiteViewsRecorder(SQLiteTrackingRecorder):
         self.datastore.close()
 
     @staticmethod
-    def _select_runs(c: SQLiteCursor, run_ids: list[str]) -> dict[str, RunState]:
-        runs: dict[str, RunState] = {}
+    def _select_runs(c: SQLiteCursor, run_ids: list[str]) -> dict[str, StoredRun]:
+        runs: dict[str, StoredRun] = {}
         for row in _select_in(c, _SELECT_RUNS, run_ids):
             values = list(row)
             values[_RUN_COST] = Decimal(values[_RUN_COST])
-            run = RunState(*values)
+            run = StoredRun(*values)
             runs[run.run_id] = run
         return runs
 
     @staticmethod
-    def _select_steps(c: SQLiteCursor, run_ids: list[str]) -> dict[StepKey, StepState]:
-        steps: dict[StepKey, StepState] = {}
+    def _select_steps(c: SQLiteCursor, run_ids: list[str]) -> dict[StepKey, StoredStep]:
+        steps: dict[StepKey, StoredStep] = {}
         for row in _select_in(c, _SELECT_STEPS, run_ids):
             values = list(row)
             values[_STEP_COST] = Decimal(values[_STEP_COST])
-            step = StepState(*values)
+            step = StoredStep(*values)
             steps[(step.run_id, step.step)] = step
         return steps
 
@@ -310,13 +310,13 @@ _run_values = attrgetter(*(name for name, _ in RUN_COLUMNS))
 _step_values = attrgetter(*(name for name, _ in STEP_COLUMNS))
 
 
-def _run_params(run: RunState) -> list[Any]:
+def _run_params(run: StoredRun) -> list[Any]:
     params = list(_run_values(run))
     params[_RUN_COST] = f"{run.cost_usd:f}"  # plain notation, never 1E-7
     return params
 
 
-def _step_params(step: StepState) -> list[Any]:
+def _step_params(step: StoredStep) -> list[Any]:
     params = list(_step_values(step))
     params[_STEP_COST] = f"{step.cost_usd:f}"
     return params

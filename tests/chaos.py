@@ -8,6 +8,7 @@ them and killed with SIGKILL; facts are read back from the event store, the view
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -359,7 +360,7 @@ def check_log(events_by_run: dict[uuid.UUID, list[Event]]) -> LogSummary:
 
 def table_rows(path: str) -> dict[str, list[tuple[Any, ...]]]:
     """Every table of a views file, rows sorted: two views files compare equal row for row."""
-    with sqlite3.connect(path) as db:
+    with contextlib.closing(sqlite3.connect(path)) as db:
         names = [
             r[0]
             for r in db.execute("SELECT name FROM sqlite_master WHERE type='table' ORDER BY name")

@@ -148,3 +148,79 @@ def test_a_stale_health_file_is_unhealthy(tmp_path: Path) -> None:
     problem = check(path, max_age_s=15)
     assert problem is not None
     assert "stuck" in problem
+
+
+# -- what running the services cannot show: images, versions, the specification ---------------
+
+# What each image holds that a health check may call (what was looked at inside them): the
+# plain nats image is FROM scratch, its alpine variant has busybox, postgres has its client
+# tools, and cairn's own image is python:3.11-slim with cairn installed.
+IMAGE_TOOLS = {
+    "nats": {"/nats-server"},
+    "nats-alpine": {"/nats-server", "nats-server", "wget", "nc", "sh"},
+    "postgres": {"pg_isready", "psql", "sh", "bash"},
+    "cairn": {"python", "sh", "bash"},
+}
+
+
+def image_kind(service: dict[str, Any]) -> str:
+    image = str(service.get("image", ""))
+    if image.startswith("cairn:") or "build" in service:
+        return "cairn"
+    name, _, tag = image.partition(":")
+    if name == "nats":
+        return "nats-alpine" if tag.endswith("-alpine") else "nats"
+    return name
+
+
+def test_every_health_check_calls_what_its_image_holds() -> None:
+    for name, service in compose()["services"].items():
+        check = service["healthcheck"]["test"]
+        assert check[0] in ("CMD", "CMD-SHELL"), name
+        command = check[1].split()[0] if check[0] == "CMD-SHELL" else check[1]
+        assert command in IMAGE_TOOLS[image_kind(service)], (name, service.get("image"), command)
+
+
+def test_compose_runs_the_embedded_servers_nats_version() -> None:
+    from cairn.runtime.embedded import nats_server_binary
+
+    out = subprocess.run([nats_server_binary(), "--version"], capture_output=True, text=True,
+                         timeout=30, check=True).stdout  # fmt: skip
+    embedded = out.strip().rpartition("v")[2].split(".")[:2]  # "nats-server: v2.15.1"
+    tag = compose()["services"]["nats"]["image"].partition(":")[2].removesuffix("-alpine")
+    assert tag.split(".")[:2] == embedded, (tag, out)
+
+
+def test_compose_files_follow_the_compose_specification() -> None:
+    import json
+
+    from compose_spec import PyCompose
+
+    # YAML merge keys (`<<: *cairn`), which compose resolves, are resolved by PyYAML first.
+    base = compose()
+    PyCompose.from_json(json.dumps(base))  # ValueError naming the first key out of the spec
+    tracing = yaml.safe_load((ROOT / "compose.tracing.yaml").read_text())
+    PyCompose.from_json(json.dumps(tracing))
+    assert set(tracing["services"]) - {"jaeger"} <= set(base["services"])
+    with pytest.raises(ValueError, match="helthcheck"):
+        PyCompose.from_json(json.dumps({"services": {"a": {"image": "x", "helthcheck": {}}}}))
+
+
+def test_published_ports_are_on_loopback() -> None:
+    for path in ("compose.yaml", "compose.tracing.yaml"):
+        for name, service in yaml.safe_load((ROOT / path).read_text())["services"].items():
+            for port in service.get("ports", []):
+                assert str(port).startswith("127.0.0.1:"), (path, name, port)
+
+
+def test_the_image_holds_every_package() -> None:
+    import tomllib
+
+    folders = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+                  ["package-dir"].values())  # fmt: skip
+    copied = {
+        line.split()[1]
+        for line in (ROOT / "Dockerfile").read_text().splitlines()
+        if line.startswith("COPY ") and not line.startswith("COPY pyproject")
+    }
+    assert folders <= copied, folders - copied

@@ -91,16 +91,16 @@ async def test_example_workflow_through_agent_processes(
 
     # The views answer state, cost and audit questions from the log alone.
     await asyncio.to_thread(wait_for_views, settings.views, notices[-1].position, 15.0)
-    views = Views(settings.views)
-    run = views.run(str(run_id))
+    with Views(settings.views) as views:
+        run = views.run(str(run_id))
+        by_model = views.costs(by="model", run_id=str(run_id))
+        by_agent = {r.key: r for r in views.costs(by="agent", run_id=str(run_id))}
+        audit = views.audit(run_id=str(run_id), limit=1000)
     assert run.status == "completed"
     assert run.steps_done == run.steps_total == 4
     assert run.cost_usd == usage_priced
-    by_model = views.costs(by="model", run_id=str(run_id))
     assert sum((r.amount_usd for r in by_model), Decimal(0)) == usage_priced
-    by_agent = {r.key: r for r in views.costs(by="agent", run_id=str(run_id))}
     assert set(by_agent) == {"planner", "researcher", "writer", "reviewer"}
-    audit = views.audit(run_id=str(run_id), limit=1000)
     assert len(audit) == len(events)
     actors = {row.actor for row in audit}
     assert "coordinator" in actors

@@ -85,3 +85,13 @@ def test_every_module_says_what_it_holds() -> None:
         if not ast.get_docstring(ast.parse(p.read_text()))
     ]
     assert silent == []
+
+
+def test_no_module_is_over_600_lines() -> None:
+    # A module longer than that holds more than one job: split it by job.
+    long = {
+        str(p.relative_to(ROOT)): n
+        for p in package_modules()
+        if (n := len(p.read_text().splitlines())) > 600
+    }
+    assert long == {}

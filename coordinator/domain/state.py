@@ -1,4 +1,9 @@
-"""A run's current state, folded from its events by `evolve`. Pure: no I/O, no clock."""
+"""A run's current state, folded from its events by `evolve`. Pure: no I/O, no clock.
+
+The statuses and what each event does to them come from `cairn.events.lifecycle` (`EFFECTS`),
+which the views and the other folds of a run read too; `evolve` adds what only the
+coordinator keeps (outputs, reservations, approvals, gates passed).
+"""
 
 from __future__ import annotations
 
@@ -6,9 +11,11 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 from cairn.events import (
+    EFFECTS,
+    RUN_ENDED,
     ApprovalDenied,
     ApprovalEscalated,
     ApprovalExpired,
@@ -45,20 +52,11 @@ from cairn.events import (
     event_hash,
 )
 
-RunStatus = Literal["running", "completed", "failed", "cancelled"]
-StepStatus = Literal[
-    "pending",
-    "awaiting_approval",  # a gate is open before dispatch, or after an output / failure
-    "blocked",  # the budget cannot cover the next attempt
-    "dispatched",
-    "retry_wait",
-    "completed",
-    "skipped",
-    "failed",
-]
-ApprovalStatus = Literal["pending", "granted", "denied", "expired"]
-# Statuses after which a step no longer holds up the steps that need it.
-STEP_DONE: frozenset[str] = frozenset({"completed", "skipped"})
+# The shared vocabulary, re-exported: the decisions and the engine read it from here.
+from cairn.events import STEP_DONE as STEP_DONE
+from cairn.events import ApprovalStatus as ApprovalStatus
+from cairn.events import RunStatus as RunStatus
+from cairn.events import StepStatus as StepStatus
 
 
 @dataclass(frozen=True)
@@ -164,7 +162,7 @@ class RunState:
 
     @property
     def terminal(self) -> bool:
-        return self.status != "running"
+        return self.status in RUN_ENDED
 
     def step(self, name: str) -> StepState:
         return self.steps[name]
@@ -217,7 +215,11 @@ class EvolveError(ValueError):
 
 
 def evolve(state: RunState | None, event: Event) -> RunState:
-    """The state right after `event`."""
+    """The state right after `event`. The statuses it sets are those `EFFECTS` gives the event
+    (a new run's and a new step's are the defaults above: "running", "pending")."""
+    effect = EFFECTS.get(type(event))
+    if effect is None:
+        raise EvolveError(f"evolve does not know {event.type_name()}")
     if isinstance(event, RunStarted):
         if state is not None:
             raise EvolveError(f"run {event.run_id} started twice")
@@ -266,7 +268,7 @@ def evolve(state: RunState | None, event: Event) -> RunState:
         return _with_step(
             state,
             event.step,
-            status="dispatched",
+            status=effect.step,
             attempt=event.attempt,
             task_id=event.task_id,
             dispatched_at=event.at,
@@ -280,7 +282,7 @@ def evolve(state: RunState | None, event: Event) -> RunState:
         return _with_step(
             state,
             event.step,
-            status="completed",
+            status=effect.step,
             output=previous.received if previous else None,
             received=None,
             output_hash=event.output_hash,
@@ -298,12 +300,12 @@ def evolve(state: RunState | None, event: Event) -> RunState:
         return _with_step(
             state,
             event.step,
-            status="retry_wait",
+            status=effect.step,
             retry_due_at=event.due_at,
             repair=tuple(event.repair),
         )
     if isinstance(event, StepSkipped):
-        return _with_step(state, event.step, status="skipped", last_error=event.error)
+        return _with_step(state, event.step, status=effect.step, last_error=event.error)
     if isinstance(event, CostCharged):
         return _update(
             state,
@@ -320,15 +322,9 @@ def evolve(state: RunState | None, event: Event) -> RunState:
         reserved.pop((event.step, event.attempt), None)
         return _update(state, reserved=reserved)
     if isinstance(event, BudgetExhausted):
-        return _with_step(state, event.step, status="blocked")
+        return _with_step(state, event.step, status=effect.step)
     if isinstance(event, BudgetRaised):
-        old = state.budget or Budget()
-        budget = old.model_copy(
-            update={
-                "usd": event.usd if event.usd is not None else old.usd,
-                "tokens": event.tokens if event.tokens is not None else old.tokens,
-            }
-        )
+        budget = (state.budget or Budget()).raised(event.usd, event.tokens)
         return _update(state, budget=budget)
     if isinstance(event, ApprovalRequested):
         approvals = dict(state.approvals)
@@ -342,9 +338,7 @@ def evolve(state: RunState | None, event: Event) -> RunState:
             warn_at=event.warn_at,
         )
         state = _update(state, approvals=approvals)
-        return _with_step(
-            state, event.step, status="awaiting_approval", approval_id=event.request_id
-        )
+        return _with_step(state, event.step, status=effect.step, approval_id=event.request_id)
     if isinstance(event, ApprovalEscalated):
         return _with_approval(
             state,
@@ -357,19 +351,12 @@ def evolve(state: RunState | None, event: Event) -> RunState:
     if isinstance(event, ApprovalWarned):
         return _with_approval(state, event.request_id, warn_at=None)
     if isinstance(event, ApprovalGranted | ApprovalDenied | ApprovalExpired):
-        status: ApprovalStatus = (
-            "granted"
-            if isinstance(event, ApprovalGranted)
-            else "denied"
-            if isinstance(event, ApprovalDenied)
-            else "expired"
-        )
         by = event.by if isinstance(event, ApprovalGranted | ApprovalDenied) else None
-        state = _with_approval(state, event.request_id, status=status, by=by)
+        state = _with_approval(state, event.request_id, status=effect.approval, by=by)
         approval = state.approvals[event.request_id]
         step = state.steps[approval.step]
         changes: dict[str, Any] = {"approval_id": None}
-        if status == "granted":
+        if effect.approval == "granted":
             changes["cleared"] = step.cleared | {approval.kind}
             if approval.kind in ("exhausted", "loop"):
                 changes["extra_attempts"] = step.extra_attempts + 1  # one more try granted
@@ -379,7 +366,7 @@ def evolve(state: RunState | None, event: Event) -> RunState:
         return _with_step(
             state,
             event.step,
-            status="completed",
+            status=effect.step,
             output=carried,
             output_hash=event.output_hash,
             agent_id=event.source,
@@ -389,19 +376,17 @@ def evolve(state: RunState | None, event: Event) -> RunState:
         steps = dict(state.steps)
         steps[event.spec.name] = StepState(event.spec.name)
         return _update(state, workflow=workflow, steps=steps)
-    if isinstance(event, StepRefused):
+    if isinstance(event, StepRefused | ResultIgnored):
         return state
     if isinstance(event, RunCompleted):
-        return _update(state, status="completed", output=event.output)
+        return _update(state, status=effect.run, output=event.output)
     if isinstance(event, RunFailed):
         failed = state
         if event.step:
-            failed = _with_step(state, event.step, status="failed")
-        return _update(failed, status="failed", error=event.error)
+            failed = _with_step(state, event.step, status=effect.step)
+        return _update(failed, status=effect.run, error=event.error)
     if isinstance(event, RunCancelled):
-        return _update(state, status="cancelled")
-    if isinstance(event, ResultIgnored):
-        return state
+        return _update(state, status=effect.run)
     raise EvolveError(f"evolve does not know {event.type_name()}")
 
 

@@ -18,6 +18,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
+from cairn.events import RUN_STATUSES
 from cairn.projections import RunStatus, Views
 from cairn.projections.http.api import backend_of, page_of_runs, run_detail
 from cairn.projections.http.auth import COOKIE_NAME, Grant, Role, Tokens, page_viewer
@@ -32,7 +33,6 @@ templates = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
 
 Viewer = Annotated[Grant, Depends(page_viewer)]
 COOKIE_MAX_AGE = 7 * 24 * 3600
-STATUSES: tuple[RunStatus, ...] = ("running", "completed", "failed", "cancelled")
 
 
 def _age(at: datetime | None) -> str:
@@ -166,7 +166,7 @@ async def runs_page(
         pending_error=pending_error,
         status=status,
         workflow=workflow or "",
-        statuses=STATUSES,
+        statuses=RUN_STATUSES,
         prev_link=link(max(0, offset - limit)) if offset > 0 else None,
         next_link=link(offset + limit) if len(rows) > offset + limit else None,
     )

@@ -23,13 +23,7 @@ def budget_of(events: Sequence[Event]) -> BudgetView | None:
     budget = started.budget if started is not None else None
     for event in events:
         if isinstance(event, BudgetRaised):
-            base = budget or Budget()
-            budget = base.model_copy(
-                update={
-                    "usd": event.usd if event.usd is not None else base.usd,
-                    "tokens": event.tokens if event.tokens is not None else base.tokens,
-                }
-            )
+            budget = (budget or Budget()).raised(event.usd, event.tokens)
     if budget is None:
         return None
     charges = [e for e in events if isinstance(e, CostCharged)]
