@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 # and actor prefixes are answered as ranges, and ISO times compare as text.
 TEXT = 'text COLLATE "C"'
 MONEY = "numeric"  # exact decimals, as charged
+COUNT = "numeric"  # token counts: exact integers of any size (bigint ends at 2**63 - 1)
 
 RUN_COLUMNS = layout(
     StoredRun,
@@ -85,8 +86,8 @@ STEP_COLUMNS = layout(
         "dispatched_at": TEXT,
         "finished_at": TEXT,
         "cost_usd": f"{MONEY} NOT NULL",
-        "input_tokens": "bigint NOT NULL",
-        "output_tokens": "bigint NOT NULL",
+        "input_tokens": f"{COUNT} NOT NULL",
+        "output_tokens": f"{COUNT} NOT NULL",
     },
 )
 COST_COLUMNS = layout(
@@ -101,8 +102,8 @@ COST_COLUMNS = layout(
         "capability": f"{TEXT} NOT NULL",
         "agent_id": f"{TEXT} NOT NULL",
         "model": f"{TEXT} NOT NULL",
-        "input_tokens": "bigint NOT NULL",
-        "output_tokens": "bigint NOT NULL",
+        "input_tokens": f"{COUNT} NOT NULL",
+        "output_tokens": f"{COUNT} NOT NULL",
         "price_table": f"{TEXT} NOT NULL",
         "tenant": f"{TEXT} NOT NULL",
         "day": f"{TEXT} NOT NULL",
@@ -208,7 +209,8 @@ class _Statements:
         }
         self.columns = sql.SQL(
             "SELECT table_name::text AS name, "
-            "array_agg(column_name::text ORDER BY ordinal_position) AS columns "
+            "array_agg(column_name::text || ' ' || data_type::text ORDER BY ordinal_position) "
+            "AS columns "
             "FROM information_schema.columns "
             "WHERE table_schema = %s AND table_name = ANY(%s) GROUP BY table_name"
         )
@@ -242,6 +244,20 @@ def _lock_key(schema: str) -> int:
 
 _run_values = attrgetter(*(name for name, _ in RUN_COLUMNS))
 _step_values = attrgetter(*(name for name, _ in STEP_COLUMNS))
+
+
+def _type_name(kind: str) -> str:
+    """A column's type as information_schema names it."""
+    name = kind.split()[0]
+    return {"text": "text", "bigint": "bigint", "numeric": "numeric"}.get(name, name)
+
+
+def _text_safe(row: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The row with NUL characters (which PostgreSQL's text cannot hold) shown as U+FFFD,
+    so a committed event whose text has one still folds into the views."""
+    if not any(isinstance(v, str) and "\x00" in v for v in row):
+        return row
+    return tuple(v.replace("\x00", "\ufffd") if isinstance(v, str) else v for v in row)
 
 
 def _by_column(rows: Iterable[tuple[Any, ...]]) -> list[list[Any]]:
@@ -321,7 +337,10 @@ class PostgresViewsRecorder(PostgresTrackingRecorder):
         with self.datastore.transaction(commit=False) as c:
             c.execute(self._sql.columns, (self._sql.schema, list(_LAYOUT)))
             found = {row["name"]: row["columns"] for row in c.fetchall()}
-        return all(found.get(t) == [n for n, _ in cols] for t, cols in _LAYOUT.items())
+        return all(
+            found.get(t) == [f"{n} {_type_name(kind)}" for n, kind in cols]
+            for t, cols in _LAYOUT.items()
+        )
 
     def create_indexes(self) -> None:
         """Create the views' secondary indexes that do not exist yet."""
@@ -338,13 +357,22 @@ class PostgresViewsRecorder(PostgresTrackingRecorder):
 
     def _select_steps(self, c: Cursor[DictRow], run_ids: list[str]) -> dict[StepKey, StoredStep]:
         c.execute(self._sql.select_steps, (run_ids,))
-        return {(row["run_id"], row["step"]): StoredStep(**row) for row in c.fetchall()}
+        steps = {}
+        for row in c.fetchall():
+            row["input_tokens"], row["output_tokens"] = (
+                int(row["input_tokens"]),
+                int(row["output_tokens"]),
+            )
+            steps[(row["run_id"], row["step"])] = StoredStep(**row)
+        return steps
 
     def _write(self, c: Cursor[DictRow], changes: ViewChanges) -> None:
         if changes.runs:
-            c.execute(self._sql.upsert_run, _by_column(map(_run_values, changes.runs.values())))
+            runs = (_text_safe(r) for r in map(_run_values, changes.runs.values()))
+            c.execute(self._sql.upsert_run, _by_column(runs))
         if changes.steps:
-            c.execute(self._sql.upsert_step, _by_column(map(_step_values, changes.steps.values())))
+            steps = (_text_safe(s) for s in map(_step_values, changes.steps.values()))
+            c.execute(self._sql.upsert_step, _by_column(steps))
         for statement, rows in (
             (self._sql.copy_costs, changes.costs),
             (self._sql.copy_audit, changes.audit),
@@ -352,7 +380,7 @@ class PostgresViewsRecorder(PostgresTrackingRecorder):
             if rows:
                 with c.copy(statement) as copy:
                     for row in rows:
-                        copy.write_row(row)
+                        copy.write_row(_text_safe(row))
 
 
 def connect_kwargs(env: dict[str, str]) -> dict[str, Any]:

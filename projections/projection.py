@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from decimal import Decimal
+from decimal import Context, Decimal
 from operator import attrgetter
 from typing import TYPE_CHECKING, Final, Literal, NamedTuple
 
@@ -80,6 +80,9 @@ _ROW_STATUS: Final = {
 _RUN_STATUS: Final = {kind: effect.run for kind, effect in EFFECTS.items() if effect.run}
 
 ZERO = Decimal(0)
+# Sums of charges stay exact: the default context keeps 28 digits and would round a large
+# amount; 200 hold any amount cairn can charge, to the fraction of a cent.
+EXACT = Context(prec=200)
 
 
 @dataclass(slots=True)
@@ -224,9 +227,9 @@ class _Folder:
             case CostCharged():
                 step = event.step
                 amount = event.amount_usd
-                run.cost_usd += amount
+                run.cost_usd = EXACT.add(run.cost_usd, amount)
                 row = self._step(run_id, step, event.capability)
-                row.cost_usd += amount
+                row.cost_usd = EXACT.add(row.cost_usd, amount)
                 row.input_tokens += event.input_tokens
                 row.output_tokens += event.output_tokens
                 self.changes.costs.append(

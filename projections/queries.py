@@ -16,6 +16,7 @@ from typing import Any, Literal, TypeVar
 from cairn.events import RunStatus
 from cairn.projections.errors import AmbiguousRunError, RunNotFoundError, ViewsMissingError
 from cairn.projections.filters import AuditFilter, actor_match, time_text
+from cairn.projections.projection import EXACT
 from cairn.projections.rows import AuditRow, CostRow, RunRow, StepRow
 from cairn.projections.runner import PROJECTION_NAME
 from cairn.projections.storage import ViewsReader, open_reader, redacted
@@ -184,13 +185,13 @@ class Views:
             total[0] += input_tokens
             total[1] += output_tokens
             if reprice is None:
-                total[2] += Decimal(amount)
+                total[2] = EXACT.add(total[2], Decimal(amount))
             else:
                 price = reprice(model, input_tokens, output_tokens)
                 if price is None:
                     total[4] += 1
                 else:
-                    total[2] += price
+                    total[2] = EXACT.add(total[2], price)
             total[3] += 1
         rows = [
             CostRow(
@@ -207,7 +208,7 @@ class Views:
         key = self.resolve(run_id, must_exist=False) if run_id is not None else None
         total = Decimal(0)
         for _, _, _, amount in self._read(lambda r: r.charges("run_id", key)):
-            total += Decimal(amount)
+            total = EXACT.add(total, Decimal(amount))
         return total
 
     def _resolve_prefix(self, prefix: str) -> str:

@@ -85,8 +85,8 @@ STEP_COLUMNS = _layout(
         "dispatched_at": "TEXT",
         "finished_at": "TEXT",
         "cost_usd": "TEXT NOT NULL",
-        "input_tokens": "INTEGER NOT NULL",
-        "output_tokens": "INTEGER NOT NULL",
+        "input_tokens": "TEXT NOT NULL",  # exact integer, any size
+        "output_tokens": "TEXT NOT NULL",
     },
 )
 COST_COLUMNS = _layout(
@@ -101,8 +101,8 @@ COST_COLUMNS = _layout(
         "capability": "TEXT NOT NULL",
         "agent_id": "TEXT NOT NULL",
         "model": "TEXT NOT NULL",
-        "input_tokens": "INTEGER NOT NULL",
-        "output_tokens": "INTEGER NOT NULL",
+        "input_tokens": "TEXT NOT NULL",  # exact integer, any size
+        "output_tokens": "TEXT NOT NULL",
         "price_table": "TEXT NOT NULL",
         "tenant": "TEXT NOT NULL",
         "day": "TEXT NOT NULL",
@@ -126,6 +126,10 @@ AUDIT_COLUMNS = _layout(
 )
 _RUN_COST = [n for n, _ in RUN_COLUMNS].index("cost_usd")
 _STEP_COST = [n for n, _ in STEP_COLUMNS].index("cost_usd")
+# Token counts are kept as decimal text: SQLite's integers end at 2**63 - 1, and the read side
+# must hold every count an event can carry.
+_STEP_TOKENS = [i for i, (n, _) in enumerate(STEP_COLUMNS) if n.endswith("_tokens")]
+_COST_TOKENS = [i for i, (n, _) in enumerate(COST_COLUMNS) if n.endswith("_tokens")]
 
 VIEW_TABLES = ("runs", "steps", "costs", "audit")
 
@@ -263,8 +267,8 @@ class SQLiteViewsRecorder(SQLiteTrackingRecorder):
         with self.datastore.transaction(commit=False) as c:
             for table, columns in expected.items():
                 c.execute(f"PRAGMA table_info({table})")
-                found = [row[1] for row in c.fetchall()]
-                if found != [name for name, _ in columns]:
+                found = [(row[1], row[2]) for row in c.fetchall()]
+                if found != [(name, kind.split()[0]) for name, kind in columns]:
                     return False
         return True
 
@@ -293,6 +297,8 @@ class SQLiteViewsRecorder(SQLiteTrackingRecorder):
         for row in _select_in(c, _SELECT_STEPS, run_ids):
             values = list(row)
             values[_STEP_COST] = Decimal(values[_STEP_COST])
+            for i in _STEP_TOKENS:
+                values[i] = int(values[i])
             step = StoredStep(*values)
             steps[(step.run_id, step.step)] = step
         return steps
@@ -302,7 +308,7 @@ class SQLiteViewsRecorder(SQLiteTrackingRecorder):
         c.executemany(_UPSERT_RUN, [_run_params(r) for r in changes.runs.values()])
         c.executemany(_UPSERT_STEP, [_step_params(s) for s in changes.steps.values()])
         if changes.costs:
-            c.executemany(_INSERT_COST, [(*e[:-1], f"{e.amount_usd:f}") for e in changes.costs])
+            c.executemany(_INSERT_COST, [_cost_params(e) for e in changes.costs])
         c.executemany(_INSERT_AUDIT, changes.audit)
 
 
@@ -319,6 +325,16 @@ def _run_params(run: StoredRun) -> list[Any]:
 def _step_params(step: StoredStep) -> list[Any]:
     params = list(_step_values(step))
     params[_STEP_COST] = f"{step.cost_usd:f}"
+    for i in _STEP_TOKENS:
+        params[i] = str(params[i])
+    return params
+
+
+def _cost_params(entry: CostEntry) -> list[Any]:
+    params: list[Any] = list(entry)
+    params[-1] = f"{entry.amount_usd:f}"
+    for i in _COST_TOKENS:
+        params[i] = str(params[i])
     return params
 
 

@@ -7,6 +7,7 @@ against SQLite and PostgreSQL (`views_backends.py`).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -331,7 +332,7 @@ def test_audit_filters(settings: Settings, logged: list[LoggedEvent]) -> None:
 
 
 def test_audit_indexes(settings: Settings, logged: list[LoggedEvent]) -> None:
-    with sqlite3.connect(settings.views) as conn:
+    with contextlib.closing(sqlite3.connect(settings.views)) as conn, conn:
         query = "SELECT name, sql FROM sqlite_master WHERE type='index' AND tbl_name='audit'"
         indexes = dict(conn.execute(query).fetchall())
     conn.close()
@@ -344,7 +345,7 @@ def test_audit_indexes(settings: Settings, logged: list[LoggedEvent]) -> None:
     assert "(run_id, seq)" in indexes["audit_by_run_seq"]
     # A rebuild loads the tables first and creates the same indexes at the end.
     rebuild(settings)
-    with sqlite3.connect(settings.views) as conn:
+    with contextlib.closing(sqlite3.connect(settings.views)) as conn, conn:
         assert dict(conn.execute(query).fetchall()) == indexes
     conn.close()
 

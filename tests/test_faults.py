@@ -344,6 +344,15 @@ async def test_a_replayed_result_is_ignored_and_charged_once(
     await feed.close()
     assert late.event["task_id"] == f"{run_id}:review:1"
     assert late.event["reason"] == "run is already completed"
+    # Every further copy is refused and counted, never appended: a finished run stays as it is.
+    letters_before = (await client.ping())["dead_letters"]
+    for _ in range(200):
+        await js.publish(last.subject, last.data, headers={"Nats-Msg-Id": f"again-{uuid.uuid4()}"})
+
+    async def refused_all() -> bool:
+        return bool((await client.ping())["dead_letters"] >= letters_before + 200)
+
+    await eventually_async(refused_all, 30, "200 copies refused")
 
     supervisor.processes["coordinator"].terminate()  # nothing appends from here on
     supervisor.processes["coordinator"].wait(10)
@@ -352,6 +361,7 @@ async def test_a_replayed_result_is_ignored_and_charged_once(
     summary = check_log({run_id: events})
     assert summary.completed == 1
     assert summary.ignored == 2
+    assert events[-1].type_name() == "ResultIgnored"  # the one copy after the end, no more
     assert [e.task_id for e in events if isinstance(e, ResultIgnored)] == [
         f"{run_id}:plan:1",
         f"{run_id}:review:1",

@@ -3,6 +3,7 @@ real SQLite event store; tampering is done with sqlite3 on the store's own table
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -266,7 +267,7 @@ def test_import_cli_refuses_tampered_and_unfinished(tmp_path: Path, history: lis
 def tamper_store(path: Path, run_id: uuid.UUID, kind: str) -> None:
     """Change the store the way someone with write access to the file could."""
     rid = run_id.hex
-    with sqlite3.connect(path) as db:
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
         if kind == "edit":
             (state,) = db.execute(
                 "SELECT state FROM stored_events WHERE originator_id=? AND originator_version=3",

@@ -393,7 +393,8 @@ async def test_workflow_runs_under_auth_and_forged_results_are_dead_lettered(
     dispatched = [e for e in events if isinstance(e, TaskDispatched)]
     for d, r in zip(dispatched, received, strict=True):
         assert r.agent_id.startswith(f"{d.capability}-")
-    run = Views(settings.views).run(str(run_id))
+    with Views(settings.views) as views:
+        run = views.run(str(run_id))
     assert run is not None
     assert run.status == "completed"
 

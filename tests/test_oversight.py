@@ -74,7 +74,8 @@ async def test_gate_is_approved_through_the_cli_and_the_audit_says_who(
     await feed.close()
     assert end.type == "RunCompleted"
     await asyncio.to_thread(wait_for_views, settings.views, end.position, 15.0)
-    audit = Views(settings.views).audit(run_id=str(run_id), limit=500)
+    with Views(settings.views) as views:
+        audit = views.audit(run_id=str(run_id), limit=500)
     granted = [row for row in audit if row.action == "ApprovalGranted"]
     assert [(g.actor, g.reason) for g in granted] == [("human:maria", "facts ok")]
 

@@ -191,7 +191,8 @@ async def test_a_run_through_processes_on_postgresql(tmp_path: Path) -> None:
         import asyncio
 
         await asyncio.to_thread(wait_for_views, settings.views, position, 15.0)
-        row = Views(settings.views).run(str(run_id))
+        with Views(settings.views) as views:
+            row = views.run(str(run_id))
         assert row is not None
         assert row.status == "completed"
         store = EventStore(settings.store)

@@ -337,7 +337,8 @@ async def test_a_run_is_one_trace_across_coordinator_and_agent_processes(
 
     # From an audit row to the trace: the views and the CLI show each event's trace id.
     await asyncio.to_thread(wait_for_views, settings.views, notices[-1].position, 15.0)
-    audit = Views(settings.views).audit(run_id=str(run_id), limit=1000)
+    with Views(settings.views) as views:
+        audit = views.audit(run_id=str(run_id), limit=1000)
     assert len(audit) == len(events)
     assert {row.trace_id for row in audit} == {trace_id}
     rows = json.loads(cli(settings, "audit", "--run", str(run_id), "--format", "json"))

@@ -124,6 +124,13 @@ def _result(state: RunState, fact: ResultFact, policy: Policy) -> list[Event]:
         raise Rejected(f"task {result.task_id} was never dispatched in run {state.run_id}")
     if result.task_id != task_id(state.run_id, result.step, result.attempt):
         raise Rejected(f"task id {result.task_id} does not match its step and attempt")
+    if state.terminal and result.task_id in state.ignored_tasks:
+        # A finished run records one ignored copy of a task's result (its tokens charged once);
+        # recording every further copy would let them grow a finished run without end.
+        raise Rejected(
+            f"another copy of the result for task {result.task_id}, already recorded as "
+            f"ignored: the run is {state.status}"
+        )
     # Who answered, as NATS authenticated it: the capability the step was sent to (what the
     # agent says of itself stays in `agent_id`).
     agent = f"agent:{state.workflow.step(result.step).capability}"

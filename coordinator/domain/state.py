@@ -131,6 +131,7 @@ class RunState:
     approvals: dict[str, ApprovalState] = field(default_factory=dict)
     attempts: int = 0  # tasks dispatched in all: a loop guard
     charged_tasks: frozenset[str] = frozenset()  # tasks whose usage has been charged
+    ignored_tasks: frozenset[str] = frozenset()  # tasks a result was recorded as ignored for
     input_carried: dict[str, dict[str, Any]] = field(default_factory=dict)  # a fork's outputs
     # The run's trace and root span (RunStarted's), stamped on every later event; None when
     # the run was started with tracing off.
@@ -376,7 +377,9 @@ def evolve(state: RunState | None, event: Event) -> RunState:
         steps = dict(state.steps)
         steps[event.spec.name] = StepState(event.spec.name)
         return _update(state, workflow=workflow, steps=steps)
-    if isinstance(event, StepRefused | ResultIgnored):
+    if isinstance(event, ResultIgnored):
+        return _update(state, ignored_tasks=state.ignored_tasks | {event.task_id})
+    if isinstance(event, StepRefused):
         return state
     if isinstance(event, RunCompleted):
         return _update(state, status=effect.run, output=event.output)
