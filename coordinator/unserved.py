@@ -1,0 +1,43 @@
+"""What a start or a fork answers about capabilities no live agent serves.
+
+The run starts all the same (agents may come later), but whoever started it hears at once that
+a step names a capability nobody serves (a typo, an agent not started) instead of waiting
+`timeout_s × attempts` to find out. The reply's `data` carries `unserved` (capability → steps)
+and `warning` (one sentence); the coordinator's log says the same.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from cairn.coordinator.domain.state import STEP_DONE, RunState
+from cairn.events import CommandReply
+from cairn.runtime.capabilities import Liveness, unserved_warning
+
+log = logging.getLogger("cairn.coordinator")
+
+
+def steps_by_capability(state: RunState) -> dict[str, list[str]]:
+    """The capabilities the run's steps still need, each with the steps that need it."""
+    needed: dict[str, list[str]] = {}
+    for step in state.workflow.steps:
+        current = state.steps.get(step.name)
+        if current is None or (current.status not in STEP_DONE and current.status != "failed"):
+            needed.setdefault(step.capability, []).append(step.name)
+    return needed
+
+
+async def warn_unserved(
+    reply: CommandReply, state: RunState | None, liveness: Liveness | None
+) -> CommandReply:
+    """`reply` with a warning about the capabilities no live agent serves, if there are any."""
+    if not reply.ok or state is None or liveness is None:
+        return reply
+    needed = steps_by_capability(state)
+    missing = await liveness.unserved(needed)
+    if not missing:
+        return reply
+    steps = {capability: needed[capability] for capability in missing}
+    warning = unserved_warning(steps)
+    log.warning("run %s: %s", state.run_id, warning)
+    return reply.model_copy(update={"data": {"unserved": steps, "warning": warning}})
