@@ -213,6 +213,8 @@ def fork(
     )
     if not reply["ok"]:
         fail(reply["error"], code=1)
+    if isinstance(reply.get("data"), dict) and reply["data"].get("warning"):
+        err_console.print(f"[bold yellow]warning:[/] {reply['data']['warning']}", highlight=False)
     if as_json:
         print_json(reply)
     else:

@@ -26,7 +26,7 @@ from cairn.coordinator.outbox import Outbox
 from cairn.coordinator.policy import decision_policy
 from cairn.coordinator.pricing import load_price_table
 from cairn.coordinator.tenants import TenantLimits
-from cairn.coordinator.unserved import warn_unserved
+from cairn.coordinator.unserved import UnservedWarnings
 from cairn.coordinator.verdicts import Received
 from cairn.coordinator.workflow import WorkflowCatalog, load_contract_modules
 from cairn.events import (
@@ -91,7 +91,7 @@ class CoordinatorRuntime:
         self.start_handler: Callable[[Msg], Coroutine[Any, Any, None]] | None = None
         self._start_sub: Subscription | None = None
         self._starts: set[asyncio.Task[None]] = set()
-        self.liveness: Liveness | None = None
+        self.unserved: UnservedWarnings | None = None
 
     async def start(self) -> None:
         nc = self.broker.connection
@@ -117,7 +117,7 @@ class CoordinatorRuntime:
         save_interval = min(self.settings.outbox_save_interval, 60.0)
         outbox = Outbox(nc, js, self.store, save_interval_s=save_interval)
         self.dead_letters = DeadLetters(js, "coordinator")
-        self.liveness = Liveness(js)
+        self.unserved = UnservedWarnings(Liveness(js))
         self.coordinator = Coordinator(
             self.store,
             policy,
@@ -229,10 +229,9 @@ class CoordinatorRuntime:
     async def warn_unserved(self, reply: CommandReply) -> CommandReply:
         """A started or forked run whose steps name capabilities no live agent serves: the
         reply says so (see `unserved.py`)."""
-        if not reply.ok or reply.run_id is None or self.coordinator is None:
+        if reply.run_id is None or self.coordinator is None or self.unserved is None:
             return reply
-        state = self.coordinator.runs.get(reply.run_id)
-        return await warn_unserved(reply, state, self.liveness)
+        return await self.unserved.warn(reply, self.coordinator.runs.get(reply.run_id))
 
     async def _on_start(self, msg: Msg) -> None:
         assert self.start_handler is not None

@@ -169,3 +169,35 @@ def test_a_broken_file_is_named_and_the_others_load(
     os.utime(folder / "fine.yaml", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
     with pytest.raises(WorkflowError, match="workflow 'fine' is not loaded"):
         catalog.get("fine")
+
+
+# -- capabilities nobody serves ---------------------------------------------------------------
+
+
+def test_a_capability_is_served_while_a_replica_pulls_works_or_was_just_handed_a_task() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from cairn.runtime.capabilities import CapabilityConsumer, unserved, unserved_warning
+
+    now = datetime.now(UTC)
+
+    def consumer(name: str, **counts: Any) -> CapabilityConsumer:
+        fields: dict[str, Any] = {
+            "waiting_pulls": 0, "in_flight": 0, "queued": 0, "redelivered": 0,
+            "last_delivered_at": None, "last_acked_at": None, **counts,
+        }  # fmt: skip
+        return CapabilityConsumer(capability=name, consumer=f"cairn-agent-{name}", **fields)
+
+    consumers = [
+        consumer("pulling", waiting_pulls=1),
+        consumer("working", in_flight=2),
+        consumer("just-now", last_delivered_at=now - timedelta(seconds=5)),
+        consumer("long-ago", last_delivered_at=now - timedelta(minutes=5), queued=3),
+    ]
+    wanted = ["pulling", "working", "just-now", "long-ago", "never", "pulling"]
+    assert unserved(wanted, consumers, now) == ["long-ago", "never"]
+    assert unserved_warning({"planer": ["plan"], "writter": ["draft", "redraft"]}) == (
+        "no live agent serves 'planer' (step plan); 'writter' (steps draft, redraft): the run "
+        "waits for one until the step times out; check the capability's spelling, or start an "
+        "agent that serves it"
+    )

@@ -154,7 +154,7 @@ def load_tokens(settings: Settings | Path, file: Path | None = None) -> Tokens:
     `settings` may be only a home directory: then the variables are read by
     `Settings.from_env(home)`."""
     if file is not None:
-        return _from_file(file)
+        return _from_file(file.absolute())  # read again later, whatever the directory then
     if not isinstance(settings, Settings):
         try:
             settings = Settings.from_env(settings)
