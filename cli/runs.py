@@ -4,7 +4,6 @@ to the coordinator over NATS."""
 from __future__ import annotations
 
 import json
-import uuid
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any
@@ -17,6 +16,7 @@ from cairn.cli.app import (
     JsonOpt,
     app,
     console,
+    err_console,
     fail,
     print_json,
     run_async,
@@ -30,7 +30,7 @@ from cairn.cli.demo import (
     waiting_notice,
 )
 from cairn.coordinator.workflow import WorkflowError, load_contract_modules, load_workflow_file
-from cairn.events import Budget, WorkflowSpec
+from cairn.events import Budget, CommandReply, WorkflowSpec
 from cairn.runtime.client import CairnClient
 from cairn.runtime.settings import Settings
 
@@ -99,14 +99,15 @@ async def _run(
     budget: Budget | None = None,
     tenant: str = "default",
 ) -> dict[str, Any]:
-    async with await CairnClient.connect(settings.nats_endpoint()) as client:
+    async with await CairnClient.connect(settings.nats_endpoint()) as connected:
+        client = _Warning(connected.nc)
         if not wait:
             reply = await client.start_run(spec, data, budget=budget, tenant=tenant)
             if not reply.ok:
                 raise DemoError(f"the coordinator refused the run: {reply.error}")
             if not as_json:
                 console.print(f"started run {reply.run_id}")
-            return {"run_id": str(reply.run_id), "status": reply.status}
+            return {"run_id": str(reply.run_id), "status": reply.status, **client.warned}
         result = await run_and_follow(
             client, spec, data, None, None if as_json else console, timeout,
             approver=None if as_json else waiting_notice(console), budget=budget,
@@ -123,22 +124,37 @@ async def _run(
             "error": progress.error,
             "cost_usd": str(progress.cost),
             "position": progress.position,
+            **client.warned,
         }
+
+
+class _Warning(CairnClient):
+    """A client that says at once, on stderr, what the coordinator warned about when it
+    started the run (a capability no live agent serves); `warned` keeps it for --json."""
+
+    def __init__(self, nc: Any) -> None:
+        super().__init__(nc)
+        self.warned: dict[str, Any] = {}
+
+    async def start_run(self, *args: Any, **kwargs: Any) -> CommandReply:
+        reply = await super().start_run(*args, **kwargs)
+        self.warned = {}
+        if reply.ok and isinstance(reply.data, dict) and reply.data.get("warning"):
+            self.warned = {"warning": reply.data["warning"], "unserved": reply.data["unserved"]}
+            err_console.print(f"[bold yellow]warning:[/] {reply.data['warning']}", highlight=False)
+        return reply
 
 
 @app.command()
 def cancel(
-    run: Annotated[str, typer.Argument(help="The run's id.")],
+    run: Annotated[str, typer.Argument(help="The run's id (or a unique prefix).")],
     reason: Annotated[str, typer.Option(help="Why, for the record.")] = "",
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Cancel a run."""
-    try:
-        run_id = uuid.UUID(run)
-    except ValueError:
-        fail(f"{run!r} is not a run id (a UUID)")
     settings = settings_for(home)
+    run_id = run_id_from(settings, run)
 
     reply = send_command(settings, lambda client: client.cancel_run(run_id, reason))
     if as_json:
@@ -197,6 +213,8 @@ def fork(
     )
     if not reply["ok"]:
         fail(reply["error"], code=1)
+    if isinstance(reply.get("data"), dict) and reply["data"].get("warning"):
+        err_console.print(f"[bold yellow]warning:[/] {reply['data']['warning']}", highlight=False)
     if as_json:
         print_json(reply)
     else:

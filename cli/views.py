@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from decimal import Decimal
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, get_args
 
 import typer
 from rich.table import Table
@@ -27,12 +27,20 @@ from cairn.events import Usage
 
 @app.command()
 def runs(
-    status: Annotated[str | None, typer.Option(help="Only runs with this status.")] = None,
+    status: Annotated[
+        str | None,
+        typer.Option(help="Only runs with this status: running, completed, failed or cancelled."),
+    ] = None,
     limit: Annotated[int, typer.Option(help="How many, newest first.")] = 20,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """List runs: status, current step, cost."""
+    from cairn.projections import RunStatus
+
+    statuses = get_args(RunStatus)
+    if status is not None and status not in statuses:
+        fail(f"--status {status!r} is not a run status: use one of {', '.join(statuses)}")
     rows = open_views(settings_for(home)).runs(status=status, limit=limit)
     if as_json:
         print_json([r.model_dump(mode="json") for r in rows])

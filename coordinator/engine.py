@@ -36,11 +36,12 @@ from cairn.coordinator.domain.facts import (
 )
 from cairn.coordinator.domain.fork import fork_fact
 from cairn.coordinator.domain.state import RunState, evolve, fold
+from cairn.coordinator.intake import InputError, admit
 from cairn.coordinator.outbox import Outbox
 from cairn.coordinator.tenants import TenantLedger, TenantLimits
 from cairn.coordinator.timers import TimerQueue
 from cairn.coordinator.verdicts import AGAIN, DECIDED, Received, Stats, Verdict
-from cairn.coordinator.workflow import WorkflowCatalog, WorkflowError, check_workflow
+from cairn.coordinator.workflow import WorkflowCatalog, WorkflowError
 from cairn.events import (
     TERMINAL_EVENTS,
     ApprovalDecision,
@@ -53,7 +54,6 @@ from cairn.events import (
     RunStarted,
     StartRun,
     TaskDispatched,
-    WorkflowSpec,
 )
 from cairn.runtime import tracing
 from cairn.runtime.crashpoints import crash_point
@@ -216,12 +216,8 @@ class Coordinator:
 
     async def start_run(self, command: StartRun, at: datetime | None = None) -> CommandReply:
         try:
-            if isinstance(command.workflow, WorkflowSpec):
-                spec = command.workflow
-                check_workflow(spec, f"workflow {spec.name!r}")
-            else:
-                spec = self.catalog.get(command.workflow)
-        except WorkflowError as exc:
+            spec = admit(command, self.catalog)  # the workflow, and the input checked against it
+        except (WorkflowError, InputError) as exc:
             return CommandReply(ok=False, error=str(exc))
         run_id = command.run_id or uuid.uuid4()
         intent = command.intent or Intent(

@@ -26,6 +26,7 @@ from cairn.coordinator.outbox import Outbox
 from cairn.coordinator.policy import decision_policy
 from cairn.coordinator.pricing import load_price_table
 from cairn.coordinator.tenants import TenantLimits
+from cairn.coordinator.unserved import UnservedWarnings
 from cairn.coordinator.verdicts import Received
 from cairn.coordinator.workflow import WorkflowCatalog, load_contract_modules
 from cairn.events import (
@@ -51,6 +52,7 @@ from cairn.events import (
 )
 from cairn.events.validation import validation_reason
 from cairn.runtime import tracing
+from cairn.runtime.capabilities import Liveness
 from cairn.runtime.connection import connect_options, unreachable_message
 from cairn.runtime.deadletters import DeadLetters, non_finite_reason
 from cairn.runtime.eventlog.store import EventStore
@@ -89,6 +91,7 @@ class CoordinatorRuntime:
         self.start_handler: Callable[[Msg], Coroutine[Any, Any, None]] | None = None
         self._start_sub: Subscription | None = None
         self._starts: set[asyncio.Task[None]] = set()
+        self.unserved: UnservedWarnings | None = None
 
     async def start(self) -> None:
         nc = self.broker.connection
@@ -114,6 +117,7 @@ class CoordinatorRuntime:
         save_interval = min(self.settings.outbox_save_interval, 60.0)
         outbox = Outbox(nc, js, self.store, save_interval_s=save_interval)
         self.dead_letters = DeadLetters(js, "coordinator")
+        self.unserved = UnservedWarnings(Liveness(js))
         self.coordinator = Coordinator(
             self.store,
             policy,
@@ -221,6 +225,13 @@ class CoordinatorRuntime:
                 log.exception("following the log failed; trying again")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop_timers.wait(), interval)
+
+    async def warn_unserved(self, reply: CommandReply) -> CommandReply:
+        """A started or forked run whose steps name capabilities no live agent serves: the
+        reply says so (see `unserved.py`)."""
+        if reply.run_id is None or self.coordinator is None or self.unserved is None:
+            return reply
+        return await self.unserved.warn(reply, self.coordinator.runs.get(reply.run_id))
 
     async def _on_start(self, msg: Msg) -> None:
         assert self.start_handler is not None
@@ -370,6 +381,7 @@ def create_app(settings: Settings) -> FastStream:
         each in its own task, so those that arrive together are committed together."""
         with tracing.command_span("start", msg.subject, msg.headers) as span:
             reply = await carry_out(msg.subject, msg.data, "start", StartRun, Coordinator.start_run)
+            reply = await runtime.warn_unserved(reply)
             tracing.record_reply(span, reply.ok, reply.error)
         if msg.reply:
             await msg.respond(reply.model_dump_json().encode())
@@ -386,9 +398,12 @@ def create_app(settings: Settings) -> FastStream:
     async def deny(coordinator: Coordinator, command: ApprovalDecision) -> CommandReply:
         return await coordinator.decide_approval(command, approve=False)
 
+    async def fork(coordinator: Coordinator, command: ForkRun) -> CommandReply:
+        return await runtime.warn_unserved(await coordinator.fork_run(command))
+
     @router.subscriber(CMD_FORK, queue=COMMAND_QUEUE)
     async def fork_run(msg: NatsMessage) -> dict[str, Any]:
-        return await command(msg, "fork", ForkRun, Coordinator.fork_run)
+        return await command(msg, "fork", ForkRun, fork)
 
     @router.subscriber(CMD_APPROVE, queue=COMMAND_QUEUE)
     async def approve_step(msg: NatsMessage) -> dict[str, Any]:

@@ -79,15 +79,18 @@ class ForkOrigin(Frozen):
 
 
 def _unchanged(data: dict[str, Any]) -> dict[str, Any]:
-    """Version 2 added optional fields only (a step's `model`, a fork's `models`, a task's
-    `model`): what version 1 wrote reads as it is, with their defaults."""
+    """A version that added optional fields only reads what the one before wrote as it is,
+    with their defaults: version 2 (a step's `model`, a fork's `models`, a task's `model`),
+    RunStarted's version 3 (the workflow's `input_schema`)."""
     return data
 
 
 @register
 class RunStarted(Event):
-    version: ClassVar[int] = 2
-    upcasters: ClassVar[Upcasters] = {1: _unchanged}
+    # Version 3: the workflow may carry an `input_schema`. Older code reading one would fail
+    # on an unknown field; the version makes it say "upgrade cairn" instead.
+    version: ClassVar[int] = 3
+    upcasters: ClassVar[Upcasters] = {1: _unchanged, 2: _unchanged}
 
     workflow: WorkflowSpec
     input: dict[str, Any]

@@ -7,11 +7,11 @@ replayed and audited without the YAML file it came from.
 from __future__ import annotations
 
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from cairn.events.base import Frozen
+from cairn.events.base import Frozen, unset_none
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"
 
@@ -99,6 +99,10 @@ class WorkflowSpec(Frozen):
     # What the run returns; a reference like the step inputs. Default: the last step's output.
     output: Any = None
     limits: RunLimits = RunLimits()
+    # What a run's input must look like, checked before the run is started: a registered
+    # model by name and version ("ReportInput@1", as output contracts are named) or a JSON
+    # Schema. Left out of the encoding while unset, so workflows without one record as before.
+    input_schema: Annotated[str, Field(max_length=200)] | dict[str, Any] | None = unset_none()
 
     @field_validator("steps")
     @classmethod

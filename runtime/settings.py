@@ -56,7 +56,9 @@ class Settings:
     """Process settings shared by the coordinator, projections, agents, the HTTP API and the CLI.
 
     Where cairn keeps its data and how it reaches NATS:
-    - `home`: data directory (`--home`, `CAIRN_HOME`, default `.cairn`).
+    - `home`: data directory (`--home`, `CAIRN_HOME`, default `.cairn`), made absolute once
+      (against the directory the command started in), as are SQLite paths in `CAIRN_STORE`
+      and `CAIRN_VIEWS` and every file a variable names.
     - `nats_url`: `NATS_URL`; when unset, the URL that `cairn up`/`cairn demo` wrote to
       `<home>/nats.url` for the embedded server.
     - `store_url`: event store (`CAIRN_STORE`): a SQLite path or a PostgreSQL DSN;
@@ -163,6 +165,13 @@ class Settings:
     health_file: Path | None = None
     crash_at: tuple[str, int] | None = None
 
+    def __post_init__(self) -> None:
+        # Made absolute once, here: every path derived from the home (the store, the views, the
+        # workflows, nats.url, the tokens) then means the same in every process and after any
+        # change of directory.
+        if not self.home.is_absolute():
+            object.__setattr__(self, "home", self.home.absolute())
+
     @classmethod
     def from_env(
         cls, home: str | Path | None = None, environ: Mapping[str, str] | None = None
@@ -174,8 +183,8 @@ class Settings:
         return cls(
             home=Path(home or env.text("CAIRN_HOME") or DEFAULT_HOME).absolute(),
             nats_url=env.text("NATS_URL"),
-            store_url=env.text("CAIRN_STORE"),
-            views_url=env.text("CAIRN_VIEWS"),
+            store_url=env.store("CAIRN_STORE"),
+            views_url=env.store("CAIRN_VIEWS"),
             nats_user=env.text(USER_ENV),
             nats_password=env.text(PASSWORD_ENV),
             nats_creds=env.path(CREDS_ENV),
@@ -349,6 +358,13 @@ class _Reader:
     def path(self, name: str) -> Path | None:
         value = self._env.get(name)
         return Path(value).absolute() if value else None
+
+    def store(self, name: str) -> str | None:
+        """A store's URL: a PostgreSQL DSN as given, a SQLite path made absolute."""
+        value = self._env.get(name)
+        if not value or "://" in value or value.startswith(":memory:"):
+            return value or None
+        return str(Path(value).absolute())
 
     def names(self, name: str) -> tuple[str, ...]:
         return tuple(n.strip() for n in (self._env.get(name) or "").split(",") if n.strip())

@@ -1,4 +1,5 @@
-"""Output contracts of the example agents (planner → researcher → writer → reviewer)."""
+"""Output contracts of the example agents (planner → researcher → writer → reviewer), and the
+input the example workflows take (`ReportInput`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,17 @@ from cairn.events.contracts import contract
 
 class _Contract(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+@contract("ReportInput", 1)
+class ReportInput(_Contract):
+    """The input of the example workflows (research-report, reviewed-report): checked before a
+    run starts, so a missing topic is refused at the door instead of failing the first step."""
+
+    topic: str = Field(min_length=1, max_length=500)
+    audience: str | None = Field(default=None, min_length=1, max_length=200)
+    # Taken as the run's goal when the start gives no intent.
+    goal: str | None = Field(default=None, min_length=1, max_length=2000)
 
 
 @contract("Plan", 1)

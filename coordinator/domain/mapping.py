@@ -18,15 +18,23 @@ class ReferenceError_(LookupError):
 
 def references(template: Any) -> Iterator[str]:
     """Every `$reference` in a mapping, without the `$`."""
+    for ref, _ in references_with_defaults(template):
+        yield ref
+
+
+def references_with_defaults(template: Any) -> Iterator[tuple[str, bool]]:
+    """Every `$reference` in a mapping, without the `$`, and whether a `?? default` makes it
+    optional."""
     if isinstance(template, str):
         if template.startswith("$") and not template.startswith("$$"):
-            yield template[1:].partition(" ?? ")[0].strip()
+            ref, sep, _ = template[1:].partition(" ?? ")
+            yield ref.strip(), bool(sep)
     elif isinstance(template, dict):
         for value in template.values():
-            yield from references(value)
+            yield from references_with_defaults(value)
     elif isinstance(template, list):
         for value in template:
-            yield from references(value)
+            yield from references_with_defaults(value)
 
 
 def referenced_steps(template: Any) -> set[str]:

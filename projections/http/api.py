@@ -10,15 +10,29 @@ from decimal import Decimal
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Body, Depends, Path, Query, Request
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from cairn.events import CommandReply, UnknownEventError, event_class
+from cairn.events import (
+    Budget,
+    CommandReply,
+    Intent,
+    UnknownEventError,
+    event_class,
+)
+from cairn.events.validation import validation_reason
 from cairn.projections import AuditRow, RunRow, RunStatus, StepRow, Views
 from cairn.projections.http import agents as agent_info
 from cairn.projections.http.auth import Grant, Role, require
 from cairn.projections.http.backend import Backend
 from cairn.projections.http.costs import daily_costs
-from cairn.projections.http.errors import COMMAND_ERRORS, NATS_ERRORS, VIEWS_ERRORS, ApiError
+from cairn.projections.http.errors import (
+    COMMAND_ERRORS,
+    NATS_ERRORS,
+    START_REFUSED,
+    VIEWS_ERRORS,
+    ApiError,
+)
 from cairn.projections.http.models import (
     AgentsReply,
     Approval,
@@ -29,6 +43,8 @@ from cairn.projections.http.models import (
     RaiseBudget,
     RunDetail,
     RunsPage,
+    StartedRun,
+    StartRun,
 )
 from cairn.projections.http.record import budget_of, step_outputs
 from cairn.runtime.client import CairnClient
@@ -262,6 +278,35 @@ async def _send(
     if not reply.ok:
         raise ApiError(409, reply.error or f"the coordinator refused the {command} command")
     return CommandResult(ok=True, run_id=reply.run_id, status=reply.status, by=grant.subject)
+
+
+@router.post("/runs", responses={**NATS_ERRORS, 422: START_REFUSED})
+async def start_run(request: Request, body: StartRun, grant: Admin) -> StartedRun:
+    """Start a run (admin). Input that does not fit the workflow is refused (422) with the field
+    and the reason, and no run is created; a step whose capability no live agent serves is
+    named in `warning` (the run starts all the same: agents may come later)."""
+    budget = None
+    if body.budget_usd is not None or body.budget_tokens is not None:
+        budget = Budget(usd=body.budget_usd, tokens=body.budget_tokens)
+    intent = Intent(goal=body.goal) if body.goal else None
+
+    async def send(client: CairnClient) -> CommandReply:
+        return await client.start_run(
+            body.workflow, body.input, intent=intent, budget=budget, tenant=body.tenant,
+            requested_by=f"human:{grant.subject}",
+        )  # fmt: skip
+
+    try:
+        reply = await backend_of(request).ask(send)
+    except ValidationError as exc:
+        raise ApiError(422, validation_reason(exc, "the run")) from None
+    if not reply.ok:
+        raise ApiError(422, reply.error or "the coordinator refused to start the run")
+    data = reply.data if isinstance(reply.data, dict) else {}
+    return StartedRun(
+        ok=True, run_id=reply.run_id, status=reply.status, by=grant.subject,
+        warning=data.get("warning"), unserved=data.get("unserved") or {},
+    )  # fmt: skip
 
 
 @router.post("/runs/{run}/approve", responses=COMMAND_ERRORS)

@@ -12,16 +12,16 @@ Where the tokens come from, the first that is given:
 
 A file or the variable holds `token: {subject: NAME, role: viewer|approver|admin}` entries.
 Tokens are kept only as SHA-256 digests in memory, so lookups do not compare secrets byte by
-byte.
+byte. A token file is read again when it changes: no restart.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import secrets
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from cairn.events import error_location
 from cairn.projections.http.errors import ApiError, LoginRequired, unauthorized
 from cairn.runtime.settings import Settings, SettingsError
+
+log = logging.getLogger("cairn.http")
 
 TOKENS_ENV = "CAIRN_API_TOKENS"
 TOKENS_FILE_ENV = "CAIRN_API_TOKENS_FILE"
@@ -69,19 +71,51 @@ def _digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-@dataclass(frozen=True)
 class Tokens:
-    """The configured tokens, by digest; `source` says where they came from."""
+    """The configured tokens, by digest; `source` says where they came from.
 
-    grants: Mapping[str, Grant]
-    source: str
+    Tokens read from a file are read again when the file changes (its size, modification time
+    or inode), at the next lookup: a token added or removed counts without a restart. A file
+    changed into one that cannot be used grants nothing until it is mended (the error is logged
+    and named in `source`): a broken edit must not keep a removed token alive."""
+
+    def __init__(self, grants: Mapping[str, Grant], source: str, path: Path | None = None) -> None:
+        self.grants = grants
+        self._source = source
+        self._path = path
+        self._stamp = _stamp(path) if path is not None else None
+        self._problem: str | None = None
+
+    @property
+    def source(self) -> str:
+        if self._problem is not None:
+            return f"{self._source} (which cannot be used now: {self._problem})"
+        return self._source
 
     def lookup(self, token: str) -> Grant | None:
+        self._reload_if_changed()
         return self.grants.get(_digest(token))
 
+    def _reload_if_changed(self) -> None:
+        if self._path is None:
+            return
+        stamp = _stamp(self._path)
+        if stamp == self._stamp:
+            return
+        self._stamp = stamp
+        try:
+            fresh = _from_file(self._path)
+        except TokenConfigError as exc:
+            self.grants, self._problem = {}, str(exc)
+            log.error("the API's tokens are not usable until the file is mended: %s", exc)
+            return
+        self.grants, self._problem = fresh.grants, None
+        log.info("read the API's tokens again from %s (%d)", self._path, len(fresh.grants))
+
     @classmethod
-    def from_mapping(cls, data: Any, source: str) -> Tokens:
-        """Validate `{token: {subject, role}}`; raise TokenConfigError naming `source`."""
+    def from_mapping(cls, data: Any, source: str, path: Path | None = None) -> Tokens:
+        """Validate `{token: {subject, role}}`; raise TokenConfigError naming `source`. With
+        `path`, the tokens are read from there again whenever that file changes."""
         if not isinstance(data, Mapping) or not data:
             raise TokenConfigError(
                 f"{source} must map each token to {{subject: NAME, role: viewer|approver|admin}}"
@@ -111,7 +145,7 @@ class Tokens:
                     f"{source}: a token's {where} is invalid ({first['msg']}); each token "
                     "needs {subject: NAME, role: viewer|approver|admin}"
                 ) from None
-        return cls(grants, source)
+        return cls(grants, source, path)
 
 
 def load_tokens(settings: Settings | Path, file: Path | None = None) -> Tokens:
@@ -120,7 +154,7 @@ def load_tokens(settings: Settings | Path, file: Path | None = None) -> Tokens:
     `settings` may be only a home directory: then the variables are read by
     `Settings.from_env(home)`."""
     if file is not None:
-        return _from_file(file)
+        return _from_file(file.absolute())  # read again later, whatever the directory then
     if not isinstance(settings, Settings):
         try:
             settings = Settings.from_env(settings)
@@ -155,7 +189,16 @@ def _from_file(path: Path) -> Tokens:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise TokenConfigError(f"the token file {path} is not valid YAML or JSON: {exc}") from None
-    return Tokens.from_mapping(data, f"the token file {path}")
+    return Tokens.from_mapping(data, f"the token file {path}", path)
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    """What changes when a file is written or replaced; None while it is missing."""
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return info.st_mtime_ns, info.st_size, info.st_ino
 
 
 def dev_token_file(home: Path) -> tuple[Path, str | None]:

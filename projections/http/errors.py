@@ -66,6 +66,12 @@ COMMAND_ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
+START_REFUSED: dict[str, Any] = {
+    "model": ErrorReply,
+    "description": "the input does not fit the workflow, or the workflow is unknown or broken",
+}
+
+
 def _json(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 

@@ -41,6 +41,24 @@ class RaiseBudget(Body):
         return self
 
 
+class StartRun(Body):
+    """Start a run of a workflow the coordinator knows by name; who started it is the token's
+    subject (`human:<subject>`)."""
+
+    workflow: str = Field(
+        min_length=1, max_length=200, description="a workflow name (built in, or <home>/workflows)"
+    )
+    input: dict[str, Any] = Field(
+        default_factory=dict, description="the run input, checked against the workflow first"
+    )
+    goal: str | None = Field(
+        default=None, min_length=1, max_length=2000, description="the run's intent"
+    )
+    budget_usd: Decimal | None = Field(default=None, ge=0, max_digits=18, decimal_places=10)
+    budget_tokens: int | None = Field(default=None, ge=0)
+    tenant: str = Field(default="default", min_length=1, max_length=64)
+
+
 class CommandResult(BaseModel):
     """The coordinator's answer to a command that it carried out."""
 
@@ -48,6 +66,17 @@ class CommandResult(BaseModel):
     run_id: uuid.UUID | None
     status: str | None
     by: str = Field(description="who the command was sent as (the token's subject)")
+
+
+class StartedRun(CommandResult):
+    """A run the coordinator started, and what it warned about."""
+
+    warning: str | None = Field(
+        default=None, description="e.g. that no live agent serves a capability a step names"
+    )
+    unserved: dict[str, list[str]] = Field(
+        default_factory=dict, description="capabilities no live agent serves, with their steps"
+    )
 
 
 class RunsPage(BaseModel):
@@ -116,7 +145,8 @@ class AgentRow(BaseModel):
     """One capability's shared JetStream consumer (`cairn-agent-<capability>`).
 
     - `live`: some replica is pulling or working (one that died mid-task still counts until
-      its tasks' ack deadline, `CAIRN_AGENT_ACK_WAIT`, passes).
+      its tasks' ack deadline, `CAIRN_AGENT_ACK_WAIT`, passes), or was handed a task in the
+      last minute; the rule a start's warning about unserved capabilities uses.
     - `waiting_pulls`: open pull requests (`num_waiting`); each idle pull loop of a live
       replica keeps one open, so > 0 means some replica is asking for work now. Requests expire
       and are renewed every couple of seconds, so the number flickers.
