@@ -36,7 +36,7 @@ from cairn.coordinator.domain.facts import (
 )
 from cairn.coordinator.domain.fork import fork_fact
 from cairn.coordinator.domain.state import RunState, evolve, fold
-from cairn.coordinator.intake import InputError, admit
+from cairn.coordinator.intake import InputError, admit_start
 from cairn.coordinator.outbox import Outbox
 from cairn.coordinator.tenants import TenantLedger, TenantLimits
 from cairn.coordinator.timers import TimerQueue
@@ -216,7 +216,7 @@ class Coordinator:
 
     async def start_run(self, command: StartRun, at: datetime | None = None) -> CommandReply:
         try:
-            spec = admit(command, self.catalog)  # the workflow, and the input checked against it
+            spec = admit_start(command, self.catalog)  # the workflow; the input checked
         except (WorkflowError, InputError) as exc:
             return CommandReply(ok=False, error=str(exc))
         run_id = command.run_id or uuid.uuid4()

@@ -32,7 +32,7 @@ class InputError(ValueError):
     """A run's input does not fit its workflow; the message names the field, why, and the fix."""
 
 
-def admit(command: StartRun, catalog: WorkflowCatalog) -> WorkflowSpec:
+def admit_start(command: StartRun, catalog: WorkflowCatalog) -> WorkflowSpec:
     """The workflow a start command names, checked, with the command's input checked against
     it. Raises WorkflowError (no such workflow, a broken one) or InputError."""
     if isinstance(command.workflow, WorkflowSpec):
