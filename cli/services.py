@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 import uuid
@@ -267,7 +268,8 @@ def up(
         fail(str(exc))
     if gave_up is not None:
         fail(f"cairn up gave up: {gave_up}")
-    console.print("stopped.")
+    with contextlib.suppress(OSError):  # after a hang-up there may be no terminal to tell
+        console.print("stopped.")
 
 
 @app.command()
@@ -282,7 +284,7 @@ def coordinator(home: HomeOpt = None) -> None:
     if server_address(settings.store) is None:
         lock = HomeLock(settings.home)
         try:
-            lock.acquire("cairn coordinator", settings.nats_url)
+            lock.acquire("cairn coordinator", settings.resolved_nats_url())
         except HomeLockedError as exc:
             fail(str(exc))
         lock.keep_across_exec()  # the coordinator this process becomes holds it until it ends

@@ -14,6 +14,7 @@ import signal
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from urllib.parse import urlparse
 
 from rich.console import Console
 
@@ -147,6 +148,16 @@ class Stack:
         text = event.message(self.policy) if isinstance(event, Crashed) else event.message()
         return f"restart: {text}"
 
+    def pin_dashboard_port(self) -> None:
+        """A restarted HTTP server listens where the first one did (it may have been given
+        any free port), so the dashboard's address stays as shown."""
+        from cairn.projections.http import url_file
+
+        with contextlib.suppress(OSError, ValueError):
+            port = urlparse(url_file(self.sup.settings).read_text().strip()).port
+            if port and "http" in self.sup.specs:
+                self.sup.specs["http"].env["CAIRN_HTTP_PORT"] = str(port)
+
     def stop(self) -> None:
         from cairn.projections.http import url_file
 
@@ -197,6 +208,7 @@ async def run_up(
             await client.close()
         if answered:
             lines = await dashboard_lines(sup, dashboard)
+            stack.pin_dashboard_port()
             say(f"cairn is up · NATS {sup.settings.resolved_nats_url()}")
             say(f"data in {settings.home}, logs in {settings.home / 'logs'} (a new one each start)")
             for name, proc in sup.processes.items():

@@ -20,6 +20,7 @@ from pathlib import Path
 from types import TracebackType
 
 LOCK_NAME = "cairn.lock"
+ACQUIRE_TRIES = 5
 
 
 @dataclass(frozen=True)
@@ -80,11 +81,16 @@ class HomeLock:
         """Take the lock at once or raise HomeLockedError naming its holder."""
         self.home.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise HomeLockedError(self.home, read_holder(self.path), command) from None
+        # `holder_of` takes the lock shared for an instant: a few tries tell that from a holder.
+        for attempt in range(ACQUIRE_TRIES):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if attempt == ACQUIRE_TRIES - 1:
+                    os.close(fd)
+                    raise HomeLockedError(self.home, read_holder(self.path), command) from None
+                time.sleep(0.02)
         self._fd = fd
         started = datetime.now(UTC).isoformat(timespec="seconds")
         self._write(Holder(os.getpid(), command, started, nats_url))

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 from conftest import process_alive
 from upstack import HeldModel, Up, cairn, clean_env, gone, home_processes, poll
@@ -148,6 +149,20 @@ def test_sigkill_and_sighup_of_cairn_up_leave_no_process_behind(tmp_path: Path) 
         nats = nats_server_of(home)
         url = (home / "nats.url").read_text()
         assert f"cairn is up · NATS {url}" in second.output()
+        # A restarted HTTP server listens where the first one did.
+        dashboard = (home / "http.url").read_text().strip()
+        assert f"dashboard: {dashboard}/" in second.output()
+        os.kill(pids["http"], signal.SIGKILL)
+        second.wait_for("restart: http restarted: pid ")
+        pids["http"] = int(second.output().split("restart: http restarted: pid ")[1].split()[0])
+
+        def answers() -> bool:
+            try:
+                return httpx.get(f"{dashboard}/healthz", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        poll(answers, 30, "the restarted dashboard to answer at its address")
     finally:
         code = second.stop(signal.SIGHUP)  # the terminal was closed
     assert code == 0, second.output()
