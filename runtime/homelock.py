@@ -57,13 +57,13 @@ def locked_message(home: Path, holder: Holder | None, wanted: str) -> str:
     else:
         who = f"`{holder.command}` (pid {holder.pid}, since {holder.since()}"
         who += f", NATS at {holder.nats_url})" if holder.nats_url else ")"
-    reach = (
-        f"use it from other commands with --home {home}"
-        if holder is not None and holder.command == "cairn up"
-        else "wait for it to end"
-    )
+    command = holder.command if holder is not None else None
+    reach = {
+        "cairn up": f"use it from other commands with --home {home}, ",
+        "cairn demo": "wait for it to end, ",
+    }.get(command or "", "")
     return (
-        f"{home} is in use by {who}, so `{wanted}` did not start: {reach}, stop it "
+        f"{home} is in use by {who}, so `{wanted}` did not start: {reach}stop it "
         f"(kill -INT {holder.pid if holder else 'PID'}), or give `{wanted}` another --home"
     )
 
