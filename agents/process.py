@@ -29,8 +29,10 @@ def main(
     Settings default to `Settings.from_env()`: NATS from `NATS_URL` (or the embedded server
     that `cairn up` started), connecting as the user `agent-<capability>`; worker options from
     `CAIRN_AGENT_*`, the model from `CAIRN_LLM*`, the log level from `CAIRN_LOG_LEVEL`.
-    SIGTERM and SIGINT stop it gracefully (exit 0). A NATS server that cannot be reached, or
-    wrong configuration, is one line on stderr and exit status 2.
+    SIGTERM and SIGINT stop it gracefully (exit 0). While NATS cannot be reached it waits, with
+    one line saying so, up to `CAIRN_START_TIMEOUT` (default 120 s; 0: no limit). A server
+    still unreachable then, credentials it refuses, or wrong configuration, is one line on
+    stderr and exit status 2.
     """
     try:
         settings = settings or Settings.from_env()

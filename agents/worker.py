@@ -9,9 +9,10 @@ as a process of its own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ from cairn.runtime.settings import (
     SettingsError,
 )
 from cairn.runtime.streams import wait_for_streams
+from cairn.runtime.waiting import connect_when_up
 
 log = logging.getLogger("cairn.agents.worker")
 
@@ -157,17 +159,21 @@ async def run_worker(
     on_ready: Callable[[str], object] | None = None,
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE,
     fetch_timeout: float = DEFAULT_FETCH_TIMEOUT,
+    start_timeout: float | None = None,
 ) -> None:
     """Serve `agent` until `stop` is set (or the task running this is cancelled).
 
-    Connects to NATS (`NatsUnavailableError` if it cannot; with `Settings`, as the
-    capability's role `agent-<capability>`), declares cairn's streams and the capability's
-    consumer, then runs `concurrency` independent pull loops. `on_ready(agent_id)`
-    is called once the consumer is bound. On stop: no new fetches, in-flight tasks get
-    `shutdown_grace` seconds to finish (unfinished ones are handed back, never acked), then
-    the connection is drained. `llm` defaults to the settings' (`llm_from_settings`; given
-    only a URL, `llm_from_env()`), closed on exit; a client passed in is left to its owner.
-    With `Settings`, the loops touch `settings.health_file` as they turn.
+    Connects to NATS (with `Settings`, as the capability's role `agent-<capability>`),
+    waiting up to `start_timeout` seconds (0: no limit; None: the settings' `start_timeout`,
+    or no wait when given only a URL) while it cannot be reached, with one line saying so;
+    then `NatsUnavailableError`. Refused credentials raise at once. It declares cairn's
+    streams and the capability's consumer, then runs `concurrency` independent pull loops.
+    `on_ready(agent_id)` is called once the consumer is bound. On stop: no new fetches,
+    in-flight tasks get `shutdown_grace` seconds to finish (unfinished ones are handed back,
+    never acked), then the connection is drained. `llm` defaults to the settings'
+    (`llm_from_settings`; given only a URL, `llm_from_env()`), closed on exit; a client
+    passed in is left to its owner. With `Settings`, the loops touch `settings.health_file`
+    as they turn.
     """
     check_agent(agent)
     options = WorkerOptions(
@@ -192,8 +198,19 @@ async def run_worker(
         client = llm_from_settings(settings) if settings is not None else llm_from_env()
     nc: Client | None = None
     subs: list[JetStreamContext.PullSubscription] = []
+    if start_timeout is None and settings is not None:
+        start_timeout = settings.start_timeout
     try:
-        nc = await connect(endpoint, name=f"cairn-agent-{agent_id}")
+        name = f"cairn-agent-{agent_id}"
+        if start_timeout is None:
+            nc = await connect(endpoint, name=name)
+        else:
+            waiting = connect_when_up(
+                _endpoint_of(settings, capability, endpoint), name, start_timeout, log.warning
+            )
+            nc = await _unless_stopped(waiting, stop)
+            if nc is None:
+                return  # stopped while waiting for NATS
         js = nc.jetstream()
         url = endpoint.url if isinstance(endpoint, NatsEndpoint) else endpoint
         await _declare(js, capability, options, display_url(url))
@@ -225,6 +242,37 @@ async def run_worker(
                 await quietly(nc.close())
         if owned_llm and isinstance(client, ClosableLLMClient):
             await client.aclose()
+
+
+async def _unless_stopped(
+    connecting: Coroutine[Any, Any, Client], stop: asyncio.Event | None
+) -> Client | None:
+    """The connection, or None when `stop` is set first (SIGTERM while waiting for NATS)."""
+    if stop is None:
+        return await connecting
+    task = asyncio.ensure_future(connecting)
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return None
+
+
+def _endpoint_of(
+    settings: Settings | None, capability: str, given: NatsEndpoint | str | None
+) -> Callable[[], NatsEndpoint]:
+    """Where to connect, asked again before each attempt: with settings, the embedded
+    server's URL file may appear while the agent waits."""
+    if settings is not None:
+        return lambda: settings.nats_endpoint(agent_role(capability))
+    fixed = given if isinstance(given, NatsEndpoint) else NatsEndpoint(url=given)
+    return lambda: fixed
 
 
 async def _declare(

@@ -155,7 +155,11 @@ def stack_credentials(settings: Settings, credentials: Path | None) -> Path | No
 async def start_services(
     settings: Settings, startup_timeout: float = 30.0, credentials: Path | None = None
 ) -> Supervisor:
-    sup = Supervisor(settings, credentials=stack_credentials(settings, credentials))
+    """NATS and every service of the demo, tied to this process (they end with it, even
+    when it is killed), each start of each writing a fresh log."""
+    sup = Supervisor(
+        settings, credentials=stack_credentials(settings, credentials), keep_logs=5, tied=True
+    )
     try:
         sup.ensure_nats()
         sup.start_all()

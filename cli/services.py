@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
 import sys
 import uuid
 from pathlib import Path
@@ -42,7 +41,9 @@ from cairn.cli.demo import (
 )
 from cairn.runtime.client import CairnClient
 from cairn.runtime.eventlog.store import StoreUnavailableError
+from cairn.runtime.homelock import Holder, HomeLock, HomeLockedError
 from cairn.runtime.settings import Settings
+from cairn.runtime.supervisor import Supervisor
 
 # -- running things ---------------------------------------------------------------------------
 
@@ -59,10 +60,14 @@ def demo(
 ) -> None:
     """Start NATS, the coordinator, projections and four agents as processes; run the example.
 
-    The run stops at an approval gate before the report is written: answer the prompt, run
-    `cairn approve RUN write --as NAME` from another terminal, or pass --yes."""
+    With `cairn up` already running in this home, the run goes to that stack, which is left
+    running. The run stops at an approval gate before the report is written: answer the
+    prompt, run `cairn approve RUN write --as NAME` from another terminal, or pass --yes."""
     settings = settings_for(home)
-    result = run_async(_demo(settings, topic, as_json, timeout, yes))
+    try:
+        result = run_async(_demo(settings, topic, as_json, timeout, yes))
+    except HomeLockedError as exc:
+        fail(str(exc))
     if as_json:
         print_json(result)
         return
@@ -73,6 +78,58 @@ def demo(
 async def _demo(
     settings: Settings, topic: str, as_json: bool, timeout: float, yes: bool
 ) -> dict[str, Any]:
+    """Run the demo on a stack of its own, or on the `cairn up` that holds the home: a
+    second stack there would share its NATS folder and SQLite files, and a user who has one
+    running expects the demo's run to show up in it (its dashboard, `cairn runs`)."""
+    from cairn.cli.stack import running_up
+
+    lock = HomeLock(settings.home)
+    try:
+        lock.acquire("cairn demo", settings.nats_url)
+    except HomeLockedError:
+        holder = await asyncio.to_thread(running_up, settings.home)
+        if holder is None or holder.nats_url is None:
+            raise
+        return await _demo_on_up(settings, holder, topic, as_json, timeout, yes)
+    try:
+        sup = await start_services(settings)
+        try:
+            lock.set_nats_url(sup.settings.resolved_nats_url())
+            return await _demo_run(sup.settings, sup, topic, as_json, timeout, yes)
+        finally:
+            sup.stop_all()
+    finally:
+        lock.release()
+
+
+async def _demo_on_up(
+    settings: Settings, holder: Holder, topic: str, as_json: bool, timeout: float, yes: bool
+) -> dict[str, Any]:
+    assert holder.nats_url is not None
+    if not as_json:
+        console.print(
+            f"[bold]cairn demo[/] · `cairn up` (pid {holder.pid}) already runs in "
+            f"{settings.home}: the run goes to that stack, which stays up afterwards",
+            highlight=False,
+        )
+    summary = await _demo_run(
+        settings.with_nats(holder.nats_url), None, topic, as_json, timeout, yes
+    )
+    summary["stack"] = {"command": holder.command, "pid": holder.pid}
+    return summary
+
+
+async def _demo_run(
+    settings: Settings,
+    sup: Supervisor | None,
+    topic: str,
+    as_json: bool,
+    timeout: float,
+    yes: bool,
+) -> dict[str, Any]:
+    """The demo's run on the stack at `settings` (`sup`: the one the demo started)."""
+    from cairn.cli.stack import until_answering
+
     show = None if as_json else console
     who = os.environ.get("USER") or "demo-user"
     if yes:
@@ -81,45 +138,44 @@ async def _demo(
         approver = prompt_approver(console, who)
     else:
         approver = waiting_notice(err_console)
-    sup = await start_services(settings)
+    if show and sup is not None:
+        show.print(
+            f"[bold]cairn demo[/] · NATS {settings.resolved_nats_url()} · data in {settings.home}"
+        )
+        show.print(
+            "started as separate processes: "
+            + ", ".join(f"{n} (pid {p.pid})" for n, p in sup.processes.items())
+        )
+    client = await CairnClient.connect(settings.nats_endpoint(), "cairn-demo")
     try:
-        if show:
-            show.print(
-                f"[bold]cairn demo[/] · NATS {sup.settings.resolved_nats_url()} · "
-                f"data in {settings.home}"
-            )
-            show.print(
-                "started as separate processes: "
-                + ", ".join(f"{n} (pid {p.pid})" for n, p in sup.processes.items())
-            )
-        client = await CairnClient.connect(sup.settings.nats_endpoint(), "cairn-demo")
-        try:
+        if sup is not None:
             await wait_for_services(sup, client, timeout=30)
-            result = await run_and_follow(
-                client,
-                DEMO_WORKFLOW,
-                {"topic": topic, "audience": "curious readers"},
-                demo_intent(topic),
-                show,
-                timeout,
-                sup,
-                approver,
-            )
-        finally:
-            await client.close()
-        from cairn.projections import wait_for_views
+        else:
+            await until_answering(client, 30, settings.home / "logs" / "coordinator.log")
+        result = await run_and_follow(
+            client,
+            DEMO_WORKFLOW,
+            {"topic": topic, "audience": "curious readers"},
+            demo_intent(topic),
+            show,
+            timeout,
+            sup,
+            approver,
+        )
+    finally:
+        await client.close()
+    from cairn.projections import wait_for_views
 
-        await asyncio.to_thread(wait_for_views, settings.views, result.progress.position, 15.0)
-        summary = _summary(settings, result.run_id)
-        summary["seconds"] = round(result.seconds, 3)
+    await asyncio.to_thread(wait_for_views, settings.views, result.progress.position, 15.0)
+    summary = _summary(settings, result.run_id)
+    summary["seconds"] = round(result.seconds, 3)
+    if sup is not None:
         summary["processes"] = {n: p.pid for n, p in sup.processes.items()}
         if sup.nats is not None and sup.nats.process is not None:
             summary["processes"]["nats-server"] = sup.nats.process.pid
-        if show:
-            _print_summary(show, summary, result.progress.output)
-        return summary
-    finally:
-        sup.stop_all()
+    if show:
+        _print_summary(show, summary, result.progress.output)
+    return summary
 
 
 def _summary(settings: Settings, run_id: uuid.UUID) -> dict[str, Any]:
@@ -178,53 +234,60 @@ CredentialsOpt = Annotated[
 ]
 
 
+ReplicasOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--replicas",
+        help="NAME=COUNT: run COUNT processes of the agent NAME (e.g. researcher=2); repeatable.",
+        show_default=False,
+    ),
+]
+
+
 @app.command()
-def up(home: HomeOpt = None, credentials: CredentialsOpt = None) -> None:
-    """Start everything but a run (NATS, coordinator, projections, agents) until Ctrl-C."""
+def up(
+    home: HomeOpt = None, credentials: CredentialsOpt = None, replicas: ReplicasOpt = None
+) -> None:
+    """Start everything but a run (NATS, coordinator, projections, agents, the HTTP API) and
+    keep it up until Ctrl-C, SIGTERM or a closed terminal.
+
+    One stack per home: a second `cairn up` there says which process holds it. A process
+    that crashes is started again after a pause that grows with each crash; a crash loop
+    (CAIRN_RESTART_LIMIT crashes within CAIRN_RESTART_WINDOW seconds), or a process that
+    says its configuration cannot work, stops everything with one sentence."""
+    from cairn.cli.stack import ReplicasError, parse_replicas, run_up
+
     settings = settings_for(home)
-    run_async(_up(settings, credentials))
-
-
-async def _up(settings: Settings, credentials: Path | None = None) -> None:
-    sup = await start_services(settings, credentials=credentials)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     try:
-        from cairn.cli.serve import dashboard_lines, start_dashboard
-
-        dashboard = start_dashboard(sup)
-        client = await CairnClient.connect(sup.settings.nats_endpoint(), "cairn-up")
-        try:
-            await wait_for_services(sup, client, timeout=30)
-        finally:
-            await client.close()
-        console.print(f"cairn is up · NATS {sup.settings.resolved_nats_url()}")
-        console.print(f"data in {settings.home}, logs in {settings.home / 'logs'}")
-        for name, proc in sup.processes.items():
-            console.print(f"  {name}: pid {proc.pid}")
-        for line in await dashboard_lines(sup, dashboard):
-            console.print(line, highlight=False, soft_wrap=True)
-        console.print(
-            'start a run:  cairn run research-report --input \'{"topic": "tides"}\' --wait'
-        )
-        console.print("Ctrl-C stops everything.")
-        while not stop.is_set():
-            dead = sup.exited()
-            if dead:
-                name, code = next(iter(dead.items()))
-                fail(f"the {name} process exited with code {code}:\n{sup.log_tail(name)}")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 0.5)
-    finally:
-        sup.stop_all()
+        counts = parse_replicas(replicas or [])
+    except ReplicasError as exc:
+        fail(str(exc))
+    try:
+        gave_up = run_async(run_up(settings, credentials, counts, console))
+    except HomeLockedError as exc:
+        fail(str(exc))
+    if gave_up is not None:
+        fail(f"cairn up gave up: {gave_up}")
+    with contextlib.suppress(OSError):  # after a hang-up there may be no terminal to tell
         console.print("stopped.")
 
 
 @app.command()
 def coordinator(home: HomeOpt = None) -> None:
-    """Run the coordinator service in the foreground."""
+    """Run the coordinator service in the foreground.
+
+    On a SQLite store it holds the home, as `cairn up` does: two coordinators writing one
+    SQLite file from two stacks are refused. On PostgreSQL several may run (see "Deploying")."""
+    from cairn.runtime.waiting import server_address
+
+    settings = settings_for(home)
+    if server_address(settings.store) is None:
+        lock = HomeLock(settings.home)
+        try:
+            lock.acquire("cairn coordinator", settings.resolved_nats_url())
+        except HomeLockedError as exc:
+            fail(str(exc))
+        lock.keep_across_exec()  # the coordinator this process becomes holds it until it ends
     exec_module("cairn.coordinator", home)
 
 

@@ -1,7 +1,9 @@
 """`python -m cairn.projections [rebuild]`: keep the views up to date, or rebuild them.
 
 Settings come from the environment (CAIRN_HOME, CAIRN_STORE, CAIRN_VIEWS, see `Settings`). The
-runner stops cleanly, with exit status 0, on SIGTERM or SIGINT.
+runner needs no NATS: it reads the store. At start it waits for a PostgreSQL server of the store
+or the views that does not accept connections yet, up to CAIRN_START_TIMEOUT (one line says
+so). It stops cleanly, with exit status 0, on SIGTERM or SIGINT.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from cairn.projections.storage import redacted
 from cairn.runtime import crashpoints
 from cairn.runtime.eventlog.store import StoreUnavailableError
 from cairn.runtime.settings import Settings, SettingsError
+from cairn.runtime.waiting import open_when_up
 
 log = logging.getLogger("cairn.projections")
 
@@ -66,7 +69,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 seconds,
             )
             return 0
-        asyncio.run(_follow(settings))
+        # Waited for before the signal handlers exist: SIGTERM still ends a waiting runner.
+        runner = open_when_up(
+            lambda: ProjectionRunner(settings),
+            [settings.store, settings.views],
+            settings.start_timeout,
+            log.warning,
+        )
+        with runner:
+            asyncio.run(_follow(settings, runner))
     except (StoreUnavailableError, ViewsUnavailableError) as exc:
         log.error("%s", exc)
         return 2
@@ -78,19 +89,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-async def _follow(settings: Settings) -> None:
+async def _follow(settings: Settings, runner: ProjectionRunner) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    with ProjectionRunner(settings) as runner:
-        log.info(
-            "projecting %s into %s from log position %d",
-            redacted(settings.store),
-            redacted(settings.views),
-            runner.position(),
-        )
-        await runner.run(stop)
+    log.info(
+        "projecting %s into %s from log position %d",
+        redacted(settings.store),
+        redacted(settings.views),
+        runner.position(),
+    )
+    await runner.run(stop)
     log.info("stopped")
 
 

@@ -13,6 +13,8 @@ from collections.abc import Container
 from pathlib import Path
 from types import TracebackType
 
+from cairn.runtime.tether import tethered
+
 
 class EmbeddedServerError(RuntimeError):
     """The embedded server could not be started."""
@@ -49,7 +51,8 @@ class EmbeddedNats:
     """Start and stop one JetStream-enabled nats-server on free loopback ports.
 
     `config` is a nats-server configuration file (users and permissions, see `roles`);
-    the address, ports and store given here take precedence over what it says.
+    the address, ports and store given here take precedence over what it says. `tied`: the
+    server dies with this process (see `tether`).
     """
 
     def __init__(
@@ -58,12 +61,15 @@ class EmbeddedNats:
         port: int | None = None,
         name: str = "cairn",
         config: Path | None = None,
+        *,
+        tied: bool = False,
     ) -> None:
         self.store_dir = store_dir
         self.port = port or free_port()
         self.monitor_port = free_port(avoid={self.port})
         self.name = name
         self.config = config
+        self.tied = tied
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path = store_dir / "nats-server.log"
 
@@ -84,7 +90,12 @@ class EmbeddedNats:
             "-n", self.name,
             "-l", str(self.log_path),
         ]  # fmt: skip
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.process = subprocess.Popen(
+            args,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            **(tethered() if self.tied else {}),
+        )
         deadline = time.monotonic() + timeout
         health = f"http://127.0.0.1:{self.monitor_port}/healthz?js-enabled-only=true"
         while time.monotonic() < deadline:

@@ -45,6 +45,14 @@ DEFAULT_LLM_MODEL = "gpt-4o-mini"
 DEFAULT_LLM_TIMEOUT = 60.0
 DEFAULT_HTTP_HOST = "127.0.0.1"
 DEFAULT_HTTP_PORT = 8700
+# A process waits this long at start for NATS (and the coordinator and the projection runner
+# for a database server) before it gives up: long enough for a compose or systemd start order.
+DEFAULT_START_TIMEOUT = 120.0
+# `cairn up` restarts a crashed child after 1 s, 2 s, 4 s ... (at most 30 s), and gives up on a
+# child that crashed 5 times within 60 s.
+DEFAULT_RESTART_BACKOFF = 1.0
+DEFAULT_RESTART_LIMIT = 5
+DEFAULT_RESTART_WINDOW = 60.0
 
 
 class SettingsError(ValueError):
@@ -74,6 +82,16 @@ class Settings:
     - `blob_threshold` (`CAIRN_BLOB_THRESHOLD`): outputs whose JSON is larger (bytes) are
       stored once by content hash, apart from the events; default 16384; None (`off`) keeps
       every output inside its event.
+    - `start_timeout` (`CAIRN_START_TIMEOUT`, seconds, default 120; 0: no limit): how long the
+      coordinator, an agent and the projection runner wait at start for NATS (and the
+      coordinator and the projection runner for a PostgreSQL server) before they give up.
+
+    `cairn up`, which restarts a process that crashed:
+    - `restart_backoff` (`CAIRN_RESTART_BACKOFF`, seconds, default 1): the wait before the
+      first restart, doubled for each further crash within the window (at most 30 s).
+    - `restart_limit` (`CAIRN_RESTART_LIMIT`, default 5) crashes of one process within
+      `restart_window` (`CAIRN_RESTART_WINDOW`, seconds, default 60): a crash loop, on which
+      `cairn up` gives up and stops everything.
 
     The coordinator:
     - `prices` (`CAIRN_PRICES`): the price table YAML; default the shipped one.
@@ -138,6 +156,10 @@ class Settings:
     nats_tls_cert: Path | None = None
     nats_tls_key: Path | None = None
     blob_threshold: int | None = DEFAULT_BLOB_THRESHOLD
+    start_timeout: float = DEFAULT_START_TIMEOUT
+    restart_backoff: float = DEFAULT_RESTART_BACKOFF
+    restart_limit: int = DEFAULT_RESTART_LIMIT
+    restart_window: float = DEFAULT_RESTART_WINDOW
     prices: Path | None = None
     tenants_file: Path | None = None
     contract_modules: tuple[str, ...] = ()
@@ -192,6 +214,16 @@ class Settings:
             nats_tls_cert=env.path(TLS_CERT_ENV),
             nats_tls_key=env.path(TLS_KEY_ENV),
             blob_threshold=env.blob_threshold("CAIRN_BLOB_THRESHOLD"),
+            start_timeout=env.at_least(
+                "CAIRN_START_TIMEOUT", DEFAULT_START_TIMEOUT, float, 0, " of seconds"
+            ),
+            restart_backoff=env.at_least(
+                "CAIRN_RESTART_BACKOFF", DEFAULT_RESTART_BACKOFF, float, 0, " of seconds"
+            ),
+            restart_limit=env.at_least("CAIRN_RESTART_LIMIT", DEFAULT_RESTART_LIMIT, int, 1),
+            restart_window=env.at_least(
+                "CAIRN_RESTART_WINDOW", DEFAULT_RESTART_WINDOW, float, 0, " of seconds"
+            ),
             prices=env.path("CAIRN_PRICES"),
             tenants_file=env.path("CAIRN_TENANTS"),
             contract_modules=env.names("CAIRN_CONTRACTS"),
@@ -314,6 +346,10 @@ class Settings:
             TLS_CERT_ENV: self.nats_tls_cert,
             TLS_KEY_ENV: self.nats_tls_key,
             "CAIRN_BLOB_THRESHOLD": "off" if self.blob_threshold is None else self.blob_threshold,
+            "CAIRN_START_TIMEOUT": self.start_timeout,
+            "CAIRN_RESTART_BACKOFF": self.restart_backoff,
+            "CAIRN_RESTART_LIMIT": self.restart_limit,
+            "CAIRN_RESTART_WINDOW": self.restart_window,
             "CAIRN_PRICES": self.prices,
             "CAIRN_TENANTS": self.tenants_file,
             "CAIRN_CONTRACTS": ",".join(self.contract_modules),
@@ -377,6 +413,17 @@ class _Reader:
             return kind(raw)
         except ValueError:
             raise SettingsError(f"{name} must be a number{unit}, not {raw!r}") from None
+
+    def at_least(
+        self, name: str, default: N, kind: Callable[[str], N], minimum: N, unit: str = ""
+    ) -> N:
+        value = self.number(name, default, kind, unit)
+        if value < minimum:
+            raise SettingsError(
+                f"{name} must be a number{unit} no smaller than {minimum}, "
+                f"not {self._env.get(name)!r}"
+            )
+        return value
 
     def blob_threshold(self, name: str) -> int | None:
         raw = (self._env.get(name) or "").strip()

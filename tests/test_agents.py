@@ -780,9 +780,9 @@ async def test_planner_module_runs_as_a_process_and_stops_on_sigterm(
 
 async def test_agent_process_exits_2_when_nats_is_unreachable(agent_env: dict[str, str]) -> None:
     url = f"nats://127.0.0.1:{free_port()}"
-    async with agent_process(
-        "-m", "cairn.agents.examples.reviewer", env=agent_env | {"NATS_URL": url}
-    ) as reviewer:
+    # It waits for NATS first (tests/test_waiting.py): a short limit, then the same sentence.
+    env = agent_env | {"NATS_URL": url, "CAIRN_START_TIMEOUT": "0.5"}
+    async with agent_process("-m", "cairn.agents.examples.reviewer", env=env) as reviewer:
         assert await reviewer.exit_code() == 2
     assert reviewer.lines[-1] == (
         f"cairn agent reviewer: cannot reach NATS at {url}: start it (`cairn up` runs an "

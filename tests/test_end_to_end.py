@@ -178,7 +178,8 @@ def test_cli_names_the_unreachable_nats_server(tmp_path: Path) -> None:
     from cairn.runtime.embedded import free_port
 
     url = f"nats://127.0.0.1:{free_port()}"
-    settings = Settings(home=tmp_path, nats_url=url)
+    # The coordinator waits for NATS first (tests/test_waiting.py): a short limit here.
+    settings = Settings(home=tmp_path, nats_url=url, start_timeout=0.5)
     proc = cli(settings, "run", "research-report", "--input", "{}", check=False)
     assert proc.returncode == 2
     assert f"cannot reach NATS at {url}" in proc.stderr

@@ -201,6 +201,10 @@ def test_env_hands_every_setting_to_a_child(tmp_path: Path) -> None:
         "CAIRN_NATS_TLS_CERT": str(tmp_path / "cert.pem"),
         "CAIRN_NATS_TLS_KEY": str(tmp_path / "key.pem"),
         "CAIRN_BLOB_THRESHOLD": "off",
+        "CAIRN_START_TIMEOUT": "0",
+        "CAIRN_RESTART_BACKOFF": "0.05",
+        "CAIRN_RESTART_LIMIT": "3",
+        "CAIRN_RESTART_WINDOW": "10",
         "CAIRN_PRICES": str(tmp_path / "prices.yaml"),
         "CAIRN_TENANTS": str(tmp_path / "tenants.yaml"),
         "CAIRN_CONTRACTS": "mine.contracts, theirs.contracts",
@@ -258,6 +262,9 @@ def test_env_hands_every_setting_to_a_child(tmp_path: Path) -> None:
         ("CAIRN_HTTP_PORT", "80000", "CAIRN_HTTP_PORT must be a port number from 0 to 65535"),
         ("CAIRN_HTTP_MAX_BODY", "1MB", "CAIRN_HTTP_MAX_BODY must be a number of bytes, not"),
         ("CAIRN_CRASH_AT", "after-commit:x", "CAIRN_CRASH_AT must name a crash point"),
+        ("CAIRN_START_TIMEOUT", "-1", "CAIRN_START_TIMEOUT must be a number of seconds no smaller"),
+        ("CAIRN_RESTART_LIMIT", "0", "CAIRN_RESTART_LIMIT must be a number no smaller than 1"),
+        ("CAIRN_RESTART_WINDOW", "soon", "CAIRN_RESTART_WINDOW must be a number of seconds, not"),
     ],
 )
 def test_a_bad_value_is_one_sentence_naming_the_variable(
