@@ -20,7 +20,6 @@ import httpx
 from pydantic import Field
 
 from cairn.agents.errors import NonRetryableError
-from cairn.agents.text import keywords
 from cairn.events import Frozen
 from cairn.runtime.settings import (
     DEFAULT_LLM_BASE_URL,
@@ -84,25 +83,81 @@ def estimate_tokens(text: str) -> int:
     return math.ceil(len(text) / CHARS_PER_TOKEN)
 
 
-_SENTENCES = (
-    "{A} shapes how {B} is understood.",
-    "Most accounts of {A} stress the role of {B}.",
-    "In practice, {A} depends on {B} and {C}.",
-    "The evidence on {A} points to {B}.",
-    "A useful way to see {A} is through {B}.",
-    "The main trade-off links {A} with {C}.",
-    "Experts disagree on how far {A} changes {B}.",
-    "For newcomers, {A} is easiest to grasp by starting with {B}.",
-    "Recent work connects {A} to {C}.",
-    "Any plan for {A} has to account for {B}.",
+# A stand-in model's sentences: plain statements about the subject the prompt names (the
+# `Topic:` or `Title:` line, or the prompt itself), chosen and ordered by a hash of the call.
+_ABOUT = (
+    "The subject of {T} is well studied, and its main ideas are broadly agreed on.",
+    "Observations and measurements give a fairly consistent picture of {T}.",
+    "The short answer is that {T} comes down to a few causes that work together.",
+    "For most readers, the key point is that {T} follows patterns that can be explained simply.",
+    "Examples from everyday life make {T} easier to picture.",
+    "Looking at {T} over a longer period shows slow changes that single observations miss.",
 )
+_BESIDES = (
+    "How strongly each cause matters differs from case to case, so some details remain uncertain.",
+    "A good way in is to separate what is measured directly from what is inferred.",
+    "Specialists still debate the finer points, but not the overall picture.",
+    "The clearest evidence comes from places where it has been measured for many years.",
+    "What is known well is worth telling apart from what is still an open question.",
+)
+_ON_A_FINDING = (
+    "Put simply, this is what matters most here.",
+    "In other words, the answer rests on a small number of well-understood causes.",
+    "It helps to keep in mind where the evidence is firm and where it is still thin.",
+    "Readers who want more can follow each of these points further in the sources.",
+)
+_EDITOR = (
+    'The report "{T}" reads clearly and keeps to the questions it sets out.',
+    "Each section would gain from one concrete example.",
+    "A closing sentence that ties the sections together would round it off.",
+    "The sections are in a sensible order for a first-time reader.",
+)
+# Openers for the kinds of question a plan asks (by how the question begins).
+_OPENERS = (
+    ("what is ", "The subject of {T} is easiest to grasp by starting with what it is."),
+    ("what are the", "Several approaches to {T} are in use today, each with its own strengths."),
+    ("what evidence", "The evidence on {T} comes from direct measurements and long-term records."),
+    ("what risks", "The subject of {T} has real limits, and some of its problems are still open."),
+    ("how does", "The subject of {T} is central to the goal: it is what the report explains."),
+)
+_IMPERATIVES = ("explain ", "describe ", "summarize ", "summarise ", "discuss ", "tell me about ")
+
+
+def _fields(prompt: str) -> dict[str, str]:
+    """`Key: value` lines of a prompt, keys lower-cased."""
+    found: dict[str, str] = {}
+    for line in prompt.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() and " " not in key.strip() and value.strip():
+            found.setdefault(key.strip().lower(), value.strip())
+    return found
+
+
+def _subject(fields: dict[str, str], prompt: str) -> str:
+    """The noun phrase the prompt is about."""
+    text = fields.get("topic") or fields.get("title") or prompt.strip().splitlines()[0]
+    text = text.strip().rstrip(".!")
+    lowered = text.lower()
+    for verb in _IMPERATIVES:
+        if lowered.startswith(verb):
+            text = text[len(verb) :]
+            break
+    if text.endswith("?"):
+        return f'the question "{text}"'
+    return text
+
+
+def _sentence(template: str, subject: str) -> str:
+    text = template.format(T=subject)
+    return text[0].upper() + text[1:]
 
 
 class OfflineModel:
     """A deterministic stand-in for a model: no network, no key, no cost.
 
-    It rephrases the prompt's own key words into a few plain sentences, seeded by a hash of
-    the system and user prompt, so the same call always gives the same text. Token counts are
+    It writes a few plain sentences about what the prompt names (its `Topic:` or `Title:`
+    line, or the prompt itself), picked by a hash of the system and user prompt, so the same
+    call always gives the same text. Token counts are
     estimated from text length (~4 characters per token), so cost reporting has numbers to
     work with. Asked for another `model`, it stands in for that one: the seed includes the
     name, and the completion (and so the usage) is reported under it.
@@ -114,7 +169,7 @@ class OfflineModel:
     async def complete(
         self, system: str, prompt: str, *, max_tokens: int = 512, model: str | None = None
     ) -> Completion:
-        """Return a deterministic rephrasing of `prompt`'s words."""
+        """Return deterministic sentences about what `prompt` names."""
         if max_tokens < 1:
             raise ValueError("max_tokens must be at least 1")
         name = model or self.model
@@ -129,27 +184,33 @@ class OfflineModel:
 
 
 def offline_text(system: str, prompt: str, max_tokens: int) -> str:
-    """The offline model's answer: sentences built from the prompt's key words."""
+    """The offline model's answer: a few plain sentences about what the prompt names. Given a
+    finding to write up, it keeps the finding and adds to it; given a report's title, it
+    answers as an editor would."""
     digest = hashlib.sha256(f"{system}\x00{prompt}".encode()).digest()
     rng = random.Random(int.from_bytes(digest[:8], "big"))
-    words = keywords(prompt)
-    for filler in ("the subject", "its context", "its effects"):
-        if len(words) >= 3:
-            break
-        words.append(filler)
+    fields = _fields(prompt)
+    subject = _subject(fields, prompt) if prompt.strip() else "the subject"
+    if "finding" in fields:
+        sentences = [fields["finding"], *rng.sample(_ON_A_FINDING, 2)]
+    elif "title" in fields and "topic" not in fields:
+        sentences = [_sentence(_EDITOR[0], subject), _sentence(rng.choice(_EDITOR[1:]), subject)]
+    else:
+        question = fields.get("question", "").lower()
+        opener = next((o for start, o in _OPENERS if question.startswith(start)), None)
+        sentences = [
+            _sentence(opener or rng.choice(_ABOUT), subject),
+            *(_sentence(s, subject) for s in rng.sample(_BESIDES, rng.randint(1, 2))),
+        ]
     budget = max_tokens * CHARS_PER_TOKEN
-    count = rng.randint(2, max(2, min(5, max_tokens // 40)))
-    sentences: list[str] = []
+    kept: list[str] = []
     used = 0
-    for template in rng.sample(_SENTENCES, count):
-        a, b, c = rng.sample(words[:12], 3)
-        sentence = template.format(A=a, B=b, C=c)
-        sentence = sentence[0].upper() + sentence[1:]
-        if used + len(sentence) + 1 > budget and sentences:
+    for sentence in sentences:
+        if used + len(sentence) + 1 > budget and kept:
             break
-        sentences.append(sentence)
+        kept.append(sentence)
         used += len(sentence) + 1
-    text = " ".join(sentences)
+    text = " ".join(kept)
     if len(text) > budget:  # a budget smaller than one sentence: cut at a word boundary
         text = text[:budget].rsplit(" ", 1)[0] or text[:budget]
     return text

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -13,6 +15,7 @@ from typing import Any
 from nats.errors import TimeoutError as NatsTimeoutError
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 
 from cairn.cli.progress import RunProgress
 from cairn.events import Budget, EventNotice, Intent, WorkflowSpec
@@ -40,7 +43,7 @@ def demo_intent(topic: str) -> Intent:
     return Intent(
         goal=f"Explain {topic} to curious readers in a short, reviewed report",
         constraints=["stay under 600 words", "cite no invented sources"],
-        success_criteria=["every planned question is answered", "the reviewer approves"],
+        success_criteria=["every planned question is answered", f"explains {topic}"],
     )
 
 
@@ -184,34 +187,117 @@ def auto_approver(name: str) -> Approver:
 
 
 def prompt_approver(console: Console, name: str) -> Approver:
-    """Ask in the terminal; `cairn approve` from another terminal works as well."""
+    """Ask in the terminal, showing the choices; ask again on an answer it does not know, and
+    stop asking once the gate is decided elsewhere (`cairn approve`/`deny`, the dashboard)."""
 
     async def ask(client: CairnClient, notice: EventNotice, live: Live | None) -> None:
         event = notice.event
         context = event["context"]
+        run, step = event["run_id"], event["step"]
         if live:
             live.stop()
         console.print(
-            f"\n[bold yellow]approval needed[/] before [bold]{event['step']}[/] "
-            f"({event['kind']}, group {event['group']}): {event['reason']}"
+            f"\n[bold yellow]approval needed[/] before [bold]{step}[/] "
+            f"({event['kind']}, group {event['group']}): {escape(event['reason'])}"
         )
-        console.print(f"  goal: {context['intent']['goal']}")
+        console.print(f"  goal: {escape(context['intent']['goal'])}")
         console.print(f"  cost so far: ${context['cost_so_far_usd']}")
         console.print(
-            f"  or from another terminal: cairn approve {event['run_id']} {event['step']} --as NAME"
+            f"  or from another terminal: cairn approve {run} {step} --as NAME "
+            f"(or cairn deny {run} {step} --as NAME)",
+            highlight=False,
         )
-        answer = await asyncio.to_thread(console.input, "  approve? [y/N] ")
-        deny = answer.strip().lower() not in ("y", "yes")
-        reply = await client.approve(
-            uuid.UUID(event["run_id"]), event["step"], name,
-            "denied at the demo prompt" if deny else "approved at the demo prompt", deny=deny,
-        )  # fmt: skip
-        if not reply.ok:  # decided elsewhere in the meantime
-            console.print(f"  {reply.error}")
+        lines = _TerminalLines()
+        approve: bool | None = None
+        try:
+            while approve is None:
+                console.print(escape("  approve? [y]es / [n]o: "), end="")
+                answer = await lines.next_or(_decided_elsewhere(client, event["request_id"]))
+                if answer is None:
+                    console.print("\n  decided elsewhere; the run goes on")
+                    break
+                word = answer.strip().lower()
+                if word in ("y", "yes"):
+                    approve = True
+                elif word in ("n", "no"):
+                    approve = False
+                else:
+                    console.print(f"  answer y to approve or n to deny (not {escape(repr(word))})")
+        finally:
+            lines.close()
+        if approve is not None:
+            reply = await client.approve(
+                uuid.UUID(run), step, name,
+                "approved at the demo prompt" if approve else "denied at the demo prompt",
+                deny=not approve,
+            )  # fmt: skip
+            if not reply.ok:  # decided elsewhere in the meantime
+                console.print(f"  {escape(reply.error or 'refused')}")
         if live:
             live.start()
 
     return ask
+
+
+async def _decided_elsewhere(client: CairnClient, request_id: str) -> None:
+    """Return once the approval request is no longer pending."""
+    while True:
+        pending = await client.approvals()
+        if all(a.get("request_id") != request_id for a in pending):
+            return
+        await asyncio.sleep(0.5)
+
+
+class _TerminalLines:
+    """Lines typed at the terminal, read without blocking the event loop, so a prompt can also
+    end for another reason."""
+
+    def __init__(self) -> None:
+        self._fd = sys.stdin.fileno()
+        self._buffer = b""
+        self._eof = False
+        self._ready = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.add_reader(self._fd, self._read)
+        self._loop = loop
+
+    def _read(self) -> None:
+        data = os.read(self._fd, 4096)
+        if not data:
+            self._eof = True
+            self._loop.remove_reader(self._fd)
+        self._buffer += data
+        self._ready.set()
+
+    def _line(self) -> str | None:
+        if b"\n" in self._buffer:
+            line, _, self._buffer = self._buffer.partition(b"\n")
+            return line.decode(errors="replace")
+        return None
+
+    async def next_or(self, other: Awaitable[None]) -> str | None:
+        """The next line; None when `other` finishes first (stdin closed: only `other`)."""
+        waiting = asyncio.ensure_future(other)
+        try:
+            while (line := self._line()) is None:
+                self._ready.clear()
+                if self._eof:
+                    await waiting
+                    return None
+                reading = asyncio.ensure_future(self._ready.wait())
+                done, _ = await asyncio.wait(
+                    {reading, waiting}, return_when=asyncio.FIRST_COMPLETED
+                )
+                reading.cancel()
+                if waiting in done:
+                    return None
+            return line
+        finally:
+            waiting.cancel()
+
+    def close(self) -> None:
+        if not self._eof:
+            self._loop.remove_reader(self._fd)
 
 
 def waiting_notice(console: Console) -> Approver:

@@ -211,6 +211,8 @@ def _print_summary(show: Console, summary: dict[str, Any], output: Any) -> None:
             show.print(f"    {section.get('body')}", highlight=False)
         verdict = "approved" if review.get("approved") else "not approved"
         show.print(f"review: {verdict}, score {review.get('score')}")
+        for comment in review.get("comments", []):  # what the reviewer found
+            show.print(f"  - {comment}", highlight=False)
     else:
         show.print(f"[red]run {summary['status']}[/]: {summary.get('error')}")
     costs = ", ".join(

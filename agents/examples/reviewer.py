@@ -18,6 +18,7 @@ from cairn.events import Frozen
 APPROVAL_SCORE = 0.7
 MIN_SECTIONS = 3
 MIN_WORDS = 150
+ANSWER_WORDS = 20  # what a section needs to count as an answer to its question
 SYSTEM = "You are an editor. Give one sentence of constructive feedback on the report."
 
 
@@ -61,15 +62,19 @@ def assess(draft: Draft, criteria: list[str]) -> tuple[float, list[str]]:
     if not honest:
         comments.append(f"The draft claims {draft.word_count} words but has {words}.")
     text = " ".join([draft.title, *(f"{s.heading} {s.body}" for s in draft.sections)]).lower()
-    met = [c for c in criteria if _criterion_met(c, text)]
+    met = [c for c in criteria if _criterion_met(c, text, draft)]
     coverage = len(met) / len(criteria) if criteria else 1.0
     comments.extend(f"Not clearly addressed: {c}" for c in criteria if c not in met)
     score = 0.25 * structure + 0.25 * length + 0.2 * honest + 0.3 * coverage
     return round(score, 2), comments
 
 
-def _criterion_met(criterion: str, text: str) -> bool:
-    # A criterion counts as addressed when at least half of its key words occur in the draft.
+def _criterion_met(criterion: str, text: str, draft: Draft) -> bool:
+    # A criterion about the questions is met when every section (one per question) answers
+    # in a few sentences; any other counts as addressed when at least half of its key words
+    # occur in the draft.
+    if "question" in criterion.lower():
+        return all(len(s.body.split()) >= ANSWER_WORDS for s in draft.sections)
     words = keywords(criterion, min_length=4)
     return not words or sum(w in text for w in words) * 2 >= len(words)
 
