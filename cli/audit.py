@@ -10,7 +10,7 @@ import csv
 import json
 import sys
 import uuid
-from datetime import UTC, date, datetime, time
+from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -178,21 +178,12 @@ def _known_types() -> list[str]:
 
 
 def _parse_time(text: str, option: str, *, end_of_day: bool) -> datetime:
-    """An ISO date or time as an aware datetime; a date is its first or last instant."""
+    from cairn.projections.filters import BadInstantError, parse_instant
+
     try:
-        day = date.fromisoformat(text)
-    except ValueError:
-        pass
-    else:
-        return datetime.combine(day, time.max if end_of_day else time.min, UTC)
-    try:
-        at = datetime.fromisoformat(text)
-    except ValueError:
-        fail(
-            f"{option} {text!r} is not an ISO date or time: "
-            "give e.g. 2026-11-25 or 2026-11-25T12:00:00Z"
-        )
-    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
+        return parse_instant(text, option, end_of_day=end_of_day)
+    except BadInstantError as exc:
+        fail(str(exc))
 
 
 # -- why -------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, time
 
 
 @dataclass(frozen=True)
@@ -48,3 +48,26 @@ def time_text(at: datetime) -> str:
     if at.tzinfo is None:
         return at.replace(tzinfo=UTC).isoformat()
     return at.astimezone(UTC).isoformat()
+
+
+class BadInstantError(ValueError):
+    """A time filter is neither an ISO date nor an ISO time."""
+
+
+def parse_instant(text: str, name: str, *, end_of_day: bool) -> datetime:
+    """An ISO date or time as an aware datetime (UTC when it names no zone); a date is its
+    first or last instant. BadInstantError names `name` and what to give instead."""
+    try:
+        day = date.fromisoformat(text)
+    except ValueError:
+        pass
+    else:
+        return datetime.combine(day, time.max if end_of_day else time.min, UTC)
+    try:
+        at = datetime.fromisoformat(text)
+    except ValueError:
+        raise BadInstantError(
+            f"{name} {text!r} is not an ISO date or time: give e.g. 2026-11-25 or "
+            "2026-11-25T12:00:00Z"
+        ) from None
+    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import uuid
 from collections.abc import Awaitable, Callable
-from datetime import UTC, date, datetime, time
+from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Literal
 
@@ -22,6 +22,7 @@ from cairn.events import (
 )
 from cairn.events.validation import validation_reason
 from cairn.projections import AuditRow, RunRow, RunStatus, StepRow, Views
+from cairn.projections.filters import BadInstantError, parse_instant
 from cairn.projections.http import agents as agent_info
 from cairn.projections.http.auth import Grant, Role, require
 from cairn.projections.http.backend import Backend
@@ -235,22 +236,11 @@ def _event_type(name: str) -> str:
 
 
 def parse_time(text: str, name: str, *, end_of_day: bool) -> datetime:
-    """An ISO date or time as an aware datetime; a date is its first or last instant."""
+    """An ISO date or time as an aware datetime; 422 naming the parameter otherwise."""
     try:
-        day = date.fromisoformat(text)
-    except ValueError:
-        pass
-    else:
-        return datetime.combine(day, time.max if end_of_day else time.min, UTC)
-    try:
-        at = datetime.fromisoformat(text)
-    except ValueError:
-        raise ApiError(
-            422,
-            f"{name} {text!r} is not an ISO date or time: give e.g. 2026-11-25 or "
-            "2026-11-25T12:00:00Z",
-        ) from None
-    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
+        return parse_instant(text, name, end_of_day=end_of_day)
+    except BadInstantError as exc:
+        raise ApiError(422, str(exc)) from None
 
 
 @router.get("/approvals", responses=NATS_ERRORS)
