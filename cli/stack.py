@@ -21,6 +21,7 @@ from rich.console import Console
 from cairn.cli.demo import DemoError, stack_credentials
 from cairn.runtime.client import CairnClient
 from cairn.runtime.homelock import Holder, HomeLock, holder_of
+from cairn.runtime.restarts import forget_restarts
 from cairn.runtime.settings import Settings
 from cairn.runtime.supervisor import (
     EXAMPLE_AGENTS,
@@ -196,6 +197,7 @@ async def run_up(
     stack = Stack(settings, credentials, replicas, say)
     keeper: asyncio.Task[None] | None = None
     try:
+        forget_restarts(settings.home)  # the dashboard shows this start's restarts
         stack.start()
         sup = stack.sup
         dashboard = start_dashboard(sup)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import IO
 
 from cairn.runtime.embedded import EmbeddedNats, EmbeddedServerError
+from cairn.runtime.restarts import record_restart
 from cairn.runtime.roles import (
     PASSWORD_ENV,
     ROLE_ADMIN,
@@ -344,6 +345,7 @@ class Supervisor:
     def _restart(self, name: str, policy: RestartPolicy) -> Crashed | Restarted:
         self.restarts[name] += 1
         pid, code, kept = self._ended[name]
+        record_restart(self.settings.home, name, self.restarts[name], describe_exit(code))
         if name == NATS_NAME:
             assert self.nats is not None
             old = self.nats

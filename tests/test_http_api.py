@@ -552,3 +552,28 @@ def test_login_is_refused_from_another_site(live_api: tuple[str, int]) -> None:
     ):
         status, _ = raw_request(live_api, base + header, form)
         assert status == 303, header
+
+
+def test_the_agents_view_counts_each_capabilitys_restarts() -> None:
+    from datetime import UTC, datetime
+
+    from cairn.projections.http.agents import agents_reply
+    from cairn.runtime.capabilities import CapabilityConsumer
+
+    def consumer(capability: str) -> CapabilityConsumer:
+        return CapabilityConsumer(capability, f"cairn-agent-{capability}", 1, 0, 0, 0, None, None)
+
+    restarts = {
+        "agent-researcher": {"restarts": 2, "last_ended": "was killed by SIGKILL", "last_at": "t"},
+        "agent-researcher-2": {"restarts": 1, "last_ended": "exited with status 1", "last_at": "t"},
+        "agent-researcher-x": {"restarts": 5, "last_ended": "?", "last_at": "t"},  # not a replica
+        "coordinator": {"restarts": 1, "last_ended": "was killed by SIGKILL", "last_at": "t"},
+    }
+    reply = agents_reply(
+        [consumer("researcher"), consumer("writer")], 4, datetime.now(UTC), restarts
+    )
+    assert {a.capability: a.restarts for a in reply.agents} == {"researcher": 3, "writer": 0}
+    assert [(r.name, r.restarts) for r in reply.restarts] == [
+        ("agent-researcher", 2), ("agent-researcher-2", 1), ("agent-researcher-x", 5),
+        ("coordinator", 1),
+    ]  # fmt: skip

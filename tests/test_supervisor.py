@@ -12,6 +12,7 @@ import pytest
 from conftest import wait_until
 
 from cairn.runtime.client import CairnClient
+from cairn.runtime.restarts import read_restarts
 from cairn.runtime.settings import Settings
 from cairn.runtime.supervisor import (
     NATS_NAME,
@@ -68,6 +69,9 @@ async def test_a_killed_child_starts_again_with_a_fresh_log(tmp_path: Path) -> N
         assert f"child {first.pid} up" not in current
         assert f"the previous sleeper (pid {first.pid}) was killed by SIGKILL" in current
         assert sup.restarts["sleeper"] == 1
+        # Recorded for the dashboard's agents page: how often, and how it ended.
+        recorded = read_restarts(tmp_path)["sleeper"]
+        assert (recorded["restarts"], recorded["last_ended"]) == (1, "was killed by SIGKILL")
     finally:
         sup.stop_all(timeout=5)
     assert sup.watch(FAST) == []  # asked to stop: nothing is restarted

@@ -141,6 +141,16 @@ class CostsReply(BaseModel):
     by_day: list[DayCost]
 
 
+class ProcessRestarts(BaseModel):
+    """A process of `cairn up` that crashed and was started again: how many times, how it
+    ended the last time, and when it was last restarted."""
+
+    name: str
+    restarts: int
+    last_ended: str
+    last_at: str
+
+
 class AgentRow(BaseModel):
     """One capability's shared JetStream consumer (`cairn-agent-<capability>`).
 
@@ -156,6 +166,7 @@ class AgentRow(BaseModel):
     - `replicas_estimate`: ceil((waiting_pulls + in_flight) / concurrency), assuming each
       replica runs `concurrency` pull loops (`CAIRN_AGENT_CONCURRENCY`, default 4).
     - `last_delivered_at` / `last_acked_at`: the consumer's last delivery and last ack.
+    - `restarts`: how often `cairn up` restarted the capability's processes after a crash.
     """
 
     capability: str
@@ -168,8 +179,15 @@ class AgentRow(BaseModel):
     replicas_estimate: int
     last_delivered_at: datetime | None
     last_acked_at: datetime | None
+    restarts: int = Field(
+        default=0, description="how often `cairn up` restarted this capability's processes"
+    )
 
 
 class AgentsReply(BaseModel):
     agents: list[AgentRow]
     concurrency: int = Field(description="pull loops per replica assumed for the estimate")
+    restarts: list[ProcessRestarts] = Field(
+        default_factory=list,
+        description="every process `cairn up` restarted since it started, with why",
+    )
