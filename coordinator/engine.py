@@ -33,6 +33,7 @@ from cairn.coordinator.domain.facts import (
     ResultFact,
     StartRunFact,
     TimerFact,
+    UnservedFact,
 )
 from cairn.coordinator.domain.fork import fork_fact
 from cairn.coordinator.domain.state import RunState, evolve, fold
@@ -448,7 +449,7 @@ class Coordinator:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._timers_changed.wait(), max(wait, 0.001))
 
-    async def fire(self, facts: Sequence[TimerFact]) -> None:
+    async def fire(self, facts: Sequence[TimerFact | UnservedFact]) -> None:
         async with self._lock:
             tentative: dict[uuid.UUID, RunState] = {}
             events: list[Event] = []
@@ -475,7 +476,7 @@ class Coordinator:
                     if fact.run_id in tentative:
                         await self._decide_again(fact)
 
-    async def _decide_again(self, fact: TimerFact) -> None:
+    async def _decide_again(self, fact: TimerFact | UnservedFact) -> None:
         """Decide a fact against the run's stored state and commit it alone (lock held)."""
         state = self._state(fact.run_id)
         if state is None or state.terminal:

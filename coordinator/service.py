@@ -10,6 +10,7 @@ import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from faststream import FastStream
@@ -26,7 +27,7 @@ from cairn.coordinator.outbox import Outbox
 from cairn.coordinator.policy import decision_policy
 from cairn.coordinator.pricing import load_price_table
 from cairn.coordinator.tenants import TenantLimits
-from cairn.coordinator.unserved import UnservedWarnings
+from cairn.coordinator.unserved import UnservedWarnings, unserved_facts, waiting_capabilities
 from cairn.coordinator.verdicts import Received
 from cairn.coordinator.workflow import WorkflowCatalog, load_contract_modules
 from cairn.events import (
@@ -65,6 +66,10 @@ from cairn.runtime.streams import declare_streams
 log = logging.getLogger("cairn.coordinator")
 
 COMMAND_QUEUE = "cairn-coordinator"
+# How often dispatched tasks are checked for a capability nobody serves, and how long a task
+# may wait for an agent (one just starting) before the run records that it waits.
+UNSERVED_CHECK_S = 2.0
+UNSERVED_GRACE_S = 3.0
 
 C = TypeVar("C", bound=BaseModel)
 
@@ -83,6 +88,7 @@ class CoordinatorRuntime:
         self._loop: asyncio.Task[None] | None = None
         self._timers: asyncio.Task[None] | None = None
         self._follower: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
         self._stop_timers = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -132,6 +138,7 @@ class CoordinatorRuntime:
         self._loop = asyncio.create_task(self._results_loop(), name="results-loop")
         self._timers = asyncio.create_task(self._timers_after_catch_up(js), name="timers")
         self._follower = asyncio.create_task(self._follow_the_log(), name="follow")
+        self._watcher = asyncio.create_task(self._watch_capabilities(), name="capabilities")
         self._start_sub = await nc.subscribe(CMD_START, queue=COMMAND_QUEUE, cb=self._on_start)
         await nc.flush()
         self.ready.set()
@@ -226,6 +233,28 @@ class CoordinatorRuntime:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop_timers.wait(), interval)
 
+    async def _watch_capabilities(self) -> None:
+        """Record in each run whose dispatched task waits for a capability no live agent
+        serves that it does (once per attempt; see `unserved.py`)."""
+        assert self.coordinator is not None
+        assert self.unserved is not None
+        while not self._stop_timers.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop_timers.wait(), UNSERVED_CHECK_S)
+            waiting = waiting_capabilities(self.coordinator.runs.values())
+            if self._stop_timers.is_set() or not waiting:
+                continue
+            try:
+                missing = await self.unserved.liveness.unserved(waiting)
+                if missing:
+                    at = datetime.now(UTC)
+                    runs = list(self.coordinator.runs.values())
+                    facts = unserved_facts(runs, set(missing), at, UNSERVED_GRACE_S)
+                    if facts:
+                        await self.coordinator.fire(facts)
+            except Exception:  # NATS or the store away for a moment: look again later
+                log.exception("checking for unserved capabilities failed; trying again")
+
     async def warn_unserved(self, reply: CommandReply) -> CommandReply:
         """A started or forked run whose steps name capabilities no live agent serves: the
         reply says so (see `unserved.py`)."""
@@ -253,6 +282,8 @@ class CoordinatorRuntime:
             await self._timers
         if self._follower is not None:
             await self._follower
+        if self._watcher is not None:
+            await self._watcher
         if self._pull is not None:
             await self._pull.stop()
         if self._loop is not None:

@@ -131,6 +131,7 @@ _FACTS = {
     "ApprovalFact": "approval",
     "BudgetFact": "budget",
     "TimerFact": "timer",
+    "UnservedFact": "unserved",
 }
 
 

@@ -4,7 +4,9 @@ The run starts all the same (agents may come later), but whoever started it hear
 a step names a capability nobody serves (a typo, an agent not started) instead of waiting
 `timeout_s × attempts` to find out. The reply's `data` carries `unserved` (capability → steps)
 and `warning` (one sentence); the coordinator's log says the same, once a minute at most for
-each capability.
+each capability. And the run's own record says so: a task still waiting, a few seconds after it
+was sent, for a capability no live agent serves gets one `CapabilityUnserved` per attempt
+(`unserved_facts`, decided like a timer).
 """
 
 from __future__ import annotations
@@ -12,7 +14,10 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Collection, Iterable
+from datetime import datetime
 
+from cairn.coordinator.domain.facts import UnservedFact
 from cairn.coordinator.domain.state import STEP_DONE, RunState
 from cairn.events import CommandReply
 from cairn.runtime.capabilities import Liveness, unserved_warning
@@ -55,3 +60,38 @@ class UnservedWarnings:
             self._logged.update(dict.fromkeys(missing, now))
             log.warning("run %s: %s", state.run_id, warning)
         return reply.model_copy(update={"data": {"unserved": steps, "warning": warning}})
+
+
+def waiting_capabilities(runs: Iterable[RunState]) -> set[str]:
+    """The capabilities of the tasks the runs have dispatched and wait for."""
+    return {
+        state.workflow.step(step.name).capability
+        for state in runs
+        for step in state.steps.values()
+        if step.status == "dispatched"
+    }
+
+
+def unserved_facts(
+    runs: Iterable[RunState], unserved: Collection[str], at: datetime, grace_s: float
+) -> list[UnservedFact]:
+    """A fact for each task sent at least `grace_s` ago to a capability in `unserved` and not
+    recorded as waiting yet (an agent just starting is given that long to take it)."""
+    facts = []
+    for state in runs:
+        for step in state.steps.values():
+            if step.status != "dispatched" or step.unserved_attempt == step.attempt:
+                continue
+            capability = state.workflow.step(step.name).capability
+            sent = step.dispatched_at
+            if capability not in unserved or sent is None or (at - sent).total_seconds() < grace_s:
+                continue
+            fact = UnservedFact(
+                run_id=state.run_id,
+                step=step.name,
+                attempt=step.attempt,
+                capability=capability,
+                at=at,
+            )
+            facts.append(fact)
+    return facts

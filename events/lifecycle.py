@@ -24,6 +24,7 @@ from cairn.events.run import (
     BudgetRaised,
     BudgetReserved,
     BudgetSettled,
+    CapabilityUnserved,
     ContractViolated,
     CostCharged,
     OutputCarried,
@@ -85,6 +86,7 @@ EFFECTS: Final[Mapping[type[Event], Effect]] = {
     RunStarted: Effect(step="pending", run="running"),  # every declared step is pending
     StepAdmitted: Effect(step="pending"),  # the step an agent proposed (`spec.name`)
     StepRefused: NO_EFFECT,
+    CapabilityUnserved: NO_EFFECT,  # the task stays dispatched, waiting
     OutputCarried: Effect(step="completed"),  # a fork takes over an output: no attempt
     BudgetReserved: NO_EFFECT,
     BudgetExhausted: Effect(step="blocked"),

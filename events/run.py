@@ -399,6 +399,17 @@ class StepAdmitted(Event):
 
 
 @register
+class CapabilityUnserved(Event):
+    """A dispatched task waits for an agent: no live agent serves its capability (a name
+    misspelt, an agent not started). Recorded once per attempt; the task stays queued, and the
+    step's timeout still applies."""
+
+    step: str
+    attempt: int
+    capability: str
+
+
+@register
 class StepRefused(Event):
     name: str
     proposed_by: str

@@ -5,6 +5,7 @@ from __future__ import annotations
 from decimal import Decimal
 
 from cairn.events import (
+    CapabilityUnserved,
     ContractViolated,
     CostCharged,
     Event,
@@ -89,6 +90,8 @@ def describe(event: Event) -> str:
             return f"run failed{where}: {_short(event.error)}"
         case RunCancelled():
             return "run cancelled"
+        case CapabilityUnserved():
+            return f"{event.step} (attempt {event.attempt}) waits: no live {event.capability} agent"
         case _:
             # An event type added after this code was written still gets an audit row.
             return event.type_name()

@@ -521,3 +521,31 @@ def test_timer_queue_compaction_keeps_only_what_matters() -> None:
     queue.compact(lambda t: t.step in ("s3", "s7"))
     assert len(queue) == 2
     assert [t.step for t in queue.due(T0 + timedelta(seconds=60))] == ["s3", "s7"]
+
+
+def test_a_task_waiting_for_an_absent_capability_is_recorded_once() -> None:
+    from cairn.coordinator.domain.facts import UnservedFact, fact_for
+    from cairn.coordinator.history.replay import check_history
+    from cairn.events import CapabilityUnserved
+
+    def waits(attempt: int = 1) -> UnservedFact:
+        return UnservedFact(run_id=RUN, step="plan", attempt=attempt, capability="planner",
+                            at=T0 + timedelta(seconds=5))  # fmt: skip
+
+    history = start()
+    (noted,) = decide(fold(history), waits(), POLICY)
+    assert isinstance(noted, CapabilityUnserved)
+    assert (noted.step, noted.attempt, noted.capability, noted.actor) == (
+        "plan", 1, "planner", "coordinator",
+    )  # fmt: skip
+    history.append(noted)
+    assert decide(fold(history), waits(), POLICY) == []  # once per attempt
+    assert decide(fold(history), waits(attempt=2), POLICY) == []  # not an attempt in flight
+    # The task still waits: its result, when an agent comes, completes the step as usual.
+    after = step_through(history, result("plan", output=PLAN))
+    assert "TaskCompleted" in types(after)
+    history += after
+    assert decide(fold(history), waits(), POLICY) == []  # the attempt moved on
+    # Replay rebuilds the fact from the record and decides it the same way.
+    assert isinstance(fact_for(fold(history[: history.index(noted)]), noted), UnservedFact)
+    assert check_history(history, POLICY).ok

@@ -26,7 +26,14 @@ import pytest
 import pytest_asyncio
 import yaml
 
-from cairn.events import CMD_START, CommandReply, Event, RunCancelled, RunStarted
+from cairn.events import (
+    CMD_START,
+    CapabilityUnserved,
+    CommandReply,
+    Event,
+    RunCancelled,
+    RunStarted,
+)
 from cairn.projections import wait_for_views
 from cairn.projections.http import url_file
 from cairn.runtime.capabilities import capability_consumers
@@ -210,6 +217,14 @@ async def test_a_capability_no_live_agent_serves_is_warned_about_and_the_run_sta
     assert "warning: no live agent serves 'planer' (step plan)" in " ".join(proc.stderr.split())
     run_id = uuid.UUID(proc.stdout.split("started run ")[1].split()[0])
     assert isinstance(system.events(run_id)[0], RunStarted)
+
+    # The run's record says so too, once, a few seconds after the task was sent.
+    async def recorded() -> list[CapabilityUnserved]:
+        return [e for e in system.events(run_id) if isinstance(e, CapabilityUnserved)]
+
+    (waiting,) = await poll(recorded, 20, "the run to record that it waits for planer")
+    assert (waiting.step, waiting.attempt, waiting.capability) == ("plan", 1, "planer")
+    assert waiting.reason.startswith("no live agent serves 'planer'")
 
     # The API says the same (here of a workflow file written while the coordinator runs).
     (system.workflows / "typo.yaml").write_text(typo.read_text())

@@ -25,6 +25,7 @@ from cairn.coordinator.domain.facts import (
     ResultFact,
     StartRunFact,
     TimerFact,
+    UnservedFact,
     task_id,
 )
 from cairn.coordinator.domain.lifecycle import advance, begin, complete, retry_or_fail, step_timer
@@ -33,6 +34,7 @@ from cairn.coordinator.domain.state import RunState
 from cairn.events import (
     ApprovalGranted,
     BudgetRaised,
+    CapabilityUnserved,
     ContractViolated,
     Event,
     OutputCarried,
@@ -61,6 +63,8 @@ def decide(state: RunState | None, fact: Fact, policy: Policy) -> list[Event]:
         return step_timer(state, fact, policy)
     if isinstance(fact, BudgetFact):
         return _budget(state, fact, policy)
+    if isinstance(fact, UnservedFact):
+        return _unserved(state, fact, policy)
     if isinstance(fact, CancelFact):
         return _cancel(state, fact, policy)
     return answer(state, fact, policy)
@@ -284,4 +288,30 @@ def _budget(state: RunState, fact: BudgetFact, policy: Policy) -> list[Event]:
                 f"budget raised by {fact.by}",
                 list(d.run.step(approval.step).repair),
             )
+    return d.events
+
+
+def _unserved(state: RunState, fact: UnservedFact, policy: Policy) -> list[Event]:
+    """Record, once per attempt, that a dispatched task waits for an agent; nothing when the
+    attempt has moved on (its result came, the run ended) or was recorded already."""
+    step = state.steps.get(fact.step)
+    if (
+        state.terminal
+        or step is None
+        or not state.is_current(fact.step, task_id(state.run_id, fact.step, fact.attempt))
+        or step.unserved_attempt == fact.attempt
+    ):
+        return []
+    d = Decision(state, state.run_id, fact.at, policy)
+    d.emit(
+        CapabilityUnserved,
+        actor=COORDINATOR,
+        reason=(
+            f"no live agent serves {fact.capability!r}: the task waits in its queue until one "
+            "comes, or the step times out"
+        ),
+        step=fact.step,
+        attempt=fact.attempt,
+        capability=fact.capability,
+    )
     return d.events

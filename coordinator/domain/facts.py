@@ -27,6 +27,7 @@ from cairn.events import (
     ApprovalWarned,
     Budget,
     BudgetRaised,
+    CapabilityUnserved,
     CarriedOutput,
     Event,
     ForkOrigin,
@@ -118,7 +119,18 @@ class TimerFact(Frozen):
     request_id: str | None = None
 
 
-Fact = StartRunFact | ResultFact | CancelFact | TimerFact | ApprovalFact | BudgetFact
+class UnservedFact(Frozen):
+    """A dispatched task's capability has no live agent (seen on its JetStream consumer) since
+    the task was sent: the run records that it waits for one."""
+
+    run_id: uuid.UUID
+    step: str
+    attempt: int
+    capability: str
+    at: datetime
+
+
+Fact = StartRunFact | ResultFact | CancelFact | TimerFact | ApprovalFact | BudgetFact | UnservedFact
 
 
 class Rejected(ValueError):
@@ -225,6 +237,14 @@ def fact_for(state: RunState | None, event: Event) -> Fact | None:
             kind="approval_warn" if isinstance(event, ApprovalWarned) else "approval",
             at=event.at,
             request_id=event.request_id,
+        )
+    if isinstance(event, CapabilityUnserved):
+        return UnservedFact(
+            run_id=event.run_id,
+            step=event.step,
+            attempt=event.attempt,
+            capability=event.capability,
+            at=event.at,
         )
     # The end of a retry backoff: the first event of its decision is about a step waiting to
     # retry (usually its TaskDispatched; a reservation, an exhausted budget or a failure too).

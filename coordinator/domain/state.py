@@ -27,6 +27,7 @@ from cairn.events import (
     BudgetRaised,
     BudgetReserved,
     BudgetSettled,
+    CapabilityUnserved,
     ContractViolated,
     CostCharged,
     Event,
@@ -80,6 +81,7 @@ class StepState:
     approval_id: str | None = None  # the open request holding this step
     cleared: frozenset[str] = frozenset()  # gates already passed, by approval kind
     extra_attempts: int = 0  # granted by people after the retry policy ran out
+    unserved_attempt: int = 0  # the attempt recorded as waiting for an agent, if any
 
     @property
     def timeout_due_at(self) -> datetime | None:
@@ -377,6 +379,8 @@ def evolve(state: RunState | None, event: Event) -> RunState:
         steps = dict(state.steps)
         steps[event.spec.name] = StepState(event.spec.name)
         return _update(state, workflow=workflow, steps=steps)
+    if isinstance(event, CapabilityUnserved):
+        return _with_step(state, event.step, unserved_attempt=event.attempt)
     if isinstance(event, ResultIgnored):
         return _update(state, ignored_tasks=state.ignored_tasks | {event.task_id})
     if isinstance(event, StepRefused):

@@ -35,6 +35,7 @@ from cairn.coordinator.domain.facts import (
     StartRunFact,
     TenantAllowance,
     TimerFact,
+    UnservedFact,
     fact_for,
 )
 from cairn.coordinator.domain.pricing import PriceTable
@@ -136,6 +137,8 @@ def describe_fact(fact: Fact) -> str:
         return f"{fact.kind} timer of {fact.step} attempt {fact.attempt}"
     if isinstance(fact, ApprovalFact):
         return f"{'approval' if fact.approve else 'denial'} of {fact.step} by {fact.by}"
+    if isinstance(fact, UnservedFact):
+        return f"no live {fact.capability} agent for {fact.step} attempt {fact.attempt}"
     return f"budget change by {fact.by}"
 
 
