@@ -217,12 +217,16 @@ async def idle_run(cairn: Cairn) -> list[Event]:
         WorkflowSpec.model_validate(IDLE_WORKFLOW), {"topic": "x"}, run_id=IDLE_RUN
     )
     assert reply.ok, reply.error
+
     # Nobody serves "nobody": a few seconds on, the run records that it waits, and then
     # nothing more (once per attempt), so its events stand still for the rest of the module.
-    deadline = time.monotonic() + 30
-    while len(events := cairn.events(IDLE_RUN)) < 3 and time.monotonic() < deadline:
-        await asyncio.sleep(0.2)
-    assert [e.type_name() for e in events] == ["RunStarted", "TaskDispatched", "CapabilityUnserved"]
+    async def waits_recorded() -> bool:
+        return len(cairn.events(IDLE_RUN)) >= 3
+
+    await eventually(waits_recorded, timeout=30, what="CapabilityUnserved")
+    events = cairn.events(IDLE_RUN)
+    names = [e.type_name() for e in events]
+    assert names == ["RunStarted", "TaskDispatched", "CapabilityUnserved"]
     return events
 
 
