@@ -15,6 +15,7 @@ from cairn.cli import (  # noqa: F401
     natsconfig,
     protocol,
     runs,
+    deadletters,
     serve,
     services,
     views,

@@ -41,6 +41,7 @@ from cairn.events import (
     event_subject,
 )
 from cairn.runtime.connection import connect
+from cairn.runtime.deadletters import DeadLetterReport, read_dead_letters
 from cairn.runtime.roles import NatsEndpoint
 
 log = logging.getLogger("cairn.client")
@@ -183,6 +184,13 @@ class CairnClient:
         data = await self._request(CMD_APPROVALS, b"{}", 10.0)
         reply = CommandReply.model_validate(data)
         return list(reply.data or [])
+
+    async def dead_letters(
+        self, *, run: str | None = None, source: str | None = None, limit: int = 20
+    ) -> DeadLetterReport:
+        """What `CAIRN_DLQ` holds: counts by source and reason, the newest letters first (see
+        `read_dead_letters`). Needs the admin or observer role (or none, without auth)."""
+        return await read_dead_letters(self.nc.jetstream(), run=run, source=source, limit=limit)
 
     async def follow(self, run_id: uuid.UUID | None = None) -> EventFeed:
         """Subscribe now to committed events (of one run, or all); iterate the feed later."""

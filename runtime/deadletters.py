@@ -1,20 +1,30 @@
-"""Dead letters: messages cairn could not process, kept on `cairn.dlq.<source>` with the reason."""
+"""Dead letters: messages cairn could not process, kept on `cairn.dlq.<source>` with the reason,
+and read back (`read_dead_letters`) for `cairn dead-letters` and `GET /api/dead-letters`."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import logging
 import math
 import re
+import uuid
 from collections import Counter
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
 from nats.errors import NotJSMessageError
 from nats.js import JetStreamContext
-from pydantic import BaseModel
+from nats.js.errors import NotFoundError
+from pydantic import BaseModel, ValidationError
 
-from cairn.events import DeadLetter, dlq_subject
+from cairn.events import DLQ_STREAM, DeadLetter, dlq_subject
+from cairn.events.protocol import SUBJECT_PREFIX
 
 log = logging.getLogger("cairn.dlq")
 
@@ -122,3 +132,198 @@ def delivery_id(msg: Msg) -> str | None:
     except NotJSMessageError:
         return None
     return f"{metadata.stream}:{metadata.sequence.stream}"
+
+
+# -- reading them back ---------------------------------------------------------------------------
+
+# Letters fetched from the stream at once while reading it back (each is one request).
+_READ_CONCURRENCY = 64
+_DLQ_PREFIX = dlq_subject("")
+_RESULT_PREFIX = f"{SUBJECT_PREFIX}.result."
+
+
+class DeadLettersUnavailableError(RuntimeError):
+    """CAIRN_DLQ could not be read (NATS gone, or a role not allowed to read it); says which."""
+
+
+@dataclass(frozen=True)
+class StoredLetter:
+    """One dead letter as `CAIRN_DLQ` holds it.
+
+    `source` comes from the subject it was published on, which NATS permissions tie to a role
+    (`coordinator`, or `agent.<capability>` for that capability's user only); everything in
+    `letter` is what the publisher said, and a letter that does not parse is kept as
+    `unreadable` with its raw text, never dropped.
+    """
+
+    seq: int
+    source: str
+    stored_at: datetime
+    run_id: uuid.UUID | None
+    letter: DeadLetter | None
+    unreadable: str | None = None
+
+    def summary(self) -> dict[str, Any]:
+        """Plain data for `--json` and the HTTP API."""
+        letter = self.letter
+        return {
+            "seq": self.seq,
+            "source": self.source,
+            "stored_at": self.stored_at.isoformat(),
+            "run_id": str(self.run_id) if self.run_id else None,
+            "subject": letter.subject if letter else None,
+            "reason": letter.reason if letter else f"unreadable dead letter: {self.unreadable}",
+            "service": letter.service if letter else None,
+            "received_at": letter.received_at.isoformat() if letter else None,
+            "payload": letter.payload if letter else None,
+        }
+
+
+@dataclass(frozen=True)
+class DeadLetterReport:
+    """What `CAIRN_DLQ` holds: counts by source (exact, from the stream) and the newest letters
+    that match a filter, newest first. `matched` counts every match among the letters read;
+    when a run filter is given every letter is read, otherwise reading stops at `limit`."""
+
+    total: int
+    by_source: dict[str, int]
+    letters: list[StoredLetter]
+    matched: int
+    read: int
+    first_at: datetime | None = None
+    by_reason: dict[str, int] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        """Plain data for `--json` and the HTTP API."""
+        return {
+            "total": self.total,
+            "by_source": self.by_source,
+            "matched": self.matched,
+            "read": self.read,
+            "by_reason": self.by_reason,
+            "letters": [letter.summary() for letter in self.letters],
+        }
+
+
+def run_of(subject: str, payload: str) -> uuid.UUID | None:
+    """The run a dead letter concerns: from a result's subject, else from a `run_id` the
+    payload names (a command, a task envelope); None when neither says."""
+    if subject.startswith(_RESULT_PREFIX):
+        tokens = subject.split(".")
+        if len(tokens) == 4:
+            with contextlib.suppress(ValueError):
+                return uuid.UUID(tokens[3])
+    try:
+        data = json.loads(payload)
+    except ValueError:
+        return None
+    value = data.get("run_id") if isinstance(data, dict) else None
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return uuid.UUID(value)
+    return None
+
+
+def reason_kind(reason: str) -> str:
+    """A reason with its ids and numbers masked, so letters refused for the same rule count
+    together (`task <id> was never dispatched in run <id>`)."""
+    return _NUMBERS.sub("<n>", _UUIDS.sub("<id>", reason))[:200]
+
+
+_UUIDS = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+_NUMBERS = re.compile(r"(?<![\w<])\d+(?:[.,]\d+)*(?:[eE][+-]?\d+)?")
+
+
+async def read_dead_letters(
+    js: JetStreamContext,
+    *,
+    run: str | None = None,
+    source: str | None = None,
+    limit: int = 20,
+) -> DeadLetterReport:
+    """The dead letters `CAIRN_DLQ` holds (seven days of them), newest first.
+
+    `run` keeps letters whose run id starts with it (a full id or a prefix; read from every
+    letter, so it reads the whole stream), `source` those published by one source
+    (`coordinator`, `agent.writer`). Nothing is consumed or changed.
+    """
+    try:
+        return await _read(js, run, source, limit)
+    except NatsError as exc:
+        raise DeadLettersUnavailableError(
+            f"could not read the dead letters in {DLQ_STREAM} ({type(exc).__name__}: {exc}); "
+            "reading them needs the admin or observer role and a running NATS"
+        ) from None
+
+
+async def _read(
+    js: JetStreamContext, run: str | None, source: str | None, limit: int
+) -> DeadLetterReport:
+    try:
+        info = await js.stream_info(DLQ_STREAM, subjects_filter=f"{_DLQ_PREFIX}>")
+    except NotFoundError:  # no coordinator has declared the streams yet: nothing dead-lettered
+        info = None
+    if info is None or not info.state.messages:
+        return DeadLetterReport(total=0, by_source={}, letters=[], matched=0, read=0)
+    by_source: Counter[str] = Counter()
+    for subject, count in (info.state.subjects or {}).items():
+        by_source[subject.removeprefix(_DLQ_PREFIX)] += count
+    total = info.state.messages
+    needle = run.lower() if run else None
+    letters: list[StoredLetter] = []
+    kinds: Counter[str] = Counter()
+    matched = read = 0
+    first_at: datetime | None = None
+    seq, first = info.state.last_seq, max(info.state.first_seq, 1)
+    while seq >= first:
+        if needle is None and len(letters) >= limit:
+            break
+        batch = range(seq, max(first, seq - _READ_CONCURRENCY + 1) - 1, -1)
+        seq = batch[-1] - 1
+        for stored in await asyncio.gather(*(_letter_at(js, s) for s in batch)):
+            if stored is None:
+                continue  # removed (aged out, or deleted) between the count and the read
+            read += 1
+            if source is not None and stored.source != source:
+                continue
+            if needle is not None and not str(stored.run_id or "").startswith(needle):
+                continue
+            matched += 1
+            first_at = stored.stored_at
+            kinds[reason_kind(stored.summary()["reason"])] += 1
+            if len(letters) < limit:
+                letters.append(stored)
+    if needle is None:
+        matched = by_source.get(source, 0) if source is not None else total
+    return DeadLetterReport(
+        total=total, by_source=dict(by_source), letters=letters, matched=matched, read=read,
+        first_at=first_at, by_reason=dict(kinds.most_common()),
+    )  # fmt: skip
+
+
+async def _letter_at(js: JetStreamContext, seq: int) -> StoredLetter | None:
+    try:
+        raw = await js.get_msg(DLQ_STREAM, seq)
+    except NotFoundError:
+        return None
+    subject = raw.subject or ""
+    stored_at = _stored_at(raw.time)
+    data = raw.data or b""
+    try:
+        letter = DeadLetter.model_validate_json(data)
+    except ValidationError as exc:
+        text = data[:200].decode("utf-8", errors="replace")
+        return StoredLetter(
+            seq=seq, source=subject.removeprefix(_DLQ_PREFIX), stored_at=stored_at,
+            run_id=None, letter=None, unreadable=f"{exc.error_count()} error(s) in {text!r}",
+        )  # fmt: skip
+    return StoredLetter(
+        seq=seq, source=subject.removeprefix(_DLQ_PREFIX), stored_at=stored_at,
+        run_id=run_of(letter.subject, letter.payload), letter=letter,
+    )  # fmt: skip
+
+
+def _stored_at(value: datetime | None) -> datetime:
+    if value is None:
+        return datetime.fromtimestamp(0, UTC)
+    return value if value.tzinfo else value.replace(tzinfo=UTC)

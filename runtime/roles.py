@@ -21,6 +21,7 @@ from pathlib import Path
 from cairn.events import (
     CMD_APPROVALS,
     CMD_PING,
+    DLQ_STREAM,
     TASKS_STREAM,
     agent_consumer,
     dlq_subject,
@@ -88,26 +89,34 @@ def coordinator_permissions() -> Permissions:
     )
 
 
+# Reading the dead letters back (counts by subject, then one message at a time); nothing more.
+_READ_DEAD_LETTERS = (f"$JS.API.STREAM.INFO.{DLQ_STREAM}", f"$JS.API.STREAM.MSG.GET.{DLQ_STREAM}")
+
+
 def admin_permissions() -> Permissions:
-    """Commands, the event feed, and which agents are live (consumer info on the tasks)."""
+    """Commands, the event feed, which agents are live (consumer info on the tasks), and
+    reading the dead letters."""
     return Permissions(
         publish=(
             f"{SUBJECT_PREFIX}.cmd.>",
             f"$JS.API.CONSUMER.LIST.{TASKS_STREAM}",
             f"$JS.API.CONSUMER.INFO.{TASKS_STREAM}.*",
+            *_READ_DEAD_LETTERS,
         ),
         subscribe=(f"{SUBJECT_PREFIX}.event.>", f"{inbox_prefix(ROLE_ADMIN)}.>"),
     )
 
 
 def observer_permissions() -> Permissions:
-    """The event feed and the read-only queries (ping, pending approvals, agents)."""
+    """The event feed and the read-only queries (ping, pending approvals, agents, dead
+    letters)."""
     return Permissions(
         publish=(
             CMD_PING,
             CMD_APPROVALS,
             f"$JS.API.CONSUMER.LIST.{TASKS_STREAM}",
             f"$JS.API.CONSUMER.INFO.{TASKS_STREAM}.*",
+            *_READ_DEAD_LETTERS,
         ),
         subscribe=(f"{SUBJECT_PREFIX}.event.>", f"{inbox_prefix(ROLE_OBSERVER)}.>"),
     )

@@ -353,6 +353,14 @@ async def test_a_replayed_result_is_ignored_and_charged_once(
         return bool((await client.ping())["dead_letters"] >= letters_before + 200)
 
     await eventually_async(refused_all, 30, "200 copies refused")
+    # ... and counted where operators look: the dead letters about this run, by reason.
+    kept = await client.dead_letters(run=str(run_id), limit=5)
+    assert kept.matched == 200
+    assert kept.by_reason == {
+        "another copy of the result for task <id>:review:<n>, already recorded as ignored: "
+        "the run is completed": 200
+    }
+    assert len(kept.letters) == 5
 
     supervisor.processes["coordinator"].terminate()  # nothing appends from here on
     supervisor.processes["coordinator"].wait(10)

@@ -18,6 +18,7 @@ import sys
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +34,14 @@ from cairn.events import (
     Event,
     RunCancelled,
     RunStarted,
+    dlq_subject,
+    result_subject,
 )
 from cairn.projections import wait_for_views
 from cairn.projections.http import url_file
 from cairn.runtime.capabilities import capability_consumers
 from cairn.runtime.client import CairnClient
+from cairn.runtime.deadletters import DeadLetterReport
 from cairn.runtime.embedded import EmbeddedNats
 from cairn.runtime.eventlog.store import EventStore
 from cairn.runtime.settings import Settings
@@ -353,3 +357,75 @@ async def test_the_home_is_absolute_whatever_the_working_directory(
         system.cli, "runs", "--json", "--home", home.name, cwd=home.parent
     )
     assert proc.returncode == 0, proc.stderr
+
+
+# -- dead letters, read back ------------------------------------------------------------------
+
+
+async def test_dead_letters_are_counted_by_reason_and_listed_by_run(system: System) -> None:
+    """Refused messages are kept in CAIRN_DLQ; `cairn dead-letters` and GET /api/dead-letters
+    count them by source and reason and list them by run, and a letter that is not one (anyone
+    allowed a dead-letter subject may publish there) is shown as unreadable, never dropped."""
+    js = system.client.nc.jetstream()
+    run_id = uuid.uuid4()  # no such run: every result for it is refused
+    now = datetime.now(UTC).isoformat()
+    for attempt in (1, 2, 3):
+        result = {
+            "v": 1, "task_id": f"{run_id}:plan:{attempt}", "run_id": str(run_id), "step": "plan",
+            "attempt": attempt, "agent_id": "nobody-1", "output": {}, "started_at": now,
+            "finished_at": now,
+        }  # fmt: skip
+        await js.publish(result_subject("planner", run_id), json.dumps(result).encode())
+    await js.publish(result_subject("planner", run_id), b"{not json")
+    await js.publish(dlq_subject("agent.mallory"), b"not a dead letter")
+
+    async def all_kept() -> DeadLetterReport | None:
+        report = await system.client.dead_letters(run=str(run_id)[:8], limit=2)
+        return report if report.matched == 4 else None
+
+    report = await poll(all_kept, what="the four letters about the run")
+    unknown = "result for unknown run <id>"  # the same rule, whatever the ids
+    assert report.by_reason[unknown] == 3
+    [bad_json] = set(report.by_reason) - {unknown}
+    assert report.by_reason[bad_json] == 1
+    assert "JSON" in bad_json, bad_json
+    assert [letter.seq for letter in report.letters] == sorted(
+        (letter.seq for letter in report.letters), reverse=True
+    )
+    assert len(report.letters) == 2  # the newest two, as asked
+    assert {(letter.run_id, letter.source) for letter in report.letters} == {
+        (run_id, "coordinator")
+    }
+    assert report.by_source["coordinator"] >= 4
+    assert report.by_source["agent.mallory"] == 1
+
+    mallory = await system.client.dead_letters(source="agent.mallory")
+    assert mallory.matched == 1
+    [odd] = mallory.letters
+    assert odd.letter is None
+    assert odd.summary()["reason"].startswith("unreadable dead letter: ")
+
+    shown = system.cli("dead-letters", "--run", str(run_id)[:8])
+    assert shown.returncode == 0, shown.stderr
+    assert "4 of them match run" in shown.stdout
+    assert "result for unknown run <id>" in shown.stdout
+    listed = json.loads(system.cli("dead-letters", "--run", str(run_id), "--json").stdout)
+    assert listed["matched"] == 4
+    assert {row["run_id"] for row in listed["letters"]} == {str(run_id)}
+    assert "{not json" in [row["payload"] for row in listed["letters"]]
+    refused = system.cli("dead-letters", "--run", "zz")
+    assert refused.returncode == 2
+    assert "is not a run id or the start of one" in refused.stderr
+
+    async with system.http() as http:
+        reply = await http.get("/api/dead-letters", params={"run": str(run_id), "limit": 10})
+        assert reply.status_code == 200, reply.text
+        body = reply.json()
+        assert body["matched"] == 4
+        assert body["by_reason"]["result for unknown run <id>"] == 3
+        assert [row["subject"] for row in body["letters"]] == [
+            result_subject("planner", run_id)
+        ] * 4
+        assert "payload" not in body["letters"][0]  # the CLI shows it; the API does not
+        assert (await http.get("/api/dead-letters", params={"limit": 5000})).status_code == 422
+        assert (await http.get("/api/dead-letters", params={"run": "x" * 40})).status_code == 422

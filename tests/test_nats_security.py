@@ -185,6 +185,8 @@ async def test_agent_credentials_reach_only_their_own_tasks(
             f"$JS.API.CONSUMER.DELETE.{TASKS_STREAM}.{planner_consumer}",
             f"$JS.API.STREAM.MSG.GET.{TASKS_STREAM}",
             f"$JS.API.DIRECT.GET.{TASKS_STREAM}",
+            f"$JS.API.STREAM.MSG.GET.{DLQ_STREAM}",  # nor others' dead letters
+            f"$JS.API.DIRECT.GET.{DLQ_STREAM}",
             f"$JS.API.STREAM.UPDATE.{TASKS_STREAM}",
             f"$JS.API.STREAM.PURGE.{TASKS_STREAM}",
             f"$JS.API.STREAM.DELETE.{TASKS_STREAM}",
@@ -232,7 +234,7 @@ async def test_observer_reads_the_feed_and_cannot_publish(
         await observer.nc.flush()
         await coordinator_nc.publish(f"cairn.event.{uuid.uuid4()}.RunStarted", b"{}")
         await coordinator_nc.flush()  # the server has it before the wait begins
-        assert (await feed.next_msg(timeout=5)).data == b"{}"
+        assert (await feed.next_msg(timeout=15)).data == b"{}"
 
         async def answer(msg: Msg) -> None:
             await msg.respond(b'{"ok": true}')
@@ -256,6 +258,13 @@ async def test_observer_reads_the_feed_and_cannot_publish(
                         f"cairn.event.{uuid.uuid4()}.RunCompleted"):  # fmt: skip
             await admin.refused(subject)
         await admin.refused("cairn.task.>", kind="subscribe")
+        # Both read the dead letters back; neither may remove or change one.
+        for probe in (observer, admin):
+            for api in (f"$JS.API.STREAM.MSG.DELETE.{DLQ_STREAM}",
+                        f"$JS.API.STREAM.PURGE.{DLQ_STREAM}",
+                        f"$JS.API.STREAM.UPDATE.{DLQ_STREAM}",
+                        f"$JS.API.CONSUMER.CREATE.{DLQ_STREAM}"):  # fmt: skip
+                await probe.refused(api)
     finally:
         await observer.close()
         await admin.close()
@@ -357,6 +366,17 @@ async def test_workflow_runs_under_auth_and_forged_results_are_dead_lettered(
             await coordinator.close()
         reasons = sorted(letter.reason for letter in letters)
         assert len(reasons) == 6, reasons
+        # The CLI's and the observer's roles read them back, counted, with the run they concern.
+        observer = await CairnClient.connect(endpoint(secure_nats, deployment, ROLE_OBSERVER))
+        try:
+            for reader in (client, observer):
+                report = await reader.dead_letters(run=str(run_id))
+                assert report.matched == 6
+                assert report.by_source == {"coordinator": 6}
+                assert sum(report.by_reason.values()) == 6
+                assert sorted(s.letter.reason for s in report.letters if s.letter) == reasons
+        finally:
+            await observer.close()
         assert any(
             r == "result for step plan came on writer's subject: only planner agents may answer it"
             for r in reasons

@@ -40,6 +40,8 @@ from cairn.projections.http.models import (
     Cancel,
     CommandResult,
     CostsReply,
+    DeadLetterRow,
+    DeadLettersReply,
     Decide,
     RaiseBudget,
     RunDetail,
@@ -49,6 +51,7 @@ from cairn.projections.http.models import (
 )
 from cairn.projections.http.record import budget_of, step_outputs
 from cairn.runtime.client import CairnClient
+from cairn.runtime.deadletters import DeadLettersUnavailableError
 
 router = APIRouter(prefix="/api", tags=["api"])
 
@@ -255,6 +258,41 @@ async def agents(request: Request, grant: Viewer) -> AgentsReply:
     """Agent capabilities and their replicas, from the JetStream consumers they pull from."""
     backend = backend_of(request)
     return await backend.ask(lambda c: agent_info.agents(c, backend.settings))
+
+
+@router.get("/dead-letters", responses=NATS_ERRORS)
+async def dead_letters(
+    request: Request,
+    grant: Viewer,
+    run: Annotated[
+        str | None,
+        Query(
+            description="only letters about this run (an id or its first characters)",
+            pattern="^[0-9a-fA-F-]{1,36}$",
+        ),
+    ] = None,
+    source: Annotated[
+        str | None,
+        Query(
+            description="only letters from this source (coordinator, agent.<capability>)",
+            max_length=200,
+        ),
+    ] = None,
+    limit: Annotated[int, Query(ge=0, le=1000)] = 20,
+) -> DeadLettersReply:
+    """Messages cairn refused, and why (CAIRN_DLQ keeps them seven days), newest first."""
+    try:
+        report = await backend_of(request).ask(
+            lambda c: c.dead_letters(run=run, source=source, limit=limit)
+        )
+    except DeadLettersUnavailableError as exc:
+        raise ApiError(503, str(exc)) from None
+    data = report.summary()
+    return DeadLettersReply(
+        total=report.total, by_source=report.by_source, matched=report.matched,
+        by_reason=report.by_reason,
+        letters=[DeadLetterRow.model_validate(row) for row in data["letters"]],
+    )  # fmt: skip
 
 
 # -- commands ----------------------------------------------------------------------------------

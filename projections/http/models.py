@@ -191,3 +191,26 @@ class AgentsReply(BaseModel):
         default_factory=list,
         description="every process `cairn up` restarted since it started, with why",
     )
+
+
+class DeadLetterRow(BaseModel):
+    """One dead letter (without its payload: `cairn dead-letters --json` shows it)."""
+
+    seq: int = Field(description="its sequence in CAIRN_DLQ")
+    source: str = Field(description="who refused it: coordinator, agent.<capability>")
+    stored_at: datetime
+    run_id: str | None = Field(description="the run it concerns, when its subject or body says")
+    subject: str | None = Field(description="where the refused message came in")
+    reason: str
+    service: str | None = Field(description="the process that refused it, as it says")
+
+
+class DeadLettersReply(BaseModel):
+    """What CAIRN_DLQ holds (seven days): exact counts by source, the letters matching the
+    filters counted by reason (ids and numbers masked), and the newest of them."""
+
+    total: int
+    by_source: dict[str, int]
+    matched: int = Field(description="letters matching the filters")
+    by_reason: dict[str, int] = Field(description="the matching letters read, by reason")
+    letters: list[DeadLetterRow]
