@@ -65,15 +65,16 @@ def _show(report: DeadLetterReport, run: str | None, source: str | None) -> None
     if filters:
         console.print(f"{report.matched} of them match {' and '.join(filters)}")
     if report.by_reason:
-        counted = sum(report.by_reason.values())
+        counted = sum(r.letters for r in report.by_reason)
         title = "by reason (ids and numbers masked)"
         if counted < report.matched:
             title += f", of the newest {counted} (--limit reads more)"
         reasons = Table(title=title, title_justify="left")
         reasons.add_column("letters", justify="right")
+        reasons.add_column("source")
         reasons.add_column("reason", overflow="fold")
-        for kind, count in report.by_reason.items():
-            reasons.add_row(str(count), kind)
+        for r in report.by_reason:
+            reasons.add_row(str(r.letters), r.source, r.reason)
         console.print(reasons)
     if not report.letters:
         return

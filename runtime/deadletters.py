@@ -180,6 +180,15 @@ class StoredLetter:
 
 
 @dataclass(frozen=True)
+class ReasonCount:
+    """How many letters one source refused for one reason (ids and numbers masked)."""
+
+    source: str
+    reason: str
+    letters: int
+
+
+@dataclass(frozen=True)
 class DeadLetterReport:
     """What `CAIRN_DLQ` holds: counts by source (exact, from the stream) and the newest letters
     that match a filter, newest first. `matched` counts every match among the letters read;
@@ -191,7 +200,7 @@ class DeadLetterReport:
     matched: int
     read: int
     first_at: datetime | None = None
-    by_reason: dict[str, int] = field(default_factory=dict)
+    by_reason: list[ReasonCount] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         """Plain data for `--json` and the HTTP API."""
@@ -200,7 +209,10 @@ class DeadLetterReport:
             "by_source": self.by_source,
             "matched": self.matched,
             "read": self.read,
-            "by_reason": self.by_reason,
+            "by_reason": [
+                {"source": r.source, "reason": r.reason, "letters": r.letters}
+                for r in self.by_reason
+            ],
             "letters": [letter.summary() for letter in self.letters],
         }
 
@@ -271,7 +283,7 @@ async def _read(
     total = info.state.messages
     needle = run.lower() if run else None
     letters: list[StoredLetter] = []
-    kinds: Counter[str] = Counter()
+    kinds: Counter[tuple[str, str]] = Counter()
     matched = read = 0
     first_at: datetime | None = None
     seq, first = info.state.last_seq, max(info.state.first_seq, 1)
@@ -290,14 +302,15 @@ async def _read(
                 continue
             matched += 1
             first_at = stored.stored_at
-            kinds[reason_kind(stored.summary()["reason"])] += 1
+            kinds[stored.source, reason_kind(stored.summary()["reason"])] += 1
             if len(letters) < limit:
                 letters.append(stored)
     if needle is None:
         matched = by_source.get(source, 0) if source is not None else total
     return DeadLetterReport(
         total=total, by_source=dict(by_source), letters=letters, matched=matched, read=read,
-        first_at=first_at, by_reason=dict(kinds.most_common()),
+        first_at=first_at,
+        by_reason=[ReasonCount(s, r, n) for (s, r), n in kinds.most_common()],
     )  # fmt: skip
 
 

@@ -356,10 +356,12 @@ async def test_a_replayed_result_is_ignored_and_charged_once(
     # ... and counted where operators look: the dead letters about this run, by reason.
     kept = await client.dead_letters(run=str(run_id), limit=5)
     assert kept.matched == 200
-    assert kept.by_reason == {
+    [why] = kept.by_reason
+    assert (why.source, why.letters) == ("coordinator", 200)
+    assert why.reason == (
         "another copy of the result for task <id>:review:<n>, already recorded as ignored: "
-        "the run is completed": 200
-    }
+        "the run is completed"
+    )
     assert len(kept.letters) == 5
 
     supervisor.processes["coordinator"].terminate()  # nothing appends from here on

@@ -179,7 +179,8 @@ def test_auth_validation_and_unreachable_services_answer_json_errors(
         spec = http.get("/openapi.json").json()
         paths = {"/api/runs", "/api/runs/{run}", "/api/costs", "/api/audit", "/api/approvals",
                  "/api/agents", "/api/events", "/api/runs/{run}/approve", "/api/runs/{run}/deny",
-                 "/api/runs/{run}/cancel", "/api/runs/{run}/budget"}  # fmt: skip
+                 "/api/runs/{run}/cancel", "/api/runs/{run}/budget",
+                 "/api/dead-letters"}  # fmt: skip
         assert paths <= set(spec["paths"])
         assert http.get("/docs").status_code == 200
 
@@ -188,6 +189,12 @@ def test_auth_validation_and_unreachable_services_answer_json_errors(
         reply = http.get("/api/agents", headers=bearer(VIEWER))
         assert reply.status_code == 503
         assert reply.json()["error"].startswith("cannot reach NATS at nats://127.0.0.1:1")
+        reply = http.get("/api/dead-letters", headers=bearer(VIEWER))
+        assert reply.status_code == 503
+        assert reply.json()["error"].startswith("cannot reach NATS at nats://127.0.0.1:1")
+        page = http.get("/agents", headers=bearer(VIEWER))
+        assert page.status_code == 200
+        assert page.text.count("cannot reach NATS at nats://127.0.0.1:1") == 2  # both sections
 
 
 # -- with every service running ------------------------------------------------------------------

@@ -385,9 +385,10 @@ async def test_dead_letters_are_counted_by_reason_and_listed_by_run(system: Syst
 
     report = await poll(all_kept, what="the four letters about the run")
     unknown = "result for unknown run <id>"  # the same rule, whatever the ids
-    assert report.by_reason[unknown] == 3
-    [bad_json] = set(report.by_reason) - {unknown}
-    assert report.by_reason[bad_json] == 1
+    counts = {(r.source, r.reason): r.letters for r in report.by_reason}
+    assert counts.pop(("coordinator", unknown)) == 3
+    [((source, bad_json), once)] = counts.items()
+    assert (source, once) == ("coordinator", 1)
     assert "JSON" in bad_json, bad_json
     assert [letter.seq for letter in report.letters] == sorted(
         (letter.seq for letter in report.letters), reverse=True
@@ -422,10 +423,15 @@ async def test_dead_letters_are_counted_by_reason_and_listed_by_run(system: Syst
         assert reply.status_code == 200, reply.text
         body = reply.json()
         assert body["matched"] == 4
-        assert body["by_reason"]["result for unknown run <id>"] == 3
+        assert {"source": "coordinator", "reason": unknown, "letters": 3} in body["by_reason"]
         assert [row["subject"] for row in body["letters"]] == [
             result_subject("planner", run_id)
         ] * 4
         assert "payload" not in body["letters"][0]  # the CLI shows it; the API does not
+        page = await http.get("/agents")  # the dashboard shows them where agents are
+        assert page.status_code == 200
+        assert "Refused messages" in page.text
+        assert "<td>coordinator</td><td>result for unknown run &lt;id&gt;</td>" in page.text
+        assert "cairn dead-letters" in page.text
         assert (await http.get("/api/dead-letters", params={"limit": 5000})).status_code == 422
         assert (await http.get("/api/dead-letters", params={"run": "x" * 40})).status_code == 422

@@ -44,6 +44,7 @@ from cairn.projections.http.models import (
     DeadLettersReply,
     Decide,
     RaiseBudget,
+    ReasonRow,
     RunDetail,
     RunsPage,
     StartedRun,
@@ -290,7 +291,7 @@ async def dead_letters(
     data = report.summary()
     return DeadLettersReply(
         total=report.total, by_source=report.by_source, matched=report.matched,
-        by_reason=report.by_reason,
+        by_reason=[ReasonRow.model_validate(r) for r in data["by_reason"]],
         letters=[DeadLetterRow.model_validate(row) for row in data["letters"]],
     )  # fmt: skip
 

@@ -205,6 +205,14 @@ class DeadLetterRow(BaseModel):
     service: str | None = Field(description="the process that refused it, as it says")
 
 
+class ReasonRow(BaseModel):
+    """How many letters one source refused for one reason (ids and numbers masked)."""
+
+    source: str
+    reason: str
+    letters: int
+
+
 class DeadLettersReply(BaseModel):
     """What CAIRN_DLQ holds (seven days): exact counts by source, the letters matching the
     filters counted by reason (ids and numbers masked), and the newest of them."""
@@ -212,5 +220,5 @@ class DeadLettersReply(BaseModel):
     total: int
     by_source: dict[str, int]
     matched: int = Field(description="letters matching the filters")
-    by_reason: dict[str, int] = Field(description="the matching letters read, by reason")
+    by_reason: list[ReasonRow] = Field(description="the matching letters read, by reason")
     letters: list[DeadLetterRow]

@@ -26,13 +26,16 @@ from cairn.projections.http.backend import Backend
 from cairn.projections.http.charts import bar_chart, column_chart
 from cairn.projections.http.costs import daily_costs
 from cairn.projections.http.errors import ApiError
-from cairn.projections.http.models import Approval
+from cairn.projections.http.models import AgentsReply, Approval
+from cairn.runtime.deadletters import DeadLetterReport, DeadLettersUnavailableError
 
 router = APIRouter(include_in_schema=False)
 templates = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
 
 Viewer = Annotated[Grant, Depends(page_viewer)]
 COOKIE_MAX_AGE = 7 * 24 * 3600
+# The newest dead letters the agents page lists (`cairn dead-letters` shows more).
+DEAD_LETTERS_SHOWN = 10
 
 
 def _age(at: datetime | None) -> str:
@@ -227,12 +230,27 @@ async def approvals_page(request: Request, grant: Viewer) -> Response:
 async def agents_page(request: Request, grant: Viewer) -> Response:
     from cairn.projections.http.agents import agents
 
+    backend = backend_of(request)
+    dead, dead_error = await _dead_letters(backend)
+    reply: AgentsReply | None = None
+    error: str | None = None
     try:
-        backend = backend_of(request)
         reply = await backend.ask(lambda c: agents(c, backend.settings))
     except ApiError as exc:
-        return _page(request, "agents.html", grant, reply=None, error=exc.message)
-    return _page(request, "agents.html", grant, reply=reply, error=None)
+        error = exc.message
+    return _page(
+        request, "agents.html", grant, reply=reply, error=error, dead=dead, dead_error=dead_error
+    )
+
+
+async def _dead_letters(backend: Backend) -> tuple[DeadLetterReport | None, str | None]:
+    """The newest dead letters for the agents page, or why they could not be read."""
+    try:
+        return await backend.ask(lambda c: c.dead_letters(limit=DEAD_LETTERS_SHOWN)), None
+    except ApiError as exc:
+        return None, exc.message
+    except DeadLettersUnavailableError as exc:
+        return None, str(exc)
 
 
 def error_page(request: Request, status: int, message: str) -> Response:
