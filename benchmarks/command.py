@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from rich.table import Table
+from rich.text import Text
 
 from cairn.benchmarks.report import Report, format_target, format_value, write_report
 from cairn.benchmarks.suite import FULL, QUICK, run_bench
@@ -50,8 +51,9 @@ def table(report: Report) -> Table:
         out.add_column(column, overflow="fold")
     for r in report.rows:
         style = {True: "green", False: "red", None: ""}[r.met]
+        # Cells are text, not markup: a note such as "pip install 'cairn[bench]'" stays whole.
         out.add_row(
-            r.section, r.measure, format_value(r), f"[{style}]{format_target(r)}[/]"
-            if style else format_target(r), r.note,
+            Text(r.section), Text(r.measure), Text(format_value(r)),
+            Text(format_target(r), style=style), Text(r.note),
         )  # fmt: skip
     return out

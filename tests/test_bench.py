@@ -91,3 +91,22 @@ def test_rows_say_why_when_nothing_could_be_measured() -> None:
     replay = [r for r in log_rows(log_only) if r.measure == "replay --check"]
     assert replay[0].value is None
     assert "no replay" in replay[0].note
+
+
+def test_the_printed_table_shows_notes_as_written() -> None:
+    from rich.console import Console
+
+    from cairn.benchmarks.command import table
+    from cairn.benchmarks.report import Report
+
+    note = "n/a: not installed: pip install 'cairn[bench]' (langgraph, dbos)"
+    rows = [
+        Row("peers", "LangGraph: step → next step, p50", None, "ms", note=note),
+        Row("per step", "p50", 2.0, "ms", target="≤ 1.5 ms", met=False, note="[red]raw[/]"),
+    ]
+    report = Report("2026-12-08T00:00:00Z", 1.0, "quick", "abc1234", {"nproc": 2}, rows)
+    console = Console(width=400, record=True)
+    console.print(table(report))
+    text = console.export_text()
+    assert "pip install 'cairn[bench]' (langgraph, dbos)" in text
+    assert "[red]raw[/]" in text
