@@ -62,6 +62,10 @@ def agent_consumer(capability: str) -> str:
     return f"cairn-agent-{capability}"
 
 
+# Dead letters kept per source (`cairn.dlq.<source>`), besides the seven days.
+DEAD_LETTERS_PER_SOURCE = 10_000
+
+
 def stream_configs() -> list[dict[str, Any]]:
     """Stream settings, identical wherever they are declared (coordinator and agents)."""
     return [
@@ -82,6 +86,9 @@ def stream_configs() -> list[dict[str, Any]]:
             "subjects": ["cairn.dlq.>"],
             "retention": "limits",
             "max_age": 7 * 24 * 3600.0,
+            # Each source (a subject) keeps its newest letters only: a flood from one agent
+            # evicts its own letters, never the coordinator's or another agent's.
+            "max_msgs_per_subject": DEAD_LETTERS_PER_SOURCE,
             "duplicate_window": 120.0,
         },
     ]

@@ -25,6 +25,7 @@ from typing import Any
 
 import nats
 import pytest
+from chaos import eventually_async
 from conftest import wait_until
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -33,6 +34,7 @@ from typer.testing import CliRunner
 from cairn.agents.worker import declare_agent_consumer
 from cairn.cli import app
 from cairn.events import (
+    DEAD_LETTERS_PER_SOURCE,
     DLQ_STREAM,
     RESULTS_STREAM,
     TASKS_STREAM,
@@ -561,6 +563,39 @@ async def test_tls_with_the_ca_setting(tmp_path: Path, certificates: Path) -> No
             )
     finally:
         server.stop()
+
+
+async def test_an_agent_flooding_its_dead_letters_evicts_only_its_own(
+    secure_nats: EmbeddedNats, deployment: Deployment, coordinator_nc: Client
+) -> None:
+    """Each source keeps its newest DEAD_LETTERS_PER_SOURCE letters: an agent that publishes
+    dead letters without end (its subject allows it) bounds its own, and the coordinator's
+    stay, however old."""
+    js = coordinator_nc.jetstream()
+    for i in range(3):
+        await js.publish("cairn.dlq.coordinator", b'{"reason": "kept %d"}' % i)
+    writer = await connect(endpoint(secure_nats, deployment, agent_role("writer")), "flood")
+    try:
+        for i in range(DEAD_LETTERS_PER_SOURCE + 500):
+            await writer.publish("cairn.dlq.agent.writer", b"flood %d" % i)
+        await writer.flush()
+    finally:
+        await writer.close()
+    admin = await CairnClient.connect(endpoint(secure_nats, deployment, ROLE_ADMIN))
+    try:
+
+        async def flood_stored() -> bool:
+            info = await js.stream_info(DLQ_STREAM, subjects_filter="cairn.dlq.>")
+            return info.state.last_seq >= DEAD_LETTERS_PER_SOURCE + 503
+
+        await eventually_async(flood_stored, 30, "the flood stored")
+        report = await admin.dead_letters(source="agent.writer", limit=1)
+    finally:
+        await admin.close()
+    assert report.by_source == {"coordinator": 3, "agent.writer": DEAD_LETTERS_PER_SOURCE}
+    assert report.total == DEAD_LETTERS_PER_SOURCE + 3
+    assert report.letters[0].unreadable is not None
+    assert f"flood {DEAD_LETTERS_PER_SOURCE + 499}" in report.letters[0].summary()["reason"]
 
 
 def test_permissions_in_the_config_match_the_roles(deployment: Deployment) -> None:
