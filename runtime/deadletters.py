@@ -33,8 +33,10 @@ DEAD_LETTER_EXCERPT = 64 * 1024
 
 
 # What a number that parses to NaN or ±Infinity must contain in the raw JSON: the words, an
-# exponent, or more digits than a finite float has. Most messages have none: no walk needed.
-_MAYBE_NON_FINITE = re.compile(rb"NaN|Infinity|\d[eE]|\d{308}")
+# exponent, or more digits than a finite float has. A JSON number stands where a value does,
+# after `:`, `[` or `,`, so digits and an `e` inside a string (every uuid has some) do not
+# count. Most messages have none: no walk needed.
+_MAYBE_NON_FINITE = re.compile(rb"NaN|Infinity|(?:^|[:\[,])\s*-?\d+(?:\.\d*)?[eE]|\d{308}")
 
 
 def non_finite_reason(message: BaseModel, what: str, raw: bytes | None = None) -> str | None:
