@@ -21,6 +21,7 @@ from rich.console import Console
 from cairn.cli.demo import (
     DemoError,
 )
+from cairn.cli.plain import clean
 from cairn.coordinator.workflow import WorkflowError
 from cairn.events import CommandReply
 from cairn.runtime.client import CairnClient, CoordinatorUnavailableError
@@ -73,7 +74,7 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
 
 def say(text: str, style: str | None = None) -> None:
     """Print plain text (no markup) without wrapping it into several lines."""
-    console.print(text, style=style, markup=False, highlight=False, soft_wrap=True)
+    console.print(clean(text), style=style, markup=False, highlight=False, soft_wrap=True)
 
 
 def short(text: str, width: int) -> str:
@@ -85,6 +86,7 @@ def short(text: str, width: int) -> str:
 def print_lines(lines: list[str]) -> None:
     """One line each: cropped to a terminal's width, whole when piped."""
     for line in lines:
+        line = clean(line)
         if console.is_terminal:
             console.print(line, markup=False, highlight=False, no_wrap=True, overflow="ellipsis")
         else:

@@ -32,6 +32,7 @@ from cairn.cli.app import (
     run_id_from,
     settings_for,
 )
+from cairn.cli.plain import clean, plain
 from cairn.events import Event, UnknownEventError, event_class
 from cairn.runtime.eventlog.store import EventStore, StoreUnavailableError, describe, store_env
 from cairn.runtime.settings import Settings
@@ -138,11 +139,11 @@ def _print_audit(rows: list[AuditRow], limit: int) -> None:
             r.at.strftime("%Y-%m-%d %H:%M:%S"),
             str(r.run_id)[:8],
             str(r.seq),
-            Text(r.actor),
+            plain(r.actor),
             r.action,
-            Text(r.step or ""),
-            Text(r.detail),
-            Text(r.reason),
+            plain(r.step or ""),
+            plain(r.detail),
+            plain(r.reason),
         )
     shown = f"{len(rows)} rows"
     if limit and len(rows) == limit:
@@ -242,30 +243,30 @@ def _print_provenance(p: Provenance) -> None:
     out.print(
         Text.assemble(
             ("why ", "bold"),
-            (p.step, "bold"),
+            Text(clean(p.step), style="bold"),
             f" of run {p.run_id} · ",
             (p.status, "bold"),
             f" · ${p.cost_usd:f} over {len(p.attempts)} attempt(s)",
         )
     )
     if p.intent is not None:
-        out.print(Text(f"intent: {p.intent.goal}"))
+        out.print(plain(f"intent: {p.intent.goal}"))
         for label, items in (
             ("constraints", p.intent.constraints),
             ("success criteria", p.intent.success_criteria),
         ):
             if items:
-                out.print(Text(f"  {label}: " + "; ".join(items)))
+                out.print(plain(f"  {label}: " + "; ".join(items)))
     if p.input is not None:
         where = f"to {p.capability}" + (f", contract {p.contract}" if p.contract else "")
-        out.print(Text(f"input (latest dispatch, {where}):"))
-        out.print(Text(_indent(json.dumps(p.input, indent=2, ensure_ascii=False))))
+        out.print(plain(f"input (latest dispatch, {where}):"))
+        out.print(plain(_indent(json.dumps(p.input, indent=2, ensure_ascii=False))))
     if p.lineage:
         out.print("built from:")
         for entry in p.lineage:
             mark = "recorded" if entry.confirmed else "NOT found as a TaskCompleted in this run"
             out.print(
-                Text(
+                plain(
                     f"  {entry.step} attempt {entry.attempt} by {entry.agent_id}, "
                     f"output {entry.output_hash[:16]}… ({mark})"
                 )
@@ -275,7 +276,7 @@ def _print_provenance(p: Provenance) -> None:
     if p.produced_by is not None:
         models = ", ".join(p.produced_by.models) or "no model reported"
         out.print(
-            Text(
+            plain(
                 f"produced by: {p.produced_by.agent_id} (attempt {p.produced_by.attempt}) "
                 f"with {models}"
             )
@@ -294,16 +295,16 @@ def _print_provenance(p: Provenance) -> None:
             str(a.attempt),
             a.dispatched_at.strftime("%H:%M:%S.%f")[:-3],
             a.outcome,
-            Text(a.agent_id or ""),
-            Text("\n".join(errors)),
-            Text(charges),
+            plain(a.agent_id or ""),
+            plain("\n".join(errors)),
+            plain(charges),
             f"{a.cost_usd:f}",
         )
     out.print(table)
     if p.approvals:
         out.print("approvals:")
         for row in p.approvals:
-            out.print(Text(f"  {row.at:%H:%M:%S} {row.action} by {row.actor}: {row.reason}"))
+            out.print(plain(f"  {row.at:%H:%M:%S} {row.action} by {row.actor}: {row.reason}"))
     else:
         out.print("approvals: none")
     if p.output_hash is None:
@@ -313,8 +314,8 @@ def _print_provenance(p: Provenance) -> None:
         verdict = "matches the hash TaskCompleted recorded"
     else:
         verdict = "DOES NOT match the hash TaskCompleted recorded"
-    out.print(Text(f"output: sha256 {p.output_hash} ({verdict})"))
-    out.print(Text(_indent(json.dumps(p.output, indent=2, ensure_ascii=False))))
+    out.print(plain(f"output: sha256 {p.output_hash} ({verdict})"))
+    out.print(plain(_indent(json.dumps(p.output, indent=2, ensure_ascii=False))))
 
 
 def _indent(text: str) -> str:

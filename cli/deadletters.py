@@ -8,6 +8,7 @@ import typer
 from rich.table import Table
 
 from cairn.cli.app import HomeOpt, JsonOpt, app, console, fail, print_json, run_async, settings_for
+from cairn.cli.plain import plain
 from cairn.runtime.client import CairnClient
 from cairn.runtime.deadletters import DeadLetterReport, DeadLettersUnavailableError
 
@@ -74,7 +75,7 @@ def _show(report: DeadLetterReport, run: str | None, source: str | None) -> None
         reasons.add_column("source")
         reasons.add_column("reason", overflow="fold")
         for r in report.by_reason:
-            reasons.add_row(str(r.letters), r.source, r.reason)
+            reasons.add_row(str(r.letters), plain(r.source), plain(r.reason))
         console.print(reasons)
     if not report.letters:
         return
@@ -84,8 +85,9 @@ def _show(report: DeadLetterReport, run: str | None, source: str | None) -> None
     for stored in report.letters:
         row = stored.summary()
         table.add_row(
-            str(stored.seq), stored.stored_at.strftime("%Y-%m-%d %H:%M:%S"), stored.source,
-            (row["run_id"] or "-")[:8], _short(row["subject"], row["run_id"]), row["reason"],
+            str(stored.seq), stored.stored_at.strftime("%Y-%m-%d %H:%M:%S"), plain(stored.source),
+            (row["run_id"] or "-")[:8], plain(_short(row["subject"], row["run_id"])),
+            plain(row["reason"]),
         )  # fmt: skip
     console.print(table)
 

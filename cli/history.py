@@ -28,6 +28,7 @@ from cairn.cli.app import (
     short,
 )
 from cairn.cli.eventstore import RunArg, events_of, open_store, run_in_store
+from cairn.cli.plain import plain
 from cairn.coordinator.domain.state import EvolveError, RunState, fold
 from cairn.events import Event
 
@@ -177,12 +178,12 @@ def _print_state(s: RunState, event: Event, total: int) -> None:
         table.add_column(col)
     for name, st in s.steps.items():
         table.add_row(
-            name,
+            plain(name),
             st.status,
             str(st.attempt),
-            st.agent_id or "",
+            plain(st.agent_id),
             (st.output_hash or "")[:12],
-            short(st.last_error or "", 50),
+            plain(short(st.last_error or "", 50)),
         )
     console.print(table)
     pending = [a for a in getattr(s, "approvals", {}).values() if a.status == "pending"]

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from rich.table import Table
 from rich.text import Text
 
+from cairn.cli.plain import plain
 from cairn.events import RUN_ENDED, EventNotice, RunStatus, StepStatus, effect_named
 
 # How each step status is shown: its words, mark and style.
@@ -127,8 +128,8 @@ class RunProgress:
         for row in self.steps.values():
             words, mark, style = row.looks()
             table.add_row(
-                row.name,
-                row.agent or row.capability,
+                plain(row.name),
+                plain(row.agent or row.capability),
                 Text(f"{mark} {words}", style=style),
                 str(row.attempt or ""),
                 f"{row.tokens:,}" if row.tokens else "",

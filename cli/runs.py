@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from cairn.cli.app import (
     HomeOpt,
@@ -29,6 +30,7 @@ from cairn.cli.demo import (
     run_and_follow,
     waiting_notice,
 )
+from cairn.cli.plain import plain
 from cairn.coordinator.workflow import WorkflowError, load_contract_modules, load_workflow_file
 from cairn.events import Budget, CommandReply, WorkflowSpec
 from cairn.runtime.client import CairnClient
@@ -116,7 +118,7 @@ async def _run(
         if not as_json:
             console.print(f"run {result.run_id} {progress.status} in {result.seconds:.2f}s")
             if progress.error:
-                console.print(f"[red]{progress.error}[/]")
+                console.print(plain(progress.error), style="red")
         return {
             "run_id": str(result.run_id),
             "status": progress.status,
@@ -141,7 +143,9 @@ class _Warning(CairnClient):
         self.warned = {}
         if reply.ok and isinstance(reply.data, dict) and reply.data.get("warning"):
             self.warned = {"warning": reply.data["warning"], "unserved": reply.data["unserved"]}
-            err_console.print(f"[bold yellow]warning:[/] {reply.data['warning']}", highlight=False)
+            err_console.print(
+                Text.assemble(("warning:", "bold yellow"), " ", plain(reply.data["warning"]))
+            )
         return reply
 
 
@@ -214,7 +218,9 @@ def fork(
     if not reply["ok"]:
         fail(reply["error"], code=1)
     if isinstance(reply.get("data"), dict) and reply["data"].get("warning"):
-        err_console.print(f"[bold yellow]warning:[/] {reply['data']['warning']}", highlight=False)
+        err_console.print(
+            Text.assemble(("warning:", "bold yellow"), " ", plain(reply["data"]["warning"]))
+        )
     if as_json:
         print_json(reply)
     else:
@@ -247,7 +253,7 @@ def approvals(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     for a in pending:
         table.add_row(
             a["run_id"][:8], a["step"], a["kind"], a["group"], a["due_at"][:19],
-            f"${a['cost_so_far_usd']}", a["goal"],
+            f"${a['cost_so_far_usd']}", plain(a["goal"]),
         )  # fmt: skip
     console.print(table)
     console.print("decide with: cairn approve RUN STEP --as NAME  (or cairn deny ...)")

@@ -8,6 +8,7 @@ from typing import Annotated, get_args
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from cairn.cli.app import (
     HomeOpt,
@@ -20,6 +21,7 @@ from cairn.cli.app import (
     resolve_run,
     settings_for,
 )
+from cairn.cli.plain import plain
 from cairn.events import Usage
 
 # -- reading the views ------------------------------------------------------------------------
@@ -51,9 +53,9 @@ def runs(
     for r in rows:
         table.add_row(
             str(r.run_id)[:8],
-            r.workflow,
+            plain(r.workflow),
             r.status,
-            r.current_step or "",
+            plain(r.current_step),
             f"{r.steps_done}/{r.steps_total}",
             str(r.cost_usd),
             r.started_at.strftime("%Y-%m-%d %H:%M:%S"),
@@ -82,17 +84,20 @@ def show(
             }
         )
         return
-    console.print(f"[bold]run {row.run_id}[/] · {row.workflow} · [bold]{row.status}[/]")
-    console.print(f"goal: {row.goal}")
+    console.print(
+        Text.assemble((f"run {row.run_id}", "bold"), " · ", plain(row.workflow), " · ",
+                      (row.status, "bold"))
+    )  # fmt: skip
+    console.print(Text.assemble("goal: ", plain(row.goal)))
     console.print(f"cost: ${row.cost_usd} · attempts: {row.attempts}")
     if row.error:
-        console.print(f"[red]error:[/] {row.error}")
+        console.print(Text.assemble(("error:", "red"), " ", plain(row.error)))
     table = Table(title="steps")
     for col in ("step", "capability", "status", "try", "agent", "tokens in/out", "cost (USD)"):
         table.add_column(col)
     for s in steps:
         table.add_row(
-            s.step, s.capability, s.status, str(s.attempt), s.agent_id or "",
+            plain(s.step), plain(s.capability), s.status, str(s.attempt), plain(s.agent_id),
             f"{s.input_tokens}/{s.output_tokens}", str(s.cost_usd),
         )  # fmt: skip
     console.print(table)
@@ -100,7 +105,9 @@ def show(
     for col in ("seq", "time", "actor", "action", "detail"):
         table.add_column(col)
     for t in timeline:
-        table.add_row(str(t.seq), t.at.strftime("%H:%M:%S.%f")[:-3], t.actor, t.action, t.detail)
+        table.add_row(
+            str(t.seq), t.at.strftime("%H:%M:%S.%f")[:-3], plain(t.actor), t.action, plain(t.detail)
+        )
     console.print(table)
 
 

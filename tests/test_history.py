@@ -32,6 +32,7 @@ from cairn.events import (
     CostCharged,
     Event,
     RunStarted,
+    TaskFailed,
     UnknownEventError,
     canonical_json,
     event_hash,
@@ -90,6 +91,25 @@ def load(home: Path, run_id: uuid.UUID = RUN) -> list[Event]:
 
 
 # -- history, state ---------------------------------------------------------------------------
+
+
+# What an agent may write into the record: terminal codes (clear the screen, colour, carriage
+# return), rich markup and a right-to-left override.
+HOSTILE = "\x1b[2J\x1b[31m[red]boom[/] \rover\u202egnp.exe"
+HOSTILE_SHOWN = "\\x1b[2J\\x1b[31m[red]boom[/] over\\u202egnp.exe"  # one line: CR is a space
+
+
+def test_an_agents_words_reach_the_terminal_as_text(tmp_path: Path) -> None:
+    events = simulate(RUN, seed=0, trouble=0.8)  # a run with a failed attempt
+    at = next(i for i, e in enumerate(events) if isinstance(e, TaskFailed))
+    events[at] = events[at].model_copy(update={"error": HOSTILE, "reason": HOSTILE})
+    home = tmp_path / "hostile"
+    store = EventStore(str(home / "events.db"))
+    store.append(events)
+    store.close()
+    shown = cli(home, "history", str(RUN)) + cli(home, "state", str(RUN), "--at", str(at + 1))
+    assert HOSTILE_SHOWN in shown
+    assert not {"\x1b", "\r", "\u202e"} & set(shown)
 
 
 def test_history_prints_one_line_per_event(home: Path, history: list[Event]) -> None:

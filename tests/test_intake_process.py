@@ -31,6 +31,7 @@ from cairn.events import (
     CMD_START,
     CapabilityUnserved,
     CommandReply,
+    DeadLetter,
     Event,
     RunCancelled,
     RunStarted,
@@ -414,6 +415,20 @@ async def test_dead_letters_are_counted_by_reason_and_listed_by_run(system: Syst
     assert listed["matched"] == 4
     assert {row["run_id"] for row in listed["letters"]} == {str(run_id)}
     assert "{not json" in [row["payload"] for row in listed["letters"]]
+    # A letter's words are the publisher's: shown as text, never as terminal codes or markup.
+    hostile = DeadLetter(
+        subject="x", reason="\x1b[2J[red]cleared[/]", payload="", service="coordinator",
+        received_at=datetime.now(UTC),
+    )  # fmt: skip
+    await js.publish(dlq_subject("agent.mallory"), hostile.model_dump_json().encode())
+
+    async def both_kept() -> bool:
+        return (await system.client.dead_letters(source="agent.mallory")).matched == 2
+
+    await poll(both_kept, what="the hostile letter")
+    shown = system.cli("dead-letters", "--source", "agent.mallory")
+    assert "\\x1b[2J[red]cleared[/]" in shown.stdout
+    assert "\x1b" not in shown.stdout
     refused = system.cli("dead-letters", "--run", "zz")
     assert refused.returncode == 2
     assert "is not a run id or the start of one" in refused.stderr
