@@ -24,7 +24,10 @@ def dead_letters(
     ] = None,
     source: Annotated[
         str | None,
-        typer.Option(help="Only letters from this source: coordinator, agent.<capability>."),
+        typer.Option(
+            help="Only letters from this source: coordinator (bad commands), "
+            "coordinator.<capability> (refused results), agent.<capability>."
+        ),
     ] = None,
     limit: Annotated[int, typer.Option(help="Show at most this many, newest first.")] = 20,
     home: HomeOpt = None,

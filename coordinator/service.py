@@ -212,7 +212,7 @@ class CoordinatorRuntime:
                 again.add(id(msg))
                 await msg.nak(delay=0.05)
         for msg, reason in refused:
-            await self.dead_letters.send_message("coordinator", msg, reason)
+            await self.dead_letters.send_message(result_letters(msg.subject), msg, reason)
         for msg in msgs:
             if id(msg) not in again:
                 await msg.ack()
@@ -477,3 +477,12 @@ def create_app(settings: Settings) -> FastStream:
     app.after_startup(runtime.start)
     app.on_shutdown(runtime.stop)
     return app
+
+
+def result_letters(subject: str) -> str:
+    """The dead-letter source of a refused result: `coordinator.<capability>` for one that came
+    on a capability's subject, so each capability's refused results are kept apart (a flood of
+    one agent's forgeries evicts only letters about that capability, see
+    DEAD_LETTERS_PER_SOURCE)."""
+    capability = result_capability(subject)
+    return f"coordinator.{capability}" if capability else "coordinator"

@@ -153,7 +153,8 @@ class StoredLetter:
     """One dead letter as `CAIRN_DLQ` holds it.
 
     `source` comes from the subject it was published on, which NATS permissions tie to a role
-    (`coordinator`, or `agent.<capability>` for that capability's user only); everything in
+    (`coordinator` and `coordinator.<capability>` for the coordinator's, `agent.<capability>`
+    for that capability's user only); everything in
     `letter` is what the publisher said, and a letter that does not parse is kept as
     `unreadable` with its raw text, never dropped.
     """

@@ -4,7 +4,8 @@ Commands (`cairn.cmd.*`, request/reply) and results (`cairn.result.<capability>.
 JetStream):
 malformed JSON, JSON of the wrong shape, an unknown protocol version, unknown runs and tasks,
 oversized payloads, then hypothesis fuzzing. Every bad message gets one clear error (the reply,
-for a command), a `DeadLetter` with that reason on `cairn.dlq.coordinator`, and one more in the
+for a command), a `DeadLetter` with that reason on `cairn.dlq.coordinator` (a result's on
+`cairn.dlq.coordinator.<capability>`), and one more in the
 count `cairn.cmd.ping` reports; none crashes the coordinator, leaves a result unacked or changes
 a run. One nats-server and one coordinator process serve the whole module.
 """
@@ -51,6 +52,7 @@ from cairn.events import (
     TaskResult,
     WorkflowSpec,
     dlq_subject,
+    result_capability,
     result_subject,
 )
 from cairn.runtime.client import CairnClient
@@ -118,7 +120,9 @@ class DeadLetterReader:
                 if matches(item):
                     self._unclaimed.remove(item)
                     dlq, letter = item
-                    assert dlq == COORDINATOR_DLQ, dlq
+                    capability = result_capability(subject)
+                    expected = dlq_subject(f"coordinator.{capability}") if capability else None
+                    assert dlq == (expected or COORDINATOR_DLQ), dlq
                     return letter
             left = deadline - asyncio.get_running_loop().time()
             try:

@@ -357,7 +357,7 @@ async def test_a_replayed_result_is_ignored_and_charged_once(
     kept = await client.dead_letters(run=str(run_id), limit=5)
     assert kept.matched == 200
     [why] = kept.by_reason
-    assert (why.source, why.letters) == ("coordinator", 200)
+    assert (why.source, why.letters) == ("coordinator.reviewer", 200)
     assert why.reason == (
         "another copy of the result for task <id>:review:<n>, already recorded as ignored: "
         "the run is completed"

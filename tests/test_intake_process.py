@@ -387,18 +387,18 @@ async def test_dead_letters_are_counted_by_reason_and_listed_by_run(system: Syst
     report = await poll(all_kept, what="the four letters about the run")
     unknown = "result for unknown run <id>"  # the same rule, whatever the ids
     counts = {(r.source, r.reason): r.letters for r in report.by_reason}
-    assert counts.pop(("coordinator", unknown)) == 3
+    assert counts.pop(("coordinator.planner", unknown)) == 3
     [((source, bad_json), once)] = counts.items()
-    assert (source, once) == ("coordinator", 1)
+    assert (source, once) == ("coordinator.planner", 1)
     assert "JSON" in bad_json, bad_json
     assert [letter.seq for letter in report.letters] == sorted(
         (letter.seq for letter in report.letters), reverse=True
     )
     assert len(report.letters) == 2  # the newest two, as asked
     assert {(letter.run_id, letter.source) for letter in report.letters} == {
-        (run_id, "coordinator")
+        (run_id, "coordinator.planner")
     }
-    assert report.by_source["coordinator"] >= 4
+    assert report.by_source["coordinator.planner"] >= 4
     assert report.by_source["agent.mallory"] == 1
 
     mallory = await system.client.dead_letters(source="agent.mallory")
@@ -438,7 +438,8 @@ async def test_dead_letters_are_counted_by_reason_and_listed_by_run(system: Syst
         assert reply.status_code == 200, reply.text
         body = reply.json()
         assert body["matched"] == 4
-        assert {"source": "coordinator", "reason": unknown, "letters": 3} in body["by_reason"]
+        expected = {"source": "coordinator.planner", "reason": unknown, "letters": 3}
+        assert expected in body["by_reason"]
         assert [row["subject"] for row in body["letters"]] == [
             result_subject("planner", run_id)
         ] * 4
@@ -446,7 +447,7 @@ async def test_dead_letters_are_counted_by_reason_and_listed_by_run(system: Syst
         page = await http.get("/agents")  # the dashboard shows them where agents are
         assert page.status_code == 200
         assert "Refused messages" in page.text
-        assert "<td>coordinator</td><td>result for unknown run &lt;id&gt;</td>" in page.text
+        assert "<td>coordinator.planner</td><td>result for unknown run &lt;id&gt;</td>" in page.text
         assert "cairn dead-letters" in page.text
         assert (await http.get("/api/dead-letters", params={"limit": 5000})).status_code == 422
         assert (await http.get("/api/dead-letters", params={"run": "x" * 40})).status_code == 422

@@ -275,7 +275,8 @@ async def dead_letters(
     source: Annotated[
         str | None,
         Query(
-            description="only letters from this source (coordinator, agent.<capability>)",
+            description="only letters from this source "
+            "(coordinator, coordinator.<capability>, agent.<capability>)",
             max_length=200,
         ),
     ] = None,

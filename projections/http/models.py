@@ -197,7 +197,9 @@ class DeadLetterRow(BaseModel):
     """One dead letter (without its payload: `cairn dead-letters --json` shows it)."""
 
     seq: int = Field(description="its sequence in CAIRN_DLQ")
-    source: str = Field(description="who refused it: coordinator, agent.<capability>")
+    source: str = Field(
+        description="who refused it: coordinator, coordinator.<capability>, agent.<capability>"
+    )
     stored_at: datetime
     run_id: str | None = Field(description="the run it concerns, when its subject or body says")
     subject: str | None = Field(description="where the refused message came in")
