@@ -10,8 +10,8 @@ import logging
 import math
 import re
 import uuid
-from collections import Counter
-from collections.abc import Iterable
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -20,6 +20,7 @@ from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.errors import NotJSMessageError
 from nats.js import JetStreamContext
+from nats.js.api import RawStreamMsg
 from nats.js.errors import NotFoundError
 from pydantic import BaseModel, ValidationError
 
@@ -194,15 +195,15 @@ class ReasonCount:
 @dataclass(frozen=True)
 class DeadLetterReport:
     """What `CAIRN_DLQ` holds: counts by source (exact, from the stream) and the newest letters
-    that match a filter, newest first. `matched` counts every match among the letters read;
-    when a run filter is given every letter is read, otherwise reading stops at `limit`."""
+    that match the filters, newest first. With a filter every letter it may match is read, so
+    `matched` and `by_reason` cover them all; without one only the newest `limit` are read, and
+    `by_reason` covers those (`read` says how many)."""
 
     total: int
     by_source: dict[str, int]
     letters: list[StoredLetter]
     matched: int
     read: int
-    first_at: datetime | None = None
     by_reason: list[ReasonCount] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
@@ -259,8 +260,9 @@ async def read_dead_letters(
     """The dead letters `CAIRN_DLQ` holds (seven days of them), newest first.
 
     `run` keeps letters whose run id starts with it (a full id or a prefix; read from every
-    letter, so it reads the whole stream), `source` those published by one source
-    (`coordinator`, `agent.writer`). Nothing is consumed or changed.
+    letter, so it reads the whole stream, at most `DEAD_LETTERS_PER_SOURCE` a source), `source`
+    those published by one source (`coordinator`, `coordinator.writer`, `agent.writer`).
+    Nothing is consumed or changed.
     """
     try:
         return await _read(js, run, source, limit)
@@ -284,44 +286,75 @@ async def _read(
     for subject, count in (info.state.subjects or {}).items():
         by_source[subject.removeprefix(_DLQ_PREFIX)] += count
     total = info.state.messages
+    first, last = max(info.state.first_seq, 1), info.state.last_seq
     needle = run.lower() if run else None
-    letters: list[StoredLetter] = []
+    if needle is None and source is None:
+        found = _newest(js, first, last, limit)
+    else:  # every letter of the source (or of all), oldest first, skipping what was removed
+        found = _every(js, f"{_DLQ_PREFIX}{source if source is not None else '>'}", first, last)
+    newest: deque[StoredLetter] = deque(maxlen=limit)
     kinds: Counter[tuple[str, str]] = Counter()
     matched = read = 0
-    first_at: datetime | None = None
-    seq, first = info.state.last_seq, max(info.state.first_seq, 1)
-    while seq >= first:
-        if needle is None and len(letters) >= limit:
-            break
-        batch = range(seq, max(first, seq - _READ_CONCURRENCY + 1) - 1, -1)
-        seq = batch[-1] - 1
-        for stored in await asyncio.gather(*(_letter_at(js, s) for s in batch)):
-            if stored is None:
-                continue  # removed (aged out, or deleted) between the count and the read
-            read += 1
-            if source is not None and stored.source != source:
-                continue
-            if needle is not None and not str(stored.run_id or "").startswith(needle):
-                continue
-            matched += 1
-            first_at = stored.stored_at
-            kinds[stored.source, reason_kind(stored.summary()["reason"])] += 1
-            if len(letters) < limit:
-                letters.append(stored)
+    async for stored in found:
+        read += 1
+        if needle is not None and not str(stored.run_id or "").startswith(needle):
+            continue
+        matched += 1
+        kinds[stored.source, reason_kind(stored.summary()["reason"])] += 1
+        newest.append(stored)
     if needle is None:
         matched = by_source.get(source, 0) if source is not None else total
     return DeadLetterReport(
-        total=total, by_source=dict(by_source), letters=letters, matched=matched, read=read,
-        first_at=first_at,
+        total=total, by_source=dict(by_source), matched=matched, read=read,
+        letters=sorted(newest, key=lambda s: s.seq, reverse=True),
         by_reason=[ReasonCount(s, r, n) for (s, r), n in kinds.most_common()],
     )  # fmt: skip
 
 
+async def _newest(
+    js: JetStreamContext, first: int, last: int, limit: int
+) -> AsyncIterator[StoredLetter]:
+    """The newest `limit` letters of any source, newest first, read `_READ_CONCURRENCY` at a
+    time from the end (where letters stand close together)."""
+    seq, given = last, 0
+    while seq >= first and given < limit:
+        batch = range(seq, max(first, seq - _READ_CONCURRENCY + 1) - 1, -1)
+        seq = batch[-1] - 1
+        for stored in await asyncio.gather(*(_letter_at(js, s) for s in batch)):
+            if stored is not None and given < limit:  # None: removed since the count
+                given += 1
+                yield stored
+
+
+async def _every(
+    js: JetStreamContext, subjects: str, first: int, last: int
+) -> AsyncIterator[StoredLetter]:
+    """Every letter on `subjects` up to `last` (the counts' snapshot), oldest first. Each read
+    asks for the next letter at or after a sequence, so gaps left by removed letters (a flood's
+    evicted ones) cost nothing: the reads are bounded by the letters kept, never by the
+    sequences used."""
+    seq = first
+    while seq <= last:
+        try:
+            raw = await js.get_msg(DLQ_STREAM, seq, subject=subjects, next=True)
+        except NotFoundError:
+            return
+        if raw.seq is None or raw.seq > last:
+            return
+        yield _stored(raw)
+        seq = raw.seq + 1
+
+
 async def _letter_at(js: JetStreamContext, seq: int) -> StoredLetter | None:
     try:
-        raw = await js.get_msg(DLQ_STREAM, seq)
+        return _stored(await js.get_msg(DLQ_STREAM, seq))
     except NotFoundError:
         return None
+
+
+def _stored(raw: RawStreamMsg) -> StoredLetter:
+    """A letter as the stream returned it; one that is not a `DeadLetter` is kept as unreadable."""
+    seq = raw.seq or 0
     subject = raw.subject or ""
     stored_at = _stored_at(raw.time)
     data = raw.data or b""
