@@ -7,6 +7,7 @@ from rich.table import Table
 from cairn.cli.app import HomeOpt, JsonOpt, app, console, print_json, settings_for
 from cairn.cli.eventstore import RunArg, events_of, open_store, run_in_store
 from cairn.cli.history import jsonable
+from cairn.cli.plain import plain
 
 
 @app.command("diff")
@@ -51,18 +52,18 @@ def diff_command(
         console.print("the decisions agree as far as the shorter history goes")
     else:
         seq, a, b = result.first_divergence
-        console.print(f"first different decision at event {seq}: A {a}, B {b}")
+        console.print(plain(f"first different decision at event {seq}: A {a}, B {b}"))
     table = Table(title="steps (A | B)")
     for col in ("step", "status", "tries", "agents", "models", "output", "cost (USD)"):
         table.add_column(col)
     for row in result.steps:
         same = "same" if row.same_output else f"{row.output_hash[0][:8]} | {row.output_hash[1][:8]}"
         table.add_row(
-            row.step,
+            plain(row.step),
             " | ".join(row.status),
             f"{row.attempts[0]} | {row.attempts[1]}",
-            " | ".join(row.agents),
-            " | ".join(row.models),
+            plain(" | ".join(row.agents)),
+            plain(" | ".join(row.models)),
             same,
             f"{row.cost_usd[0]} | {row.cost_usd[1]}",
         )

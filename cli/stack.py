@@ -19,6 +19,7 @@ from urllib.parse import urlparse
 from rich.console import Console
 
 from cairn.cli.demo import DemoError, stack_credentials
+from cairn.cli.plain import clean
 from cairn.runtime.client import CairnClient
 from cairn.runtime.homelock import Holder, HomeLock, holder_of
 from cairn.runtime.restarts import forget_restarts
@@ -175,7 +176,7 @@ def safe_printer(console: Console) -> Callable[[str], None]:
 
     def say(line: str) -> None:
         with contextlib.suppress(OSError, ValueError):
-            console.print(line, markup=False, highlight=False, soft_wrap=True)
+            console.print(clean(line), markup=False, highlight=False, soft_wrap=True)
 
     return say
 

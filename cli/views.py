@@ -163,8 +163,9 @@ def costs(
     for r in rows:
         key = r.key[:8] if by == "run" else r.key
         out.add_row(
-            key, str(r.charges), f"{r.input_tokens:,}", f"{r.output_tokens:,}", str(r.amount_usd)
-        )
+            plain(key), str(r.charges), f"{r.input_tokens:,}", f"{r.output_tokens:,}",
+            str(r.amount_usd),
+        )  # fmt: skip
     out.caption = f"total ${total}" + (
         f" ({unpriced} charges of models the table does not price count as $0)" if unpriced else ""
     )
@@ -226,7 +227,7 @@ def tenants(
         out.add_column(col)
     for r in rows:
         out.add_row(
-            str(r["tenant"]),
+            plain(r["tenant"]),
             "-" if r["daily_usd"] is None else f"${r['daily_usd']}",
             f"${r['charged_usd']}",
             "-" if r["left_usd"] is None else f"${r['left_usd']}",
