@@ -54,6 +54,7 @@ from cairn.runtime.connection import (
     connect,
     connect_options,
 )
+from cairn.runtime.deadletters import DeadLettersUnavailableError
 from cairn.runtime.embedded import EmbeddedNats, free_port, nats_server_binary
 from cairn.runtime.eventlog.store import EventStore
 from cairn.runtime.roles import (
@@ -608,6 +609,14 @@ async def test_an_agent_flooding_its_dead_letters_evicts_only_its_own(
     assert report.total == DEAD_LETTERS_PER_SOURCE + 3
     assert report.letters[0].unreadable is not None
     assert f"flood {DEAD_LETTERS_PER_SOURCE + 499}" in report.letters[0].summary()["reason"]
+
+    # The flooder cannot read them back: one sentence saying who may.
+    agent = await CairnClient.connect(endpoint(secure_nats, deployment, agent_role("writer")))
+    try:
+        with pytest.raises(DeadLettersUnavailableError, match="needs the admin or observer role"):
+            await agent.dead_letters()
+    finally:
+        await agent.close()
 
 
 def test_permissions_in_the_config_match_the_roles(deployment: Deployment) -> None:
