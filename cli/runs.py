@@ -64,6 +64,8 @@ def run_workflow(
         data = json.loads(input)
     except json.JSONDecodeError as exc:
         fail(f"--input is not valid JSON: {exc}")
+    except RecursionError:
+        fail("--input nests too deeply to read")
     if not isinstance(data, dict):
         fail('--input must be a JSON object, e.g. \'{"topic": "tides"}\'')
     settings = settings_for(home)
@@ -203,6 +205,8 @@ def fork(
             fail(f"cannot read {path}: {exc.strerror}")
         except json.JSONDecodeError as exc:
             fail(f"{path} is not valid JSON: {exc}")
+        except RecursionError:
+            fail(f"{path} nests too deeply to read")
         if not isinstance(data, dict):
             fail(f"{path} must hold a JSON object (the step's output)")
         overrides[step] = data

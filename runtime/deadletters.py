@@ -229,9 +229,11 @@ def run_of(subject: str, payload: str) -> uuid.UUID | None:
         if len(tokens) == 4:
             with contextlib.suppress(ValueError):
                 return uuid.UUID(tokens[3])
+    if not payload.startswith("{"):
+        return None
     try:
         data = json.loads(payload)
-    except ValueError:
+    except (ValueError, RecursionError):  # anyone's text: deep nesting must not stop the read
         return None
     value = data.get("run_id") if isinstance(data, dict) else None
     if isinstance(value, str):

@@ -29,6 +29,7 @@ def test_a_letter_that_names_no_run_concerns_none() -> None:
     assert run_of("cairn.cmd.start", '{"run_id": 7}') is None
     assert run_of("cairn.cmd.start", "[1, 2]") is None
     assert run_of("cairn.result.writer.not-a-uuid", "{}") is None
+    assert run_of("cairn.cmd.start", '{"a":' + "[" * 100_000) is None  # nesting past Python's
     cut = json.dumps({"run_id": str(RUN), "output": "x" * 100})[:40]  # a 64 KiB excerpt
     assert run_of("cairn.cmd.start", cut) is None
 

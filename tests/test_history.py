@@ -224,6 +224,10 @@ TAMPERS: dict[str, tuple[Tamper, str]] = {
     "deleted and renumbered": (_delete_and_renumber(3), "hash chain is broken at event 3"),
     "truncated": (lambda ls: ls[:-2], "the header says"),
     "not json": (lambda ls: [*ls[:2], b"{nope", *ls[3:]], "line 3 is not JSON"),
+    "nested past reading": (
+        lambda ls: [*ls[:2], b'{"a":' + b"[" * 100_000, *ls[3:]],
+        "line 3 nests deeper than JSON read here",
+    ),
     "unknown type": (
         lambda ls: (
             [*ls[:2], re.sub(rb'"type":"TaskDispatched@\d+"', b'"type":"Nope@1"', ls[2]), *ls[3:]]

@@ -159,6 +159,8 @@ def _json_line(raw: str | bytes, source: str, number: int) -> dict[str, Any]:
         value = json.loads(raw)
     except ValueError as exc:
         raise PortableError(f"{source}: line {number} is not JSON: {exc}") from None
+    except RecursionError:
+        raise PortableError(f"{source}: line {number} nests deeper than JSON read here") from None
     if not isinstance(value, dict):
         raise PortableError(f"{source}: line {number} is not a JSON object")
     return value
