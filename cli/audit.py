@@ -32,7 +32,7 @@ from cairn.cli.app import (
     run_id_from,
     settings_for,
 )
-from cairn.cli.plain import clean, plain
+from cairn.cli.plain import clean, plain, spreadsheet_safe
 from cairn.events import Event, UnknownEventError, event_class
 from cairn.runtime.eventlog.store import EventStore, StoreUnavailableError, describe, store_env
 from cairn.runtime.settings import Settings
@@ -87,7 +87,12 @@ def audit(
         int, typer.Option(help="How many rows, the latest; newest last; 0: all.")
     ] = 200,
     output: Annotated[
-        AuditFormat, typer.Option("--format", help="table, json or csv (with a header row).")
+        AuditFormat,
+        typer.Option(
+            "--format",
+            help="table, json or csv (with a header row; a cell that would start a "
+            "spreadsheet formula begins with ').",
+        ),
     ] = AuditFormat.table,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
@@ -127,7 +132,13 @@ def _write_csv(rows: list[AuditRow]) -> None:
     writer.writerow(AUDIT_COLUMNS)
     for row in rows:
         data = row.model_dump(mode="json")
-        writer.writerow(["" if data[c] is None else data[c] for c in AUDIT_COLUMNS])
+        writer.writerow([_cell(data[c]) for c in AUDIT_COLUMNS])
+
+
+def _cell(value: object) -> object:
+    if value is None:
+        return ""
+    return spreadsheet_safe(value) if isinstance(value, str) else value
 
 
 def _print_audit(rows: list[AuditRow], limit: int) -> None:

@@ -30,3 +30,14 @@ def plain(value: object) -> Text:
     """A table cell or line from the record: its words as written, never markup (`[red]`
     stays text) and never a terminal control (see `clean`)."""
     return Text(clean("" if value is None else str(value)))
+
+
+# What a spreadsheet reads as the start of a formula (and so runs) when a CSV cell begins with it.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(value: str) -> str:
+    """A CSV cell a spreadsheet shows rather than runs: one that begins like a formula
+    (`=HYPERLINK(...)` in an agent's error, say) gets a leading `'`, the spreadsheets' own
+    mark for text."""
+    return f"'{value}" if value.startswith(_FORMULA_START) else value
