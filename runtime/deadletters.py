@@ -111,7 +111,7 @@ class DeadLetters:
             received_at=datetime.now(UTC),
             service=self._service,
         )
-        log.warning("dead letter from %s: %s", subject, reason)
+        log.warning("dead letter from %s: %r", subject, reason)  # %r: one line, however written
         headers = {"Nats-Msg-Id": msg_id} if msg_id is not None else None
         try:
             await self._js.publish(
