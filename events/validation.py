@@ -78,6 +78,16 @@ def validation_reason(exc: ValidationError, what: str, limit: int = 3) -> str:
     return f"{what} has the wrong shape: {'; '.join(parts)}{more}"
 
 
+def problem_line(exc: Exception, limit: int = 3) -> str:
+    """What is wrong, on one line: a pydantic error's first `limit` errors as `where: message`
+    (and how many more), anything else as its own words."""
+    if not isinstance(exc, ValidationError):
+        return " ".join(str(exc).split())
+    errors = exc.errors(include_url=False)
+    more = f" (and {len(errors) - limit} more)" if len(errors) > limit else ""
+    return "; ".join(error_lines(errors, limit=limit)) + more
+
+
 def _excerpt(value: object, limit: int = 40) -> str:
     text = repr(value)
     return text if len(text) <= limit else f"{text[: limit - 1]}…"

@@ -85,3 +85,19 @@ def test_a_result_recorded_as_received_comes_back_as_the_same_result(
         run_id=run, seq=2, at=at, actor="agent:a", reason="r", **received_fields(result)
     )
     assert result_of(received) == result
+
+
+def test_a_problem_is_one_line() -> None:
+    from pydantic import ValidationError
+
+    from cairn.events import TaskFailed
+    from cairn.events.validation import problem_line
+
+    try:
+        TaskFailed.model_validate({"run_id": str(uuid.uuid4()), "seq": 1, "extra": 1})
+    except ValidationError as exc:
+        line = problem_line(exc)
+    assert "\n" not in line
+    assert ": Field required; " in line
+    assert line.endswith("more)")
+    assert problem_line(ValueError("two\nlines")) == "two lines"

@@ -19,6 +19,7 @@ from cairn.coordinator.domain.state import EvolveError, RunState, fold
 from cairn.coordinator.history.verify import check_chain
 from cairn.events import Event, canonical_json, decode_event
 from cairn.events.codec import legacy_link_hash, link_hash
+from cairn.events.validation import problem_line
 from cairn.runtime.eventlog.store import ConcurrencyError, EventStore, StoredRow
 
 FORMAT = "cairn-run-history"
@@ -109,7 +110,7 @@ def read_history(lines: Iterable[str | bytes], source: str = "<file>") -> Portab
             events.append(decode_event(topic, row.state, run_id, seq))
         except ValueError as exc:
             raise PortableError(
-                f"{source}: line {number} ({topic}) does not decode: {exc}"
+                f"{source}: line {number} ({topic}) does not decode: {problem_line(exc)}"
             ) from None
         rows.append(row)
     if len(rows) != count:

@@ -26,6 +26,7 @@ from typing import Literal
 
 from cairn.events import decode_event
 from cairn.events.codec import legacy_link_hash, link_hash, parse_topic
+from cairn.events.validation import problem_line
 from cairn.runtime.eventlog.checkpoints import (
     EMPTY,
     STORE_ROW,
@@ -162,7 +163,8 @@ def check_chain(
         try:
             decode_event(row.topic, row.state, run_id, row.seq)
         except ValueError as exc:
-            problem(row.seq, "unreadable", f"event {row.seq} ({name}) does not decode: {exc}")
+            why = problem_line(exc)
+            problem(row.seq, "unreadable", f"event {row.seq} ({name}) does not decode: {why}")
         expected = (
             link_hash(row.topic, data, run_id, row.seq),
             legacy_link_hash(data, run_id, row.seq),
