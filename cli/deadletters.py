@@ -10,7 +10,7 @@ from rich.table import Table
 from cairn.cli.app import HomeOpt, JsonOpt, app, console, fail, print_json, run_async, settings_for
 from cairn.cli.plain import plain
 from cairn.runtime.client import CairnClient
-from cairn.runtime.deadletters import DeadLetterReport, DeadLettersUnavailableError
+from cairn.runtime.deadletters import SOURCE, DeadLetterReport, DeadLettersUnavailableError
 
 # Past this many letters, `--limit` is refused: the reader asks for them one at a time.
 MAX_LIMIT = 10_000
@@ -37,6 +37,11 @@ def dead_letters(
     seven days in CAIRN_DLQ: counts by source and by reason, then the newest letters."""
     if not 0 <= limit <= MAX_LIMIT:
         fail(f"--limit {limit} is not between 0 and {MAX_LIMIT}")
+    if source is not None and not SOURCE.fullmatch(source):
+        fail(
+            f"--source {source!r} is not a source: "
+            "e.g. coordinator, coordinator.writer, agent.writer"
+        )
     if run is not None and not _hex_prefix(run):
         fail(f"--run {run!r} is not a run id or the start of one (hex digits and '-')")
     settings = settings_for(home)

@@ -183,6 +183,10 @@ class StoredLetter:
         }
 
 
+# A source is the rest of a `cairn.dlq.<source>` subject: tokens, no wildcards.
+SOURCE = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")
+
+
 @dataclass(frozen=True)
 class ReasonCount:
     """How many letters one source refused for one reason (ids and numbers masked)."""
@@ -266,6 +270,11 @@ async def read_dead_letters(
     those published by one source (`coordinator`, `coordinator.writer`, `agent.writer`).
     Nothing is consumed or changed.
     """
+    if source is not None and not SOURCE.fullmatch(source):
+        raise ValueError(
+            f"{source!r} is not a dead-letter source: e.g. coordinator, coordinator.writer, "
+            "agent.writer (letters, digits, '-', '_' and dots)"
+        )
     try:
         return await _read(js, run, source, limit)
     except NatsError as exc:

@@ -6,11 +6,12 @@ import json
 import math
 import uuid
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from cairn.events import result_subject
-from cairn.runtime.deadletters import _MAYBE_NON_FINITE, reason_kind, run_of
+from cairn.runtime.deadletters import _MAYBE_NON_FINITE, read_dead_letters, reason_kind, run_of
 
 RUN = uuid.UUID("2bd6050c-0e65-4687-b708-ac7225601e11")
 
@@ -101,3 +102,9 @@ def test_ids_and_plain_numbers_are_not_looked_at() -> None:
     assert _MAYBE_NON_FINITE.search(json.dumps(result).encode()) is None
     for raw in (b'{"n": 1e999}', b'{"n":[1, -2.5E+400]}', b'{"n":\n NaN}', b'{"n":-Infinity}'):
         assert _MAYBE_NON_FINITE.search(raw), raw
+
+
+async def test_a_source_is_subject_tokens_without_wildcards() -> None:
+    for source in ("agent.>", "*", "coordinator.", "a b", ""):
+        with pytest.raises(ValueError, match="is not a dead-letter source"):
+            await read_dead_letters(None, source=source)  # type: ignore[arg-type]

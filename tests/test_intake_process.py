@@ -432,6 +432,9 @@ async def test_dead_letters_are_counted_by_reason_and_listed_by_run(system: Syst
     refused = system.cli("dead-letters", "--run", "zz")
     assert refused.returncode == 2
     assert "is not a run id or the start of one" in refused.stderr
+    wildcard = system.cli("dead-letters", "--source", "agent.>")
+    assert wildcard.returncode == 2
+    assert "is not a source" in wildcard.stderr
 
     async with system.http() as http:
         reply = await http.get("/api/dead-letters", params={"run": str(run_id), "limit": 10})
@@ -450,4 +453,6 @@ async def test_dead_letters_are_counted_by_reason_and_listed_by_run(system: Syst
         assert "<td>coordinator.planner</td><td>result for unknown run &lt;id&gt;</td>" in page.text
         assert "cairn dead-letters" in page.text
         assert (await http.get("/api/dead-letters", params={"limit": 5000})).status_code == 422
+        wild = await http.get("/api/dead-letters", params={"source": "agent.*"})
+        assert wild.status_code == 422
         assert (await http.get("/api/dead-letters", params={"run": "x" * 40})).status_code == 422

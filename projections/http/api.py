@@ -278,6 +278,7 @@ async def dead_letters(
             description="only letters from this source "
             "(coordinator, coordinator.<capability>, agent.<capability>)",
             max_length=200,
+            pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$",
         ),
     ] = None,
     limit: Annotated[int, Query(ge=0, le=1000)] = 20,
