@@ -155,9 +155,8 @@ class StoredLetter:
 
     `source` comes from the subject it was published on, which NATS permissions tie to a role
     (`coordinator` and `coordinator.<capability>` for the coordinator's, `agent.<capability>`
-    for that capability's user only); everything in
-    `letter` is what the publisher said, and a letter that does not parse is kept as
-    `unreadable` with its raw text, never dropped.
+    for that capability's user only). Everything in `letter` is what the publisher said, and a
+    letter that does not parse is kept as `unreadable` with its raw text, never dropped.
     """
 
     seq: int
