@@ -26,6 +26,7 @@ from cairn.coordinator.workflow import WorkflowError
 from cairn.events import CommandReply
 from cairn.runtime.client import CairnClient, CoordinatorUnavailableError
 from cairn.runtime.connection import NatsUnavailableError
+from cairn.runtime.deadletters import DeadLettersUnavailableError
 from cairn.runtime.embedded import EmbeddedServerError
 from cairn.runtime.eventlog.store import StoreUnavailableError
 from cairn.runtime.settings import Settings, SettingsError
@@ -65,6 +66,7 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
         NatsUnavailableError,
         CoordinatorUnavailableError,
         StoreUnavailableError,
+        DeadLettersUnavailableError,
         EmbeddedServerError,
         DemoError,
         WorkflowError,

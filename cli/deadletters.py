@@ -10,7 +10,7 @@ from rich.table import Table
 from cairn.cli.app import HomeOpt, JsonOpt, app, console, fail, print_json, run_async, settings_for
 from cairn.cli.plain import plain
 from cairn.runtime.client import CairnClient
-from cairn.runtime.deadletters import SOURCE, DeadLetterReport, DeadLettersUnavailableError
+from cairn.runtime.deadletters import SOURCE, DeadLetterReport
 
 # Past this many letters, `--limit` is refused: the reader asks for them one at a time.
 MAX_LIMIT = 10_000
@@ -50,10 +50,7 @@ def dead_letters(
         async with await CairnClient.connect(settings.nats_endpoint()) as client:
             return await client.dead_letters(run=run, source=source, limit=limit)
 
-    try:
-        report = run_async(go())
-    except DeadLettersUnavailableError as exc:
-        fail(str(exc))
+    report = run_async(go())
     if as_json:
         print_json(report.summary())
         return

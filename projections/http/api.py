@@ -52,7 +52,6 @@ from cairn.projections.http.models import (
 )
 from cairn.projections.http.record import budget_of, step_outputs
 from cairn.runtime.client import CairnClient
-from cairn.runtime.deadletters import DeadLettersUnavailableError
 
 router = APIRouter(prefix="/api", tags=["api"])
 
@@ -284,12 +283,9 @@ async def dead_letters(
     limit: Annotated[int, Query(ge=0, le=1000)] = 20,
 ) -> DeadLettersReply:
     """Messages cairn refused, and why (CAIRN_DLQ keeps them seven days), newest first."""
-    try:
-        report = await backend_of(request).ask(
-            lambda c: c.dead_letters(run=run, source=source, limit=limit)
-        )
-    except DeadLettersUnavailableError as exc:
-        raise ApiError(503, str(exc)) from None
+    report = await backend_of(request).ask(
+        lambda c: c.dead_letters(run=run, source=source, limit=limit)
+    )
     data = report.summary()
     return DeadLettersReply(
         total=report.total, by_source=report.by_source, matched=report.matched,

@@ -21,6 +21,7 @@ from cairn.projections import AmbiguousRunError, RunNotFoundError, Views, ViewsU
 from cairn.projections.http.errors import ApiError
 from cairn.runtime.client import CairnClient, CoordinatorUnavailableError
 from cairn.runtime.connection import NatsUnavailableError, unreachable_message
+from cairn.runtime.deadletters import DeadLettersUnavailableError
 from cairn.runtime.eventlog.store import EventStore, StoreUnavailableError, store_env
 from cairn.runtime.settings import Settings
 
@@ -116,7 +117,7 @@ class Backend:
         client = await self.client()
         try:
             return await action(client)
-        except CoordinatorUnavailableError as exc:
+        except (CoordinatorUnavailableError, DeadLettersUnavailableError) as exc:
             raise ApiError(503, str(exc)) from None
         except NatsError as exc:
             url = self.settings.resolved_nats_url()

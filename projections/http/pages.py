@@ -27,7 +27,7 @@ from cairn.projections.http.charts import bar_chart, column_chart
 from cairn.projections.http.costs import daily_costs
 from cairn.projections.http.errors import ApiError
 from cairn.projections.http.models import AgentsReply, Approval
-from cairn.runtime.deadletters import DeadLetterReport, DeadLettersUnavailableError
+from cairn.runtime.deadletters import DeadLetterReport
 
 router = APIRouter(include_in_schema=False)
 templates = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
@@ -249,8 +249,6 @@ async def _dead_letters(backend: Backend) -> tuple[DeadLetterReport | None, str 
         return await backend.ask(lambda c: c.dead_letters(limit=DEAD_LETTERS_SHOWN)), None
     except ApiError as exc:
         return None, exc.message
-    except DeadLettersUnavailableError as exc:
-        return None, str(exc)
 
 
 def error_page(request: Request, status: int, message: str) -> Response:
