@@ -10,7 +10,7 @@ from rich.table import Table
 from cairn.cli.app import HomeOpt, JsonOpt, app, console, fail, print_json, run_async, settings_for
 from cairn.cli.plain import plain
 from cairn.runtime.client import CairnClient
-from cairn.runtime.deadletters import SOURCE, DeadLetterReport
+from cairn.runtime.deadletters import RUN_PREFIX, SOURCE, DeadLetterReport
 
 # Past this many letters, `--limit` is refused: the reader asks for them one at a time.
 MAX_LIMIT = 10_000
@@ -42,7 +42,7 @@ def dead_letters(
             f"--source {source!r} is not a source: "
             "e.g. coordinator, coordinator.writer, agent.writer"
         )
-    if run is not None and not _hex_prefix(run):
+    if run is not None and not RUN_PREFIX.fullmatch(run):
         fail(f"--run {run!r} is not a run id or the start of one (hex digits and '-')")
     settings = settings_for(home)
 
@@ -55,10 +55,6 @@ def dead_letters(
         print_json(report.summary())
         return
     _show(report, run, source)
-
-
-def _hex_prefix(text: str) -> bool:
-    return 0 < len(text) <= 36 and all(c in "0123456789abcdefABCDEF-" for c in text)
 
 
 def _show(report: DeadLetterReport, run: str | None, source: str | None) -> None:

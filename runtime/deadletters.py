@@ -182,8 +182,10 @@ class StoredLetter:
         }
 
 
-# A source is the rest of a `cairn.dlq.<source>` subject: tokens, no wildcards.
+# The filters' shapes, for every reader (CLI, API) to check alike: a source is the rest of a
+# `cairn.dlq.<source>` subject (tokens, no wildcards); a run is an id or its first characters.
 SOURCE = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")
+RUN_PREFIX = re.compile(r"[0-9a-fA-F-]{1,36}")
 
 
 @dataclass(frozen=True)

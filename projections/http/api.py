@@ -52,6 +52,7 @@ from cairn.projections.http.models import (
 )
 from cairn.projections.http.record import budget_of, step_outputs
 from cairn.runtime.client import CairnClient
+from cairn.runtime.deadletters import RUN_PREFIX, SOURCE
 
 router = APIRouter(prefix="/api", tags=["api"])
 
@@ -268,7 +269,7 @@ async def dead_letters(
         str | None,
         Query(
             description="only letters about this run (an id or its first characters)",
-            pattern="^[0-9a-fA-F-]{1,36}$",
+            pattern=f"^{RUN_PREFIX.pattern}$",
         ),
     ] = None,
     source: Annotated[
@@ -277,7 +278,7 @@ async def dead_letters(
             description="only letters from this source "
             "(coordinator, coordinator.<capability>, agent.<capability>)",
             max_length=200,
-            pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$",
+            pattern=f"^{SOURCE.pattern}$",
         ),
     ] = None,
     limit: Annotated[int, Query(ge=0, le=1000)] = 20,
