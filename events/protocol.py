@@ -43,10 +43,26 @@ def result_subject(capability: str, run_id: uuid.UUID) -> str:
 def result_capability(subject: str) -> str | None:
     """The capability a result subject names (`cairn.result.<capability>.<run_id>`), or None
     for a subject of another shape."""
+    parts = _result_parts(subject)
+    return parts[2] if parts else None
+
+
+def result_run(subject: str) -> uuid.UUID | None:
+    """The run a result subject names, or None for a subject of another shape or run id."""
+    parts = _result_parts(subject)
+    if parts is None:
+        return None
+    try:
+        return uuid.UUID(parts[3])
+    except ValueError:
+        return None
+
+
+def _result_parts(subject: str) -> list[str] | None:
     parts = subject.split(".")
     if len(parts) != 4 or parts[:2] != ["cairn", "result"] or not parts[2]:
         return None
-    return parts[2]
+    return parts
 
 
 def event_subject(run_id: uuid.UUID, event_type: str) -> str:

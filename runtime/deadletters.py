@@ -24,8 +24,7 @@ from nats.js.api import RawStreamMsg
 from nats.js.errors import NotFoundError
 from pydantic import BaseModel, ValidationError
 
-from cairn.events import DLQ_STREAM, DeadLetter, dlq_subject
-from cairn.events.protocol import SUBJECT_PREFIX
+from cairn.events import DLQ_STREAM, DeadLetter, dlq_subject, result_run
 
 log = logging.getLogger("cairn.dlq")
 
@@ -142,7 +141,6 @@ def delivery_id(msg: Msg) -> str | None:
 # Letters fetched from the stream at once while reading it back (each is one request).
 _READ_CONCURRENCY = 64
 _DLQ_PREFIX = dlq_subject("")
-_RESULT_PREFIX = f"{SUBJECT_PREFIX}.result."
 
 
 class DeadLettersUnavailableError(RuntimeError):
@@ -229,11 +227,8 @@ class DeadLetterReport:
 def run_of(subject: str, payload: str) -> uuid.UUID | None:
     """The run a dead letter concerns: from a result's subject, else from a `run_id` the
     payload names (a command, a task envelope); None when neither says."""
-    if subject.startswith(_RESULT_PREFIX):
-        tokens = subject.split(".")
-        if len(tokens) == 4:
-            with contextlib.suppress(ValueError):
-                return uuid.UUID(tokens[3])
+    if (of_subject := result_run(subject)) is not None:
+        return of_subject
     if not payload.startswith("{"):
         return None
     try:
